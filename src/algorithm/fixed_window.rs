@@ -1,0 +1,98 @@
+//! Fixed windows, Limitador's algorithm: a window opens at the first charge and lasts the
+//! limit's period; at its end the counter starts again from zero.
+
+use super::admits;
+
+/// A stored window: what has been used, and when the window ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowState {
+    pub used: u64,
+    pub expires_at_ms: u64,
+}
+
+/// A limit of `max` per `period_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedWindow {
+    pub max: u64,
+    pub period_ms: u64,
+}
+
+impl FixedWindow {
+    pub fn new(max: u64, period_ms: u64) -> Self {
+        Self { max, period_ms }
+    }
+
+    /// The window in force at `now`: a missing or expired window reads as a fresh, empty one
+    /// that starts now (it is only stored once something is charged to it).
+    pub fn current(&self, stored: Option<WindowState>, now_ms: u64) -> WindowState {
+        match stored {
+            Some(window) if window.expires_at_ms > now_ms => window,
+            _ => WindowState {
+                used: 0,
+                expires_at_ms: now_ms.saturating_add(self.period_ms),
+            },
+        }
+    }
+
+    pub fn admits(&self, window: WindowState, cost: u64) -> bool {
+        admits(window.used, 0, cost, self.max)
+    }
+
+    pub fn charge(&self, window: WindowState, cost: u64) -> WindowState {
+        WindowState {
+            used: window.used.saturating_add(cost),
+            ..window
+        }
+    }
+
+    pub fn remaining(&self, window: WindowState) -> u64 {
+        self.max.saturating_sub(window.used)
+    }
+
+    pub fn reset_in_ms(&self, window: WindowState, now_ms: u64) -> u64 {
+        window.expires_at_ms.saturating_sub(now_ms)
+    }
+
+    /// Milliseconds until `cost` would be admitted: 0 if it is now, the rest of the window if
+    /// it fits in a fresh one, `None` if it never fits.
+    pub fn retry_after_ms(&self, window: WindowState, now_ms: u64, cost: u64) -> Option<u64> {
+        if self.admits(window, cost) {
+            Some(0)
+        } else if cost <= self.max {
+            Some(self.reset_in_ms(window, now_ms))
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_starts_at_first_charge_and_resets_after_its_period() {
+        let limit = FixedWindow::new(3, 1_000);
+        let t0 = 5_000;
+        let w = limit.charge(limit.current(None, t0), 2);
+        assert_eq!(w.expires_at_ms, 6_000);
+        assert_eq!(limit.remaining(w), 1);
+
+        let later = limit.current(Some(w), 5_999);
+        assert_eq!(later.used, 2, "still the same window 1 ms before its end");
+        assert_eq!(limit.reset_in_ms(later, 5_999), 1);
+
+        let next = limit.current(Some(w), 6_000);
+        assert_eq!(next.used, 0, "the window ends at exactly its period");
+        assert_eq!(next.expires_at_ms, 7_000);
+    }
+
+    #[test]
+    fn retry_after_is_the_rest_of_the_window() {
+        let limit = FixedWindow::new(3, 1_000);
+        let w = limit.charge(limit.current(None, 0), 3);
+        assert_eq!(limit.retry_after_ms(w, 250, 1), Some(750));
+        assert_eq!(limit.retry_after_ms(w, 250, 4), None);
+        assert_eq!(limit.retry_after_ms(limit.current(None, 0), 0, 3), Some(0));
+    }
+}

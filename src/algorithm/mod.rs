@@ -1,0 +1,290 @@
+//! Rate-limit arithmetic as pure functions of (state, now, cost, limit). Every storage runs the
+//! same code: it loads the states one request touches, calls [`evaluate`], and stores the
+//! states it marks as changed, all in one atomic step.
+
+pub mod fixed_window;
+
+pub use fixed_window::{FixedWindow, WindowState};
+
+/// The admission rule, in one place: may `cost` more be admitted on a counter that has `used`
+/// (and, once reservations exist, `reserved`) out of `max`? A sum that overflows is beyond any
+/// limit, so no cost a client can send wraps around into an admission.
+pub fn admits(used: u64, reserved: u64, cost: u64, max: u64) -> bool {
+    used.checked_add(reserved)
+        .and_then(|total| total.checked_add(cost))
+        .is_some_and(|total| total <= max)
+}
+
+/// What one group of counters does with its cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Limitador's check-and-update: if every counter admits the cost, charge all of them;
+    /// otherwise charge none.
+    AllOrNothing,
+    /// Read-only: would the cost (at least 1) be admitted now? Nothing is charged.
+    CheckOnly,
+    /// Usage that already happened: always charged; over when usage after it exceeds the limit.
+    Charge,
+}
+
+/// A group of counters decided together, by index into the request's counter list.
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub policy: Policy,
+    pub cost: u64,
+    pub counters: Vec<usize>,
+}
+
+/// One counter's answer within a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterOutcome {
+    /// This counter alone refuses the call (or, for a charge, is past its limit).
+    pub over: bool,
+    /// What is left after this call's cost was applied (for a check: what is left now).
+    pub remaining: u64,
+    /// Milliseconds until the counter's window resets.
+    pub reset_in_ms: u64,
+    /// Milliseconds until this call's cost would be admitted; `None` if it never would.
+    pub retry_after_ms: Option<u64>,
+}
+
+/// A group's answer: admitted unless some counter refused it, plus one outcome per counter
+/// in the order of `Group::counters`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupOutcome {
+    pub admitted: bool,
+    pub counters: Vec<CounterOutcome>,
+}
+
+/// Decides `groups` in order over `states` (one per counter, `None` when the storage has
+/// none). Changed states are written back into `states` and flagged in `dirty`, so a later
+/// group that shares a counter sees the earlier group's charge.
+pub fn evaluate(
+    limits: &[FixedWindow],
+    states: &mut [Option<WindowState>],
+    dirty: &mut [bool],
+    groups: &[Group],
+    now_ms: u64,
+) -> Vec<GroupOutcome> {
+    groups
+        .iter()
+        .map(|group| evaluate_group(limits, states, dirty, group, now_ms))
+        .collect()
+}
+
+fn evaluate_group(
+    limits: &[FixedWindow],
+    states: &mut [Option<WindowState>],
+    dirty: &mut [bool],
+    group: &Group,
+    now_ms: u64,
+) -> GroupOutcome {
+    let views: Vec<WindowState> = group
+        .counters
+        .iter()
+        .map(|&i| limits[i].current(states[i], now_ms))
+        .collect();
+    let check_cost = match group.policy {
+        Policy::CheckOnly => group.cost.max(1),
+        _ => group.cost,
+    };
+    let refusals: Vec<bool> = group
+        .counters
+        .iter()
+        .zip(&views)
+        .map(|(&i, view)| !limits[i].admits(*view, check_cost))
+        .collect();
+    let admitted = !refusals.iter().any(|&r| r);
+
+    let counters = group
+        .counters
+        .iter()
+        .zip(views)
+        .zip(refusals)
+        .map(|((&i, view), refused)| {
+            let limit = &limits[i];
+            let charge = match group.policy {
+                Policy::AllOrNothing => admitted,
+                Policy::CheckOnly => false,
+                Policy::Charge => true,
+            };
+            let after = if charge {
+                let after = limit.charge(view, group.cost);
+                states[i] = Some(after);
+                dirty[i] = true;
+                after
+            } else {
+                view
+            };
+            let over = match group.policy {
+                Policy::Charge => after.used > limit.max,
+                _ => refused,
+            };
+            let retry_after_ms = match group.policy {
+                Policy::Charge => Some(if over {
+                    limit.reset_in_ms(after, now_ms)
+                } else {
+                    0
+                }),
+                _ => limit.retry_after_ms(view, now_ms, check_cost),
+            };
+            CounterOutcome {
+                over,
+                remaining: limit.remaining(after),
+                reset_in_ms: limit.reset_in_ms(after, now_ms),
+                retry_after_ms,
+            }
+        })
+        .collect();
+    GroupOutcome { admitted, counters }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINUTE: u64 = 60_000;
+
+    fn one(policy: Policy, cost: u64) -> Vec<Group> {
+        vec![Group {
+            policy,
+            cost,
+            counters: vec![0],
+        }]
+    }
+
+    #[test]
+    fn admission_rule_never_wraps_around() {
+        assert!(admits(0, 0, 10, 10));
+        assert!(!admits(1, 0, 10, 10));
+        assert!(!admits(u64::MAX, 0, u64::MAX, u64::MAX));
+        assert!(!admits(u64::MAX - 1, 0, 5, u64::MAX));
+        assert!(admits(u64::MAX - 5, 0, 5, u64::MAX));
+        assert!(!admits(1, u64::MAX, 1, 10));
+    }
+
+    #[test]
+    fn all_or_nothing_charges_every_counter_or_none() {
+        let limits = [FixedWindow::new(5, MINUTE), FixedWindow::new(2, MINUTE)];
+        let mut states = [None, None];
+        let mut dirty = [false, false];
+        let groups = vec![Group {
+            policy: Policy::AllOrNothing,
+            cost: 2,
+            counters: vec![0, 1],
+        }];
+        let first = evaluate(&limits, &mut states, &mut dirty, &groups, 0);
+        assert!(first[0].admitted);
+        assert_eq!(first[0].counters[0].remaining, 3);
+        assert_eq!(first[0].counters[1].remaining, 0);
+
+        let mut dirty = [false, false];
+        let second = evaluate(&limits, &mut states, &mut dirty, &groups, 1);
+        assert!(!second[0].admitted);
+        assert!(!second[0].counters[0].over, "the 5-limit alone would admit");
+        assert!(second[0].counters[1].over);
+        assert_eq!(dirty, [false, false], "a refused call charges nothing");
+        assert_eq!(states[0].map(|s| s.used), Some(2));
+    }
+
+    #[test]
+    fn check_only_treats_zero_as_one_and_never_writes() {
+        let limits = [FixedWindow::new(1, MINUTE)];
+        let mut states = [None];
+        let mut dirty = [false];
+        let out = evaluate(
+            &limits,
+            &mut states,
+            &mut dirty,
+            &one(Policy::CheckOnly, 0),
+            0,
+        );
+        assert!(out[0].admitted);
+        assert_eq!(out[0].counters[0].remaining, 1);
+        assert_eq!(out[0].counters[0].reset_in_ms, MINUTE);
+        assert_eq!(states[0], None);
+
+        states[0] = Some(WindowState {
+            used: 1,
+            expires_at_ms: MINUTE,
+        });
+        let out = evaluate(
+            &limits,
+            &mut states,
+            &mut dirty,
+            &one(Policy::CheckOnly, 0),
+            10,
+        );
+        assert!(!out[0].admitted, "nothing left: a pure check is over");
+        assert_eq!(out[0].counters[0].retry_after_ms, Some(MINUTE - 10));
+        assert_eq!(dirty, [false]);
+    }
+
+    #[test]
+    fn charge_always_counts_and_is_over_only_past_the_limit() {
+        let limits = [FixedWindow::new(50, MINUTE)];
+        let mut states = [None];
+        let mut dirty = [false];
+        let out = evaluate(
+            &limits,
+            &mut states,
+            &mut dirty,
+            &one(Policy::Charge, 50),
+            0,
+        );
+        assert!(out[0].admitted, "exactly at the limit is not over");
+        let out = evaluate(
+            &limits,
+            &mut states,
+            &mut dirty,
+            &one(Policy::Charge, 30),
+            5,
+        );
+        assert!(!out[0].admitted);
+        assert_eq!(
+            states[0].map(|s| s.used),
+            Some(80),
+            "a charge is never lost"
+        );
+        assert_eq!(out[0].counters[0].remaining, 0);
+        assert_eq!(out[0].counters[0].retry_after_ms, Some(MINUTE - 5));
+    }
+
+    #[test]
+    fn a_cost_larger_than_the_limit_is_never_admitted() {
+        let limits = [FixedWindow::new(10, MINUTE)];
+        let mut states = [None];
+        let mut dirty = [false];
+        let out = evaluate(
+            &limits,
+            &mut states,
+            &mut dirty,
+            &one(Policy::AllOrNothing, 11),
+            0,
+        );
+        assert!(!out[0].admitted);
+        assert_eq!(out[0].counters[0].retry_after_ms, None);
+    }
+
+    #[test]
+    fn later_groups_see_earlier_charges() {
+        let limits = [FixedWindow::new(10, MINUTE)];
+        let mut states = [None];
+        let mut dirty = [false];
+        let groups = vec![
+            Group {
+                policy: Policy::Charge,
+                cost: 10,
+                counters: vec![0],
+            },
+            Group {
+                policy: Policy::CheckOnly,
+                cost: 0,
+                counters: vec![0],
+            },
+        ];
+        let out = evaluate(&limits, &mut states, &mut dirty, &groups, 0);
+        assert!(out[0].admitted);
+        assert!(!out[1].admitted);
+    }
+}

@@ -1,0 +1,159 @@
+//! Command line and environment, compatible with Limitador's for everything ratekeeper has:
+//! `ratekeeper [OPTIONS] <LIMITS_FILE> [STORAGE]`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "ratekeeper",
+    version,
+    about = "Token-aware rate limiting for LLM APIs: Envoy's and Kuadrant's rate limit gRPC \
+             services and Limitador's HTTP API, over limits from a Limitador-format YAML file.",
+    after_help = "Storage defaults to `memory`. Every option can also be set through the \
+                  environment variable shown; the command line wins."
+)]
+pub struct Cli {
+    /// The limits file (Limitador's YAML format).
+    #[arg(env = "LIMITS_FILE", value_name = "LIMITS_FILE")]
+    pub limits_file: PathBuf,
+
+    /// Address the gRPC rate limit services listen on.
+    #[arg(short = 'b', long, env = "ENVOY_RLS_HOST", default_value = "0.0.0.0")]
+    pub rls_ip: IpAddr,
+
+    /// Port of the gRPC rate limit services.
+    #[arg(short = 'p', long, env = "ENVOY_RLS_PORT", default_value_t = 8081)]
+    pub rls_port: u16,
+
+    /// Address of the HTTP API.
+    #[arg(short = 'B', long, env = "HTTP_API_HOST", default_value = "0.0.0.0")]
+    pub http_ip: IpAddr,
+
+    /// Port of the HTTP API.
+    #[arg(short = 'P', long, env = "HTTP_API_PORT", default_value_t = 8080)]
+    pub http_port: u16,
+
+    /// Accepted for Limitador compatibility: add `limit_name` to per-limit metric labels
+    /// (metrics are not served yet).
+    #[arg(short = 'l', long, env = "LIMIT_NAME_IN_PROMETHEUS_LABELS", value_parser = clap::builder::FalseyValueParser::new())]
+    pub limit_name_in_labels: bool,
+
+    /// Rate limit headers added to gRPC answers: X-RateLimit-Limit, -Remaining and -Reset (and
+    /// Retry-After when over the limit) with DRAFT_VERSION_03.
+    #[arg(
+        short = 'H',
+        long,
+        env = "RATE_LIMIT_HEADERS",
+        value_enum,
+        default_value = "NONE"
+    )]
+    pub rate_limit_headers: RateLimitHeaders,
+
+    /// Check the limits file, print the limits as loaded and exit (non-zero on errors).
+    #[arg(long)]
+    pub validate: bool,
+
+    /// Log more: -v info, -vv debug, -vvv trace (default: info; RUST_LOG overrides).
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Log as JSON lines.
+    #[arg(long, env = "STRUCTURED_LOGS")]
+    pub structured_logs: bool,
+
+    #[command(flatten)]
+    pub bounds: RequestBounds,
+
+    #[command(subcommand)]
+    pub storage: Option<StorageCommand>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RateLimitHeaders {
+    #[value(name = "NONE")]
+    None,
+    #[value(name = "DRAFT_VERSION_03")]
+    DraftVersion03,
+}
+
+/// Bounds on what one request may carry; beyond them the request is refused with a reason.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct RequestBounds {
+    /// Most descriptors in one request (INVALID_ARGUMENT beyond).
+    #[arg(long, env = "MAX_DESCRIPTORS", default_value_t = 64)]
+    pub max_descriptors: usize,
+
+    /// Most entries in one descriptor (INVALID_ARGUMENT beyond).
+    #[arg(long, env = "MAX_DESCRIPTOR_ENTRIES", default_value_t = 64)]
+    pub max_descriptor_entries: usize,
+
+    /// Longest descriptor key or value, in bytes (INVALID_ARGUMENT beyond).
+    #[arg(long, env = "MAX_ENTRY_BYTES", default_value_t = 4096)]
+    pub max_entry_bytes: usize,
+
+    /// Largest gRPC message or HTTP body, in bytes (RESOURCE_EXHAUSTED / 413 beyond).
+    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 1 << 20)]
+    pub max_message_bytes: usize,
+}
+
+impl Default for RequestBounds {
+    fn default() -> Self {
+        Self {
+            max_descriptors: 64,
+            max_descriptor_entries: 64,
+            max_entry_bytes: 4096,
+            max_message_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum StorageCommand {
+    /// Counters in this process's memory (the default).
+    Memory(MemoryOptions),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MemoryOptions {
+    /// Most live counters held at once. When reached, expired counters are reclaimed; if none
+    /// has expired, a request that needs a new counter fails with RESOURCE_EXHAUSTED (live
+    /// counters are never evicted).
+    #[arg(short = 'c', long = "cache", env = "CACHE_SIZE", default_value_t = DEFAULT_COUNTERS)]
+    pub cache: usize,
+}
+
+pub const DEFAULT_COUNTERS: usize = 1_000_000;
+
+impl Default for MemoryOptions {
+    fn default() -> Self {
+        Self {
+            cache: DEFAULT_COUNTERS,
+        }
+    }
+}
+
+impl Cli {
+    pub fn storage(&self) -> StorageCommand {
+        self.storage
+            .clone()
+            .unwrap_or(StorageCommand::Memory(MemoryOptions::default()))
+    }
+
+    /// The tracing filter: RUST_LOG if set, else from `-v`.
+    pub fn log_filter(&self) -> String {
+        if let Ok(filter) = std::env::var("RUST_LOG")
+            && !filter.is_empty()
+        {
+            return filter;
+        }
+        match self.verbose {
+            0 | 1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }
+        .to_string()
+    }
+}

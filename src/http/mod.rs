@@ -1,0 +1,161 @@
+//! Limitador's HTTP API: `/status`, `/limits/{ns}`, `/counters/{ns}`, `/check`, `/report` and
+//! `/check_and_report`, with the same JSON bodies and status codes. Namespaces may contain `/`
+//! (Kuadrant's `<route ns>/<route name>`), either as is or percent-encoded.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::config::RequestBounds;
+use crate::limiter::{Call, Code, Descriptor, Limiter, Request};
+use crate::limits::LimitView;
+use crate::rls::headers;
+use crate::status::ServerStatus;
+
+#[derive(Clone)]
+struct AppState {
+    limiter: Arc<Limiter>,
+    status: Arc<ServerStatus>,
+    bounds: RequestBounds,
+}
+
+pub fn router(limiter: Arc<Limiter>, status: Arc<ServerStatus>, bounds: RequestBounds) -> Router {
+    let state = AppState {
+        limiter,
+        status,
+        bounds,
+    };
+    Router::new()
+        .route("/status", get(get_status))
+        .route("/limits/{*namespace}", get(get_limits))
+        .route("/counters/{*namespace}", get(get_counters))
+        .route("/check", post(check))
+        .route("/report", post(report))
+        .route("/check_and_report", post(check_and_report))
+        .layer(DefaultBodyLimit::max(bounds.max_message_bytes))
+        .with_state(state)
+}
+
+async fn get_status(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(state.status.to_json())
+}
+
+async fn get_limits(State(state): State<AppState>, Path(namespace): Path<String>) -> Response {
+    let limits = state.limiter.limits();
+    let views: Vec<LimitView<'_>> = limits
+        .namespace(&namespace)
+        .iter()
+        .map(|l| l.view())
+        .collect();
+    Json(views).into_response()
+}
+
+#[derive(Serialize)]
+struct CounterView<'a> {
+    limit: LimitView<'a>,
+    set_variables: BTreeMap<&'a str, &'a str>,
+    remaining: u64,
+    expires_in_seconds: u64,
+}
+
+async fn get_counters(State(state): State<AppState>, Path(namespace): Path<String>) -> Response {
+    let counters = match state.limiter.counters(&namespace).await {
+        Ok(counters) => counters,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    let now = state.limiter.now_ms();
+    let views: Vec<CounterView<'_>> = counters
+        .iter()
+        .map(|(limit, counter)| CounterView {
+            limit: limit.view(),
+            set_variables: limit
+                .variables
+                .iter()
+                .map(|v| v.source())
+                .zip(counter.key.values.iter().map(String::as_str))
+                .collect(),
+            remaining: limit.max_value.saturating_sub(counter.state.used),
+            expires_in_seconds: counter.state.expires_at_ms.saturating_sub(now) / 1000,
+        })
+        .collect();
+    Json(views).into_response()
+}
+
+/// The body of `/check`, `/report` and `/check_and_report`: `values` become `descriptors[0]`.
+#[derive(Deserialize)]
+struct CheckAndReportInfo {
+    namespace: String,
+    values: HashMap<String, String>,
+    delta: u64,
+    #[serde(default)]
+    response_headers: Option<String>,
+}
+
+async fn check(State(state): State<AppState>, body: Bytes) -> Response {
+    decide(&state, &body, Call::CheckRateLimit).await
+}
+
+async fn report(State(state): State<AppState>, body: Bytes) -> Response {
+    decide(&state, &body, Call::Report).await
+}
+
+async fn check_and_report(State(state): State<AppState>, body: Bytes) -> Response {
+    decide(&state, &body, Call::ShouldRateLimit).await
+}
+
+async fn decide(state: &AppState, body: &[u8], call: Call) -> Response {
+    let info: CheckAndReportInfo = match serde_json::from_slice(body) {
+        Ok(info) => info,
+        Err(e) => return bad_request(format!("invalid request body: {e}")),
+    };
+    let request = Request {
+        namespace: info.namespace,
+        descriptors: vec![Descriptor {
+            entries: info.values.into_iter().collect(),
+            hits: None,
+        }],
+        // As on gRPC, a request-level cost of 0 counts as 1.
+        hits: info.delta,
+    };
+    if let Err(reason) = request.check_bounds(&state.bounds) {
+        return bad_request(reason);
+    }
+    let decision = match state.limiter.decide(&request, call).await {
+        Ok(decision) => decision,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    let over = decision.code == Code::OverLimit && call != Call::Report;
+    let mut response = if over {
+        (StatusCode::TOO_MANY_REQUESTS, Json(serde_json::Value::Null)).into_response()
+    } else {
+        Json(serde_json::Value::Null).into_response()
+    };
+    if call != Call::Report && info.response_headers.as_deref() == Some("DraftVersion03") {
+        for (name, value) in headers::draft03(&decision, over) {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::try_from(name),
+                HeaderValue::try_from(value.as_str()),
+            ) {
+                response.headers_mut().insert(name, value);
+            }
+        }
+    }
+    response
+}
+
+fn bad_request(reason: String) -> Response {
+    tracing::info!(%reason, "rejected a malformed HTTP request");
+    (
+        StatusCode::BAD_REQUEST,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        reason,
+    )
+        .into_response()
+}

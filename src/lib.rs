@@ -1,0 +1,26 @@
+//! ratekeeper: a rate-limit service for LLM APIs.
+//!
+//! Data flows one way, each module one concept:
+//!
+//! - [`rls`] and [`http`] — adapters: Envoy's and Kuadrant's gRPC services, Limitador's HTTP
+//!   API. They translate requests into [`limiter`] calls and decisions into answers.
+//! - [`limiter`] — the engine: which limits apply (CEL over descriptors), which counters that
+//!   means, what each call costs, and one storage call per request.
+//! - [`storage`] — where counters live ([`storage::memory`]); each decides a whole request in
+//!   one atomic step.
+//! - [`algorithm`] — the arithmetic (fixed windows), pure functions shared by every storage.
+//! - [`limits`] — the limit model, YAML loading and validation, compiled CEL.
+//! - [`server`] binds and runs the listeners; [`config`] is the CLI; [`clock`] is time behind
+//!   a trait tests can drive; [`status`] feeds `/status`; [`proto`] is the generated gRPC code.
+
+pub mod algorithm;
+pub mod clock;
+pub mod config;
+pub mod http;
+pub mod limiter;
+pub mod limits;
+pub mod proto;
+pub mod rls;
+pub mod server;
+pub mod status;
+pub mod storage;

@@ -1,0 +1,355 @@
+//! The engine: (namespace, descriptors, hits, call) → the limits that apply → counter keys →
+//! one storage call → a decision with, per descriptor, the most restrictive limit.
+//!
+//! How a request is split into groups and what each costs is decided here and nowhere else
+//! (DESIGN.md "Hits"); the admission arithmetic itself is in [`crate::algorithm`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+
+use crate::algorithm::{CounterOutcome, FixedWindow, Group, Policy};
+use crate::clock::Clock;
+use crate::config::RequestBounds;
+use crate::limits::{Limit, LimitSet, expression};
+use crate::storage::{Batch, CounterKey, CounterRequest, CounterSnapshot, Storage, StorageError};
+
+/// Which RPC is asking; it decides what the cost does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    /// Envoy's ShouldRateLimit (and Limitador's HTTP `check_and_report`).
+    ShouldRateLimit,
+    /// Kuadrant's CheckRateLimit (and HTTP `check`): read-only.
+    CheckRateLimit,
+    /// Kuadrant's Report (and HTTP `report`): usage that happened, always counted.
+    Report,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Descriptor {
+    pub entries: Vec<(String, String)>,
+    /// The descriptor's own cost, when the client sent one (even 0).
+    pub hits: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub namespace: String,
+    pub descriptors: Vec<Descriptor>,
+    /// The request-level cost; 0 means 1.
+    pub hits: u64,
+}
+
+impl Request {
+    /// Refuses requests larger than the configured bounds, saying which bound and by how much.
+    pub fn check_bounds(&self, bounds: &RequestBounds) -> Result<(), String> {
+        if self.descriptors.len() > bounds.max_descriptors {
+            return Err(format!(
+                "{} descriptors in one request; at most {} are allowed",
+                self.descriptors.len(),
+                bounds.max_descriptors
+            ));
+        }
+        let too_long = |what: &str, text: &str| {
+            (text.len() > bounds.max_entry_bytes).then(|| {
+                format!(
+                    "{what} of {} bytes; at most {} are allowed",
+                    text.len(),
+                    bounds.max_entry_bytes
+                )
+            })
+        };
+        if let Some(error) = too_long("namespace", &self.namespace) {
+            return Err(error);
+        }
+        for (i, descriptor) in self.descriptors.iter().enumerate() {
+            if descriptor.entries.len() > bounds.max_descriptor_entries {
+                return Err(format!(
+                    "descriptor {i} has {} entries; at most {} are allowed",
+                    descriptor.entries.len(),
+                    bounds.max_descriptor_entries
+                ));
+            }
+            for (key, value) in &descriptor.entries {
+                if let Some(error) =
+                    too_long("descriptor key", key).or_else(|| too_long("descriptor value", value))
+                {
+                    return Err(format!("descriptor {i}: {error}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    Ok,
+    OverLimit,
+    /// The request cannot be judged (an empty namespace).
+    Unknown,
+}
+
+/// One limit's state after this call.
+#[derive(Clone)]
+pub struct LimitStatus {
+    pub limit: Arc<Limit>,
+    pub outcome: CounterOutcome,
+}
+
+/// The answer for one request descriptor.
+#[derive(Clone, Default)]
+pub struct DescriptorStatus {
+    pub over: bool,
+    /// The most restrictive limit that applied to it, if any did.
+    pub limit: Option<LimitStatus>,
+}
+
+pub struct Decision {
+    pub code: Code,
+    /// One per request descriptor, in order.
+    pub statuses: Vec<DescriptorStatus>,
+    /// Every limit the call touched, most restrictive first.
+    pub limits: Vec<LimitStatus>,
+}
+
+impl Decision {
+    /// Milliseconds until this call's cost would be admitted: the longest wait among the limits
+    /// that refused it. `None` when it is admitted now or never would be.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        let refusing = self.limits.iter().filter(|l| l.outcome.over);
+        let mut longest = None;
+        for status in refusing {
+            let wait = status.outcome.retry_after_ms?;
+            longest = Some(longest.unwrap_or(0).max(wait));
+        }
+        longest
+    }
+}
+
+pub struct Limiter {
+    limits: ArcSwap<LimitSet>,
+    storage: Arc<dyn Storage>,
+    clock: Arc<dyn Clock>,
+    evaluation_errors: AtomicU64,
+}
+
+/// Orders limit statuses most restrictive first: over before not over, then least remaining.
+fn most_restrictive_first(a: &LimitStatus, b: &LimitStatus) -> std::cmp::Ordering {
+    b.outcome
+        .over
+        .cmp(&a.outcome.over)
+        .then(a.outcome.remaining.cmp(&b.outcome.remaining))
+}
+
+impl Limiter {
+    pub fn new(limits: LimitSet, storage: Arc<dyn Storage>, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            limits: ArcSwap::from_pointee(limits),
+            storage,
+            clock,
+            evaluation_errors: AtomicU64::new(0),
+        }
+    }
+
+    pub fn limits(&self) -> Arc<LimitSet> {
+        self.limits.load_full()
+    }
+
+    pub fn replace_limits(&self, limits: LimitSet) {
+        self.limits.store(Arc::new(limits));
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// CEL evaluations that failed (other than a missing key) since start.
+    pub fn evaluation_errors(&self) -> u64 {
+        self.evaluation_errors.load(Ordering::Relaxed)
+    }
+
+    pub async fn decide(&self, request: &Request, call: Call) -> Result<Decision, StorageError> {
+        if request.namespace.is_empty() {
+            return Ok(Decision {
+                code: Code::Unknown,
+                statuses: Vec::new(),
+                limits: Vec::new(),
+            });
+        }
+        let limits = self.limits.load();
+        let candidates = limits.namespace(&request.namespace);
+        let contexts = contexts(request, call);
+
+        let mut batch = Batch::default();
+        let mut counter_index: HashMap<CounterKey, usize> = HashMap::new();
+        let mut group_limits: Vec<Vec<Arc<Limit>>> = Vec::with_capacity(contexts.len());
+        for context in &contexts {
+            let mut group = Group {
+                policy: context.policy,
+                cost: context.cost,
+                counters: Vec::new(),
+            };
+            let mut applied = Vec::new();
+            if !candidates.is_empty() {
+                let cel = expression::context_for(expression::descriptors_value(
+                    context.descriptors.iter().map(|&i| {
+                        request.descriptors[i]
+                            .entries
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_str()))
+                    }),
+                ));
+                for limit in candidates {
+                    let Some(values) = self.evaluate(limit, &request.namespace, &cel) else {
+                        continue;
+                    };
+                    let key = CounterKey {
+                        limit: limit.key,
+                        values: values.into(),
+                    };
+                    let index = *counter_index.entry(key.clone()).or_insert_with(|| {
+                        batch.counters.push(CounterRequest {
+                            key,
+                            window: FixedWindow::new(limit.max_value, limit.period_ms()),
+                        });
+                        batch.counters.len() - 1
+                    });
+                    group.counters.push(index);
+                    applied.push(limit.clone());
+                }
+            }
+            batch.groups.push(group);
+            group_limits.push(applied);
+        }
+
+        let outcomes = if batch.counters.is_empty() {
+            // Nothing applies: every group is admitted without asking the storage.
+            batch
+                .groups
+                .iter()
+                .map(|_| crate::algorithm::GroupOutcome {
+                    admitted: true,
+                    counters: Vec::new(),
+                })
+                .collect()
+        } else {
+            self.storage.apply(&batch, self.clock.now_ms()).await?
+        };
+
+        let mut statuses = vec![DescriptorStatus::default(); request.descriptors.len()];
+        let mut all_limits = Vec::new();
+        let mut over_limit = false;
+        for ((context, outcome), limits) in contexts.iter().zip(outcomes).zip(group_limits) {
+            let mut group_statuses: Vec<LimitStatus> = limits
+                .into_iter()
+                .zip(outcome.counters)
+                .map(|(limit, outcome)| LimitStatus { limit, outcome })
+                .collect();
+            group_statuses.sort_by(most_restrictive_first);
+            over_limit |= !outcome.admitted;
+            for &i in &context.descriptors {
+                statuses[i] = DescriptorStatus {
+                    over: !outcome.admitted,
+                    limit: group_statuses.first().cloned(),
+                };
+            }
+            all_limits.extend(group_statuses);
+        }
+        all_limits.sort_by(most_restrictive_first);
+        Ok(Decision {
+            code: if over_limit {
+                Code::OverLimit
+            } else {
+                Code::Ok
+            },
+            statuses,
+            limits: all_limits,
+        })
+    }
+
+    /// The live counters of a namespace, with their limits.
+    pub async fn counters(
+        &self,
+        namespace: &str,
+    ) -> Result<Vec<(Arc<Limit>, CounterSnapshot)>, StorageError> {
+        let limits = self.limits.load_full();
+        let keys: Vec<_> = limits.namespace(namespace).iter().map(|l| l.key).collect();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let snapshots = self.storage.counters(&keys, self.clock.now_ms()).await?;
+        Ok(snapshots
+            .into_iter()
+            .filter_map(|s| limits.by_key(s.key.limit).map(|l| (l.clone(), s)))
+            .collect())
+    }
+
+    fn evaluate(&self, limit: &Limit, namespace: &str, cel: &cel::Context) -> Option<Vec<String>> {
+        match limit.applies(cel) {
+            Ok(values) => values,
+            Err(error) => {
+                self.evaluation_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    namespace,
+                    limit = limit.name.as_deref().unwrap_or(""),
+                    ?error,
+                    "limit skipped: its CEL expression failed on this request"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// One evaluation context: the descriptors CEL sees as `descriptors`, and its cost and policy.
+struct Context {
+    descriptors: Vec<usize>,
+    cost: u64,
+    policy: Policy,
+}
+
+/// Splits a request into contexts (DESIGN.md "Hits"). When no descriptor carries its own cost,
+/// the whole request is one context (Limitador); otherwise each descriptor is its own (Envoy).
+fn contexts(request: &Request, call: Call) -> Vec<Context> {
+    let request_cost = request.hits.max(1);
+    let per_descriptor = request.descriptors.iter().any(|d| d.hits.is_some());
+    if !per_descriptor {
+        let policy = match call {
+            Call::ShouldRateLimit => Policy::AllOrNothing,
+            Call::CheckRateLimit => Policy::CheckOnly,
+            Call::Report => Policy::Charge,
+        };
+        return vec![Context {
+            descriptors: (0..request.descriptors.len()).collect(),
+            cost: request_cost,
+            policy,
+        }];
+    }
+    request
+        .descriptors
+        .iter()
+        .enumerate()
+        .map(|(i, descriptor)| {
+            let cost = descriptor.hits.unwrap_or(request_cost);
+            let (policy, cost) = match call {
+                // Envoy: a present 0 is a pure check; any other cost is usage to count.
+                Call::ShouldRateLimit if cost == 0 => (Policy::CheckOnly, 0),
+                Call::ShouldRateLimit => (Policy::Charge, cost),
+                Call::CheckRateLimit => (Policy::CheckOnly, cost),
+                Call::Report => (Policy::Charge, cost.max(1)),
+            };
+            Context {
+                descriptors: vec![i],
+                cost,
+                policy,
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,191 @@
+//! CEL expressions over a request's descriptors, compiled once when limits are loaded.
+//!
+//! The context is Limitador's: `descriptors` is a list of string→string maps (one per request
+//! descriptor, so `descriptors[0]['user_id']` and `descriptors[0].user_id` both work), and
+//! `limit` is `{name, id}` of the limit being evaluated.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
+
+use cel::objects::{Key, Map};
+use cel::{Context, Env, ExecutionError, Program, Value};
+
+/// The variables an expression may use.
+pub const VARIABLES: [&str; 2] = ["descriptors", "limit"];
+
+static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| Arc::new(Env::stdlib()));
+
+/// A compiled expression and the text it came from.
+pub struct Expression {
+    source: String,
+    program: Program,
+}
+
+/// Why an expression could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EvalError {
+    /// A key or index the expression reads is not in this request: the limit does not apply.
+    Missing,
+    /// Anything else (wrong type, no such function...): the limit does not apply, and this is
+    /// worth telling the operator.
+    Failed(String),
+}
+
+impl Expression {
+    /// Compiles `source`, refusing variables other than [`VARIABLES`].
+    pub fn compile(source: &str) -> Result<Self, String> {
+        let program = ENV
+            .compile(source)
+            .map_err(|e| format!("invalid CEL: {}", e.to_string().trim()))?;
+        let references = program.references();
+        if let Some(unknown) = references
+            .variables()
+            .into_iter()
+            .find(|v| !VARIABLES.contains(v))
+        {
+            return Err(format!(
+                "unknown variable `{unknown}` (available: {})",
+                VARIABLES.join(", ")
+            ));
+        }
+        Ok(Self {
+            source: source.to_string(),
+            program,
+        })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub fn uses_variable(&self, name: &str) -> bool {
+        self.program.references().has_variable(name)
+    }
+
+    /// Evaluates a condition: only a boolean answer is accepted.
+    pub fn is_true(&self, context: &Context) -> Result<bool, EvalError> {
+        match self.execute(context)? {
+            Value::Bool(b) => Ok(b),
+            other => Err(EvalError::Failed(format!(
+                "condition `{}` gave {:?}, not a boolean",
+                self.source,
+                other.type_of()
+            ))),
+        }
+    }
+
+    /// Evaluates a variable to the string that names its counter.
+    pub fn to_key_part(&self, context: &Context) -> Result<String, EvalError> {
+        match self.execute(context)? {
+            Value::String(s) => Ok(s.as_str().to_string()),
+            Value::Int(i) => Ok(i.to_string()),
+            Value::UInt(u) => Ok(u.to_string()),
+            Value::Float(f) => Ok(f.to_string()),
+            Value::Bool(b) => Ok(b.to_string()),
+            Value::Null => Ok("null".to_string()),
+            other => Err(EvalError::Failed(format!(
+                "variable `{}` gave {:?}, which cannot name a counter",
+                self.source,
+                other.type_of()
+            ))),
+        }
+    }
+
+    fn execute(&self, context: &Context) -> Result<Value, EvalError> {
+        self.program.execute(context).map_err(|e| match e {
+            ExecutionError::NoSuchKey(_) | ExecutionError::IndexOutOfBounds(_) => {
+                EvalError::Missing
+            }
+            other => EvalError::Failed(format!("`{}`: {other}", self.source)),
+        })
+    }
+}
+
+/// The CEL value of a request's descriptors: a list of string→string maps.
+pub fn descriptors_value<'a, D, E>(descriptors: D) -> Value
+where
+    D: IntoIterator<Item = E>,
+    E: IntoIterator<Item = (&'a str, &'a str)>,
+{
+    let list = descriptors
+        .into_iter()
+        .map(|entries| {
+            let map: HashMap<Key, Value> = entries
+                .into_iter()
+                .map(|(k, v)| (Key::from(k), Value::from(v)))
+                .collect();
+            Value::Map(Map { map: Arc::new(map) })
+        })
+        .collect::<Vec<_>>();
+    Value::List(Arc::new(list))
+}
+
+/// The CEL value `limit`: `{name, id}`, null where unset.
+pub fn limit_value(name: Option<&str>, id: Option<&str>) -> Value {
+    let as_value = |s: Option<&str>| s.map(Value::from).unwrap_or(Value::Null);
+    let map: HashMap<Key, Value> = [
+        (Key::from("name"), as_value(name)),
+        (Key::from("id"), as_value(id)),
+    ]
+    .into_iter()
+    .collect();
+    Value::Map(Map { map: Arc::new(map) })
+}
+
+/// A root context binding `descriptors`.
+pub fn context_for(descriptors: Value) -> Context<'static, 'static> {
+    let mut context = Context::with_env(ENV.clone());
+    context.add_variable_from_value("descriptors", descriptors);
+    context
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(entries: &[(&'static str, &'static str)]) -> Context<'static, 'static> {
+        context_for(descriptors_value([entries.iter().copied()]))
+    }
+
+    #[test]
+    fn reads_descriptors_by_index_and_by_field() {
+        let c = ctx(&[("user_id", "alice"), ("tokenlimit.free__065bb34d", "1")]);
+        let by_index = Expression::compile("descriptors[0]['user_id']").unwrap();
+        let by_field = Expression::compile("descriptors[0].user_id").unwrap();
+        assert_eq!(by_index.to_key_part(&c), Ok("alice".into()));
+        assert_eq!(by_field.to_key_part(&c), Ok("alice".into()));
+        let dotted =
+            Expression::compile(r#"descriptors[0]["tokenlimit.free__065bb34d"] == "1""#).unwrap();
+        assert_eq!(dotted.is_true(&c), Ok(true));
+    }
+
+    #[test]
+    fn missing_keys_and_descriptors_are_missing_not_failures() {
+        let c = ctx(&[("a", "1")]);
+        for source in [
+            "descriptors[0]['nope'] == '1'",
+            "descriptors[1]['a'] == '1'",
+        ] {
+            let e = Expression::compile(source).unwrap();
+            assert_eq!(e.is_true(&c), Err(EvalError::Missing), "{source}");
+        }
+    }
+
+    #[test]
+    fn type_errors_fail_without_panicking() {
+        let c = ctx(&[("a", "1")]);
+        let not_bool = Expression::compile("descriptors[0]['a']").unwrap();
+        assert!(matches!(not_bool.is_true(&c), Err(EvalError::Failed(_))));
+        let bad_compare = Expression::compile("descriptors[0]['a'] > 3").unwrap();
+        assert!(matches!(bad_compare.is_true(&c), Err(EvalError::Failed(_))));
+        let list = Expression::compile("descriptors").unwrap();
+        assert!(matches!(list.to_key_part(&c), Err(EvalError::Failed(_))));
+    }
+
+    #[test]
+    fn compile_rejects_garbage_and_unknown_variables() {
+        assert!(Expression::compile("descriptors[0][").is_err());
+        let err = Expression::compile("request.path == '/'").err().unwrap();
+        assert!(err.contains("unknown variable `request`"), "{err}");
+    }
+}

@@ -1,0 +1,283 @@
+//! Reading limits from Limitador-format YAML. Stricter than Limitador where it protects users:
+//! a missing `max_value`, an unknown field, a CEL error or two limits sharing counters is an
+//! error that names the file, the entry and the field, never a silent default.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::{Expression, Limit, LimitSet};
+
+/// Every problem found in one limits file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsError {
+    pub file: String,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for LimitsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid limits file {}:", self.file)?;
+        for problem in &self.problems {
+            write!(f, "\n  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for LimitsError {}
+
+/// The only algorithm this build has; others come with their own values.
+const ALGORITHMS: [&str; 1] = ["fixed_window"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimit {
+    namespace: String,
+    max_value: u64,
+    seconds: u64,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    conditions: Option<Vec<String>>,
+    #[serde(default)]
+    variables: Option<Vec<String>>,
+    #[serde(default)]
+    algorithm: Option<String>,
+}
+
+/// Loads and validates a limits file.
+pub fn load_file(path: &Path) -> Result<LimitSet, LimitsError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| LimitsError {
+        file: file.clone(),
+        problems: vec![format!("cannot read it: {e}")],
+    })?;
+    parse_limits(&file, &text).map(LimitSet::new)
+}
+
+/// Parses limits from YAML text; `file` names the source in errors.
+pub fn parse_limits(file: &str, text: &str) -> Result<Vec<Limit>, LimitsError> {
+    let fail = |problems: Vec<String>| LimitsError {
+        file: file.to_string(),
+        problems,
+    };
+    let document: serde_yaml::Value =
+        serde_yaml::from_str(text).map_err(|e| fail(vec![format!("not valid YAML: {e}")]))?;
+    let entries = match document {
+        serde_yaml::Value::Null => Vec::new(),
+        serde_yaml::Value::Sequence(entries) => entries,
+        _ => {
+            return Err(fail(vec![
+                "expected a list of limits at the top level".into(),
+            ]));
+        }
+    };
+
+    let mut problems = Vec::new();
+    let mut limits = Vec::new();
+    let mut seen: HashMap<u64, String> = HashMap::new();
+    for (index, entry) in entries.into_iter().enumerate() {
+        let label = entry_label(index, &entry);
+        match build_limit(entry) {
+            Ok(limit) => {
+                if let Some(first) = seen.get(&limit.key) {
+                    problems.push(format!(
+                        "{label}: same namespace, seconds, conditions and variables (or id) as \
+                         {first}; the two would share counters"
+                    ));
+                } else {
+                    seen.insert(limit.key, label);
+                    limits.push(limit);
+                }
+            }
+            Err(entry_problems) => problems.extend(
+                entry_problems
+                    .into_iter()
+                    .map(|problem| format!("{label}: {problem}")),
+            ),
+        }
+    }
+    if problems.is_empty() {
+        Ok(limits)
+    } else {
+        Err(fail(problems))
+    }
+}
+
+/// "entry #2 (name "free", namespace "llm/route")", from whatever the raw entry has.
+fn entry_label(index: usize, entry: &serde_yaml::Value) -> String {
+    let mut label = format!("entry #{}", index + 1);
+    let described: Vec<String> = ["name", "id", "namespace"]
+        .iter()
+        .filter_map(|field| {
+            entry
+                .get(field)
+                .and_then(serde_yaml::Value::as_str)
+                .map(|v| format!("{field} {v:?}"))
+        })
+        .collect();
+    if !described.is_empty() {
+        label.push_str(&format!(" ({})", described.join(", ")));
+    }
+    label
+}
+
+fn build_limit(entry: serde_yaml::Value) -> Result<Limit, Vec<String>> {
+    let raw: RawLimit = serde_yaml::from_value(entry).map_err(|e| vec![e.to_string()])?;
+    let mut problems = Vec::new();
+    if raw.namespace.is_empty() {
+        problems.push("field `namespace` must not be empty".to_string());
+    }
+    if raw.seconds == 0 {
+        problems.push("field `seconds` must be at least 1".to_string());
+    }
+    for (field, value) in [("name", &raw.name), ("id", &raw.id)] {
+        if value.as_deref() == Some("") {
+            problems.push(format!("field `{field}` must not be empty when given"));
+        }
+    }
+    if let Some(algorithm) = &raw.algorithm
+        && !ALGORITHMS.contains(&algorithm.as_str())
+    {
+        problems.push(format!(
+            "field `algorithm`: unknown algorithm {algorithm:?} (known: {})",
+            ALGORITHMS.join(", ")
+        ));
+    }
+    let mut compile_all = |field: &str, sources: Option<Vec<String>>| -> Vec<Expression> {
+        let mut compiled = Vec::new();
+        for (i, source) in sources.unwrap_or_default().iter().enumerate() {
+            match Expression::compile(source) {
+                Ok(expression) => compiled.push(expression),
+                Err(e) => problems.push(format!("field `{field}[{i}]` ({source:?}): {e}")),
+            }
+        }
+        compiled
+    };
+    let conditions = compile_all("conditions", raw.conditions);
+    let variables = compile_all("variables", raw.variables);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Limit::new(
+        raw.namespace,
+        raw.max_value,
+        raw.seconds,
+        raw.name,
+        raw.id,
+        conditions,
+        variables,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        parse_limits("test.yaml", text).err().unwrap().problems
+    }
+
+    #[test]
+    fn parses_limitador_format() {
+        let limits = parse_limits(
+            "test.yaml",
+            r#"
+- name: free
+  namespace: llm/llm-route
+  max_value: 50
+  seconds: 60
+  conditions: ['descriptors[0]["tokenlimit.free__065bb34d"] == "1"']
+  variables: ['descriptors[0]["auth.identity.userid"]']
+- namespace: other
+  max_value: 5
+  seconds: 1
+  conditions:
+  variables: []
+"#,
+        )
+        .unwrap();
+        assert_eq!(limits.len(), 2);
+        assert_eq!(limits[0].name.as_deref(), Some("free"));
+        assert_eq!(limits[0].variables.len(), 1);
+        assert!(limits[1].conditions.is_empty());
+    }
+
+    #[test]
+    fn an_empty_file_has_no_limits() {
+        assert!(parse_limits("t", "").unwrap().is_empty());
+        assert!(parse_limits("t", "[]").unwrap().is_empty());
+    }
+
+    #[test]
+    fn missing_max_value_is_an_error_naming_file_entry_and_field() {
+        let err = parse_limits(
+            "tiers.yaml",
+            "- {namespace: a, max_value: 1, seconds: 1}\n- {name: gold, namespace: a, seconds: 60}\n",
+        )
+        .err()
+        .unwrap();
+        let text = err.to_string();
+        assert!(text.contains("tiers.yaml"), "{text}");
+        assert!(text.contains("entry #2"), "{text}");
+        assert!(text.contains("\"gold\""), "{text}");
+        assert!(text.contains("max_value"), "{text}");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_errors() {
+        let p = problems("- {namespace: a, max_value: 1, seconds: 1, max_vale: 3}");
+        assert!(p[0].contains("unknown field `max_vale`"), "{p:?}");
+        let p = problems("- {namespace: a, max_value: -1, seconds: 1}");
+        assert!(p[0].contains("entry #1"), "{p:?}");
+        let p = problems("- {namespace: '', max_value: 1, seconds: 0}");
+        assert_eq!(p.len(), 2, "{p:?}");
+        let p = problems("- {namespace: a, max_value: 1, seconds: 1, algorithm: leaky}");
+        assert!(p[0].contains("algorithm"), "{p:?}");
+        assert!(!problems("{namespace: a}")[0].is_empty());
+    }
+
+    #[test]
+    fn cel_errors_name_the_expression() {
+        let p = problems(
+            "- {namespace: a, max_value: 1, seconds: 1, conditions: ['ok == 1', 'descriptors[0]['], variables: ['x']}",
+        );
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p[0].contains("conditions[0]"), "{p:?}");
+        assert!(p[1].contains("conditions[1]"), "{p:?}");
+        assert!(p[2].contains("variables[0]"), "{p:?}");
+    }
+
+    #[test]
+    fn limits_that_would_share_counters_are_rejected() {
+        let p = problems(
+            "- {namespace: a, max_value: 1, seconds: 60}\n- {namespace: a, max_value: 9, seconds: 60}",
+        );
+        assert!(
+            p[0].contains("entry #2") && p[0].contains("entry #1"),
+            "{p:?}"
+        );
+        // Same shape in another namespace, or another window, is a different limit.
+        assert!(
+            parse_limits(
+                "t",
+                "- {namespace: a, max_value: 1, seconds: 60}\n- {namespace: b, max_value: 1, seconds: 60}\n- {namespace: a, max_value: 1, seconds: 1}"
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn identity_ignores_max_value_and_name_so_counters_survive_edits() {
+        let a = parse_limits("t", "- {namespace: a, max_value: 1, seconds: 60, name: x}").unwrap();
+        let b = parse_limits("t", "- {namespace: a, max_value: 7, seconds: 60, name: y}").unwrap();
+        assert_eq!(a[0].key, b[0].key);
+        let c = parse_limits("t", "- {namespace: a, max_value: 1, seconds: 61}").unwrap();
+        assert_ne!(a[0].key, c[0].key);
+    }
+}

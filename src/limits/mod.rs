@@ -1,0 +1,201 @@
+//! Limits: the model, loading and validating Limitador-format YAML, CEL matching, and the
+//! per-namespace index the limiter reads.
+
+pub mod expression;
+pub mod file;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cel::Value;
+use serde::Serialize;
+
+pub use expression::{EvalError, Expression};
+pub use file::{LimitsError, load_file, parse_limits};
+
+/// Identifies a limit's counters. Built from what makes two limits "the same" in Limitador
+/// (namespace, seconds, conditions, variables — or the `id` when given), so changing
+/// `max_value` or `name` keeps the counters.
+pub type LimitId = u64;
+
+/// One limit, ready to evaluate.
+pub struct Limit {
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub namespace: String,
+    pub max_value: u64,
+    pub seconds: u64,
+    pub conditions: Vec<Expression>,
+    pub variables: Vec<Expression>,
+    /// Stable fingerprint of the limit's identity; part of every counter key.
+    pub key: LimitId,
+    /// The CEL value `limit`, built once; `None` when no expression reads it.
+    cel_self: Option<Value>,
+}
+
+impl Limit {
+    pub fn period_ms(&self) -> u64 {
+        self.seconds.saturating_mul(1000)
+    }
+
+    /// Does this limit apply to the request in `context`? `Ok(Some(values))` gives the
+    /// variables' values that name its counter; `Ok(None)` means it does not apply (a condition
+    /// is false or reads a key the request lacks).
+    pub fn applies(&self, context: &cel::Context) -> Result<Option<Vec<String>>, EvalError> {
+        let scoped;
+        let context = match &self.cel_self {
+            Some(value) => {
+                scoped = {
+                    let mut scope = context.new_inner_scope();
+                    scope.add_variable_from_value("limit", value.clone());
+                    scope
+                };
+                &scoped
+            }
+            None => context,
+        };
+        for condition in &self.conditions {
+            match condition.is_true(context) {
+                Ok(true) => {}
+                Ok(false) | Err(EvalError::Missing) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        let mut values = Vec::with_capacity(self.variables.len());
+        for variable in &self.variables {
+            match variable.to_key_part(context) {
+                Ok(v) => values.push(v),
+                Err(EvalError::Missing) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Some(values))
+    }
+
+    /// The shape Limitador's HTTP API and `--validate` show.
+    pub fn view(&self) -> LimitView<'_> {
+        LimitView {
+            id: self.id.as_deref(),
+            namespace: &self.namespace,
+            max_value: self.max_value,
+            seconds: self.seconds,
+            name: self.name.as_deref(),
+            conditions: self.conditions.iter().map(Expression::source).collect(),
+            variables: self.variables.iter().map(Expression::source).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct LimitView<'a> {
+    pub id: Option<&'a str>,
+    pub namespace: &'a str,
+    pub max_value: u64,
+    pub seconds: u64,
+    pub name: Option<&'a str>,
+    pub conditions: Vec<&'a str>,
+    pub variables: Vec<&'a str>,
+}
+
+/// The loaded limits, indexed by namespace and by identity. Immutable: a reload builds a new one.
+#[derive(Default)]
+pub struct LimitSet {
+    by_namespace: HashMap<String, Vec<Arc<Limit>>>,
+    by_key: HashMap<LimitId, Arc<Limit>>,
+}
+
+impl LimitSet {
+    pub fn new(limits: Vec<Limit>) -> Self {
+        let mut set = Self::default();
+        for limit in limits.into_iter().map(Arc::new) {
+            set.by_key.insert(limit.key, limit.clone());
+            set.by_namespace
+                .entry(limit.namespace.clone())
+                .or_default()
+                .push(limit);
+        }
+        set
+    }
+
+    pub fn namespace(&self, namespace: &str) -> &[Arc<Limit>] {
+        self.by_namespace
+            .get(namespace)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    pub fn by_key(&self, key: LimitId) -> Option<&Arc<Limit>> {
+        self.by_key.get(&key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// Every limit, sorted by namespace then file order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Limit>> {
+        let mut namespaces: Vec<_> = self.by_namespace.iter().collect();
+        namespaces.sort_by(|a, b| a.0.cmp(b.0));
+        namespaces.into_iter().flat_map(|(_, limits)| limits.iter())
+    }
+}
+
+/// FNV-1a: a fingerprint that is the same in every process and every release, so counter keys
+/// stay valid across restarts and between replicas.
+pub(crate) fn fingerprint<'a>(parts: impl IntoIterator<Item = &'a str>) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.bytes().chain([0xff]) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+impl Limit {
+    pub(crate) fn new(
+        namespace: String,
+        max_value: u64,
+        seconds: u64,
+        name: Option<String>,
+        id: Option<String>,
+        conditions: Vec<Expression>,
+        variables: Vec<Expression>,
+    ) -> Self {
+        let seconds_text = seconds.to_string();
+        let key = match &id {
+            Some(id) => fingerprint(["id", namespace.as_str(), id.as_str()]),
+            None => {
+                let mut sorted: Vec<&str> = conditions.iter().map(Expression::source).collect();
+                sorted.sort_unstable();
+                let parts = ["limit", namespace.as_str(), seconds_text.as_str()]
+                    .into_iter()
+                    .chain(sorted)
+                    .chain(["|"])
+                    .chain(variables.iter().map(Expression::source));
+                fingerprint(parts)
+            }
+        };
+        let uses_limit = conditions
+            .iter()
+            .chain(&variables)
+            .any(|e| e.uses_variable("limit"));
+        let cel_self = uses_limit.then(|| expression::limit_value(name.as_deref(), id.as_deref()));
+        Self {
+            id,
+            name,
+            namespace,
+            max_value,
+            seconds,
+            conditions,
+            variables,
+            key,
+            cel_self,
+        }
+    }
+}

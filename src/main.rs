@@ -1,0 +1,111 @@
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use ratekeeper::clock::SystemClock;
+use ratekeeper::config::{Cli, StorageCommand};
+use ratekeeper::limiter::Limiter;
+use ratekeeper::limits::load_file;
+use ratekeeper::server::{self, Settings};
+use ratekeeper::status::ServerStatus;
+use ratekeeper::storage::{MemoryStorage, Storage};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let limits = match load_file(&cli.limits_file) {
+        Ok(limits) => limits,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.validate {
+        let views: Vec<_> = limits.iter().map(|l| l.view()).collect();
+        match serde_yaml::to_string(&views) {
+            Ok(text) => print!("{text}"),
+            Err(e) => {
+                eprintln!("cannot print the limits: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    if limits.is_empty() {
+        tracing::warn!(file = %cli.limits_file.display(), "the limits file has no limits: every request will be allowed");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, limits)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("ratekeeper: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<()> {
+    let storage: Arc<dyn Storage> = match cli.storage() {
+        StorageCommand::Memory(options) => Arc::new(MemoryStorage::new(options.cache)),
+    };
+    tracing::info!(limits = limits.len(), file = %cli.limits_file.display(), "limits loaded");
+    let limiter = Arc::new(Limiter::new(limits, storage, Arc::new(SystemClock)));
+    let settings = Settings {
+        rls_addr: SocketAddr::new(cli.rls_ip, cli.rls_port),
+        http_addr: SocketAddr::new(cli.http_ip, cli.http_port),
+        rate_limit_headers: cli.rate_limit_headers,
+        bounds: cli.bounds,
+    };
+    let running = server::start(settings, limiter, Arc::new(ServerStatus::default()))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen: {e}"))?;
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight calls");
+    running.shutdown().await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+fn init_logging(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_new(cli.log_filter())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.structured_logs {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

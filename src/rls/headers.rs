@@ -1,0 +1,37 @@
+//! Rate limit response headers, formatted as Limitador formats DRAFT_VERSION_03:
+//! `X-RateLimit-Limit: 10, 10;w=60;name="free", 100;w=3600`, `X-RateLimit-Remaining: 4`,
+//! `X-RateLimit-Reset: 42` (whole seconds, rounded down), describing the most restrictive limit
+//! first; plus `Retry-After` (whole seconds, rounded up) when the call was refused.
+
+use crate::limiter::Decision;
+
+pub const LIMIT: &str = "X-RateLimit-Limit";
+pub const REMAINING: &str = "X-RateLimit-Remaining";
+pub const RESET: &str = "X-RateLimit-Reset";
+pub const RETRY_AFTER: &str = "Retry-After";
+
+/// The headers for a decision; none when no limit applied.
+pub fn draft03(decision: &Decision, over_limit: bool) -> Vec<(&'static str, String)> {
+    let Some(first) = decision.limits.first() else {
+        return Vec::new();
+    };
+    let mut limit = first.limit.max_value.to_string();
+    for status in &decision.limits {
+        limit.push_str(&format!(
+            ", {};w={}",
+            status.limit.max_value, status.limit.seconds
+        ));
+        if let Some(name) = &status.limit.name {
+            limit.push_str(&format!(";name=\"{}\"", name.replace('"', "'")));
+        }
+    }
+    let mut headers = vec![
+        (LIMIT, limit),
+        (REMAINING, first.outcome.remaining.to_string()),
+        (RESET, (first.outcome.reset_in_ms / 1000).to_string()),
+    ];
+    if over_limit && let Some(ms) = decision.retry_after_ms() {
+        headers.push((RETRY_AFTER, ms.div_ceil(1000).to_string()));
+    }
+    headers
+}

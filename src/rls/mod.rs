@@ -1,0 +1,203 @@
+//! gRPC adapters: Envoy's `ShouldRateLimit` and Kuadrant's `CheckRateLimit`/`Report`. They
+//! translate requests into [`Limiter`] calls and decisions into responses, nothing else.
+
+pub mod headers;
+
+use std::sync::Arc;
+
+use prost_types::Duration;
+use tonic::Status;
+
+use crate::config::{RateLimitHeaders, RequestBounds};
+use crate::limiter::{Call, Code, Decision, Descriptor, Limiter, Request};
+use crate::proto::envoy::config::core::v3::HeaderValue;
+use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{
+    self as response, DescriptorStatus, RateLimit,
+};
+use crate::proto::envoy::service::ratelimit::v3::{
+    RateLimitRequest, RateLimitResponse, rate_limit_service_server,
+};
+use crate::proto::kuadrant::service::ratelimit::v1 as kuadrant;
+use crate::storage::StorageError;
+
+/// Serves both rate limit services over one limiter.
+#[derive(Clone)]
+pub struct RateLimitServer {
+    limiter: Arc<Limiter>,
+    headers: RateLimitHeaders,
+    bounds: RequestBounds,
+}
+
+impl RateLimitServer {
+    pub fn new(limiter: Arc<Limiter>, headers: RateLimitHeaders, bounds: RequestBounds) -> Self {
+        Self {
+            limiter,
+            headers,
+            bounds,
+        }
+    }
+
+    async fn handle(
+        &self,
+        request: tonic::Request<RateLimitRequest>,
+        call: Call,
+    ) -> Result<tonic::Response<RateLimitResponse>, Status> {
+        let request = to_request(request.into_inner(), &self.bounds).inspect_err(|status| {
+            tracing::info!(
+                ?call,
+                reason = status.message(),
+                "rejected a malformed request"
+            );
+        })?;
+        let decision = self
+            .limiter
+            .decide(&request, call)
+            .await
+            .map_err(|e| storage_status(&e))?;
+        Ok(tonic::Response::new(to_response(
+            &decision,
+            call,
+            self.headers,
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl rate_limit_service_server::RateLimitService for RateLimitServer {
+    async fn should_rate_limit(
+        &self,
+        request: tonic::Request<RateLimitRequest>,
+    ) -> Result<tonic::Response<RateLimitResponse>, Status> {
+        self.handle(request, Call::ShouldRateLimit).await
+    }
+}
+
+#[tonic::async_trait]
+impl kuadrant::rate_limit_service_server::RateLimitService for RateLimitServer {
+    async fn check_rate_limit(
+        &self,
+        request: tonic::Request<RateLimitRequest>,
+    ) -> Result<tonic::Response<RateLimitResponse>, Status> {
+        self.handle(request, Call::CheckRateLimit).await
+    }
+
+    async fn report(
+        &self,
+        request: tonic::Request<RateLimitRequest>,
+    ) -> Result<tonic::Response<RateLimitResponse>, Status> {
+        self.handle(request, Call::Report).await
+    }
+}
+
+/// The gRPC status for a storage failure: Envoy's `failure_mode_deny` decides what happens.
+pub fn storage_status(error: &StorageError) -> Status {
+    tracing::warn!(%error, "storage refused a decision");
+    match error {
+        StorageError::CapacityExhausted { .. } => Status::resource_exhausted(error.to_string()),
+        StorageError::Unavailable(_) => Status::unavailable(error.to_string()),
+    }
+}
+
+/// Converts a request and checks it against the bounds.
+pub fn to_request(request: RateLimitRequest, bounds: &RequestBounds) -> Result<Request, Status> {
+    let request = Request {
+        namespace: request.domain,
+        descriptors: request
+            .descriptors
+            .into_iter()
+            .map(|d| Descriptor {
+                entries: d.entries.into_iter().map(|e| (e.key, e.value)).collect(),
+                hits: d.hits_addend,
+            })
+            .collect(),
+        hits: u64::from(request.hits_addend),
+    };
+    request
+        .check_bounds(bounds)
+        .map_err(Status::invalid_argument)?;
+    Ok(request)
+}
+
+pub fn to_response(
+    decision: &Decision,
+    call: Call,
+    headers: RateLimitHeaders,
+) -> RateLimitResponse {
+    // A report always answers OK: the usage happened, whatever the limit says.
+    let report = call == Call::Report;
+    let code = |over: bool| {
+        if over && !report {
+            response::Code::OverLimit
+        } else {
+            response::Code::Ok
+        }
+    };
+    let overall_code = match decision.code {
+        Code::Unknown => response::Code::Unknown,
+        Code::OverLimit => code(true),
+        Code::Ok => code(false),
+    };
+    let statuses = decision
+        .statuses
+        .iter()
+        .map(|status| {
+            let mut out = DescriptorStatus {
+                code: code(status.over) as i32,
+                ..Default::default()
+            };
+            if let Some(limit) = &status.limit {
+                out.current_limit = Some(RateLimit {
+                    name: limit.limit.name.clone().unwrap_or_default(),
+                    requests_per_unit: saturate_u32(limit.limit.max_value),
+                    unit: unit_of(limit.limit.seconds) as i32,
+                });
+                out.limit_remaining = saturate_u32(limit.outcome.remaining);
+                out.duration_until_reset = Some(duration(limit.outcome.reset_in_ms));
+            }
+            out
+        })
+        .collect();
+    let response_headers_to_add = match headers {
+        RateLimitHeaders::DraftVersion03 if !report => {
+            headers::draft03(decision, overall_code == response::Code::OverLimit)
+                .into_iter()
+                .map(|(key, value)| HeaderValue {
+                    key: key.to_string(),
+                    value,
+                })
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    RateLimitResponse {
+        overall_code: overall_code as i32,
+        statuses,
+        response_headers_to_add,
+        ..Default::default()
+    }
+}
+
+/// Envoy's unit for a window, when the window is exactly one unit; UNKNOWN otherwise (Envoy
+/// then leaves `w=` out of the headers it builds).
+pub fn unit_of(seconds: u64) -> response::rate_limit::Unit {
+    use response::rate_limit::Unit;
+    match seconds {
+        1 => Unit::Second,
+        60 => Unit::Minute,
+        3_600 => Unit::Hour,
+        86_400 => Unit::Day,
+        604_800 => Unit::Week,
+        _ => Unit::Unknown,
+    }
+}
+
+fn saturate_u32(value: u64) -> u32 {
+    u32::try_from(value).unwrap_or(u32::MAX)
+}
+
+fn duration(ms: u64) -> Duration {
+    Duration {
+        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}

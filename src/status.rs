@@ -1,0 +1,66 @@
+//! What `/status` reports: when the server started and which limits configuration it runs.
+
+use chrono::Utc;
+use parking_lot::Mutex;
+
+pub struct ServerStatus {
+    started_at: String,
+    config: Mutex<ConfigStatus>,
+}
+
+struct ConfigStatus {
+    applied_at: String,
+    /// 0 for the limits loaded at start; +1 on every successful reload.
+    version: u64,
+    /// Failed reloads since the last successful one.
+    errors_since_applied: u64,
+}
+
+/// Limitador's timestamp format: UTC, no offset, nanoseconds.
+fn timestamp() -> String {
+    Utc::now()
+        .naive_utc()
+        .format("%Y-%m-%dT%H:%M:%S%.9f")
+        .to_string()
+}
+
+impl Default for ServerStatus {
+    fn default() -> Self {
+        let now = timestamp();
+        Self {
+            started_at: now.clone(),
+            config: Mutex::new(ConfigStatus {
+                applied_at: now,
+                version: 0,
+                errors_since_applied: 0,
+            }),
+        }
+    }
+}
+
+impl ServerStatus {
+    pub fn config_applied(&self) {
+        let mut config = self.config.lock();
+        config.applied_at = timestamp();
+        config.version += 1;
+        config.errors_since_applied = 0;
+    }
+
+    pub fn config_failed(&self) {
+        self.config.lock().errors_since_applied += 1;
+    }
+
+    pub fn config_version(&self) -> u64 {
+        self.config.lock().version
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let config = self.config.lock();
+        serde_json::json!({
+            "started_at": self.started_at,
+            "config_applied_at": config.applied_at,
+            "config_version": config.version,
+            "config_err_since": config.errors_since_applied,
+        })
+    }
+}

@@ -1,0 +1,253 @@
+//! Counters in this process's memory: a fixed number of shards, each a mutex over a map.
+//!
+//! One request locks the shards of all its counters (in shard order, so two requests never
+//! deadlock), decides, writes and unlocks: no other request can interleave, so N concurrent
+//! calls on a limit of L admit exactly L. Expired counters are reclaimed by a periodic sweep
+//! off the request path; the number of live counters is bounded by `capacity`, and a request
+//! that would need a new counter beyond it fails with [`StorageError::CapacityExhausted`]
+//! instead of silently evicting (resetting) a live one.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use parking_lot::{Mutex, MutexGuard};
+
+use super::{Batch, CounterKey, CounterSnapshot, Storage, StorageError};
+use crate::algorithm::{GroupOutcome, WindowState, evaluate};
+use crate::limits::LimitId;
+
+const SHARDS: usize = 64;
+
+type Shard = HashMap<CounterKey, WindowState>;
+
+pub struct MemoryStorage {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    live: AtomicUsize,
+    capacity: usize,
+    last_full_sweep_ms: AtomicU64,
+}
+
+impl MemoryStorage {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::new())).collect(),
+            hasher: RandomState::new(),
+            live: AtomicUsize::new(0),
+            capacity,
+            last_full_sweep_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Live counters held (expired ones count until the sweep reclaims them).
+    pub fn len(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn shard_of(&self, key: &CounterKey) -> usize {
+        (self.hasher.hash_one(key) as usize) % SHARDS
+    }
+
+    /// Decides `batch` under the locks of its shards. `Err(NoRoom)` when it would need new
+    /// counters beyond the capacity; then nothing was written.
+    fn try_apply(&self, batch: &Batch, now_ms: u64) -> Result<Vec<GroupOutcome>, NoRoom> {
+        let shard_ids: Vec<usize> = batch
+            .counters
+            .iter()
+            .map(|c| self.shard_of(&c.key))
+            .collect();
+        let mut order = shard_ids.clone();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: Vec<MutexGuard<'_, Shard>> =
+            order.iter().map(|&i| self.shards[i].lock()).collect();
+        let guard_of =
+            |counter: usize| order.binary_search(&shard_ids[counter]).unwrap_or_default();
+
+        let mut states: Vec<Option<WindowState>> = batch
+            .counters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| guards[guard_of(i)].get(&c.key).copied())
+            .collect();
+        let limits: Vec<_> = batch.counters.iter().map(|c| c.window).collect();
+        let mut dirty = vec![false; batch.counters.len()];
+        let outcomes = evaluate(&limits, &mut states, &mut dirty, &batch.groups, now_ms);
+
+        let new_counters = (0..batch.counters.len())
+            .filter(|&i| dirty[i] && !guards[guard_of(i)].contains_key(&batch.counters[i].key))
+            .count();
+        if new_counters > 0 {
+            // Reserve the room first, so concurrent requests on other shards cannot overshoot.
+            let before = self.live.fetch_add(new_counters, Ordering::Relaxed);
+            if before + new_counters > self.capacity {
+                self.live.fetch_sub(new_counters, Ordering::Relaxed);
+                return Err(NoRoom);
+            }
+        }
+        for (i, counter) in batch.counters.iter().enumerate() {
+            if let (true, Some(state)) = (dirty[i], states[i]) {
+                guards[guard_of(i)].insert(counter.key.clone(), state);
+            }
+        }
+        Ok(outcomes)
+    }
+
+    fn apply_now(&self, batch: &Batch, now_ms: u64) -> Result<Vec<GroupOutcome>, StorageError> {
+        if let Ok(outcomes) = self.try_apply(batch, now_ms) {
+            return Ok(outcomes);
+        }
+        // Full: sweep expired counters (at most once a second, so a flood of new keys at
+        // capacity cannot make every request scan everything), then try once more.
+        let last = self.last_full_sweep_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(last) >= 1_000
+            && self
+                .last_full_sweep_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.reclaim_expired(now_ms);
+        }
+        self.try_apply(batch, now_ms)
+            .map_err(|NoRoom| StorageError::CapacityExhausted {
+                capacity: self.capacity,
+            })
+    }
+}
+
+struct NoRoom;
+
+#[async_trait]
+impl Storage for MemoryStorage {
+    async fn apply(&self, batch: &Batch, now_ms: u64) -> Result<Vec<GroupOutcome>, StorageError> {
+        self.apply_now(batch, now_ms)
+    }
+
+    async fn counters(
+        &self,
+        limits: &[LimitId],
+        now_ms: u64,
+    ) -> Result<Vec<CounterSnapshot>, StorageError> {
+        let mut found = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            found.extend(
+                shard
+                    .iter()
+                    .filter(|(key, state)| {
+                        state.expires_at_ms > now_ms && limits.contains(&key.limit)
+                    })
+                    .map(|(key, state)| CounterSnapshot {
+                        key: key.clone(),
+                        state: *state,
+                    }),
+            );
+        }
+        Ok(found)
+    }
+
+    fn reclaim_expired(&self, now_ms: u64) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            let before = shard.len();
+            shard.retain(|_, window| window.expires_at_ms > now_ms);
+            self.live.fetch_sub(before - shard.len(), Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::algorithm::{FixedWindow, Group, Policy};
+    use crate::storage::CounterRequest;
+    use std::sync::Arc;
+
+    fn batch(user: &str, max: u64, policy: Policy, cost: u64) -> Batch {
+        Batch {
+            counters: vec![CounterRequest {
+                key: CounterKey {
+                    limit: 1,
+                    values: vec![user.to_string()].into(),
+                },
+                window: FixedWindow::new(max, 1_000),
+            }],
+            groups: vec![Group {
+                policy,
+                cost,
+                counters: vec![0],
+            }],
+        }
+    }
+
+    fn admitted(storage: &MemoryStorage, b: &Batch, now: u64) -> bool {
+        storage.apply_now(b, now).unwrap()[0].admitted
+    }
+
+    #[test]
+    fn concurrent_calls_admit_exactly_the_limit() {
+        let storage = Arc::new(MemoryStorage::new(100));
+        let admitted_total = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (storage, total) = (storage.clone(), admitted_total.clone());
+                std::thread::spawn(move || {
+                    let b = batch("u", 1000, Policy::AllOrNothing, 1);
+                    for _ in 0..500 {
+                        if admitted(&storage, &b, 0) {
+                            total.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(admitted_total.load(Ordering::Relaxed), 1000);
+    }
+
+    #[test]
+    fn checks_create_no_counters_and_expired_ones_are_reclaimed() {
+        let storage = MemoryStorage::new(100);
+        admitted(&storage, &batch("a", 5, Policy::CheckOnly, 1), 0);
+        assert_eq!(storage.len(), 0);
+        admitted(&storage, &batch("a", 5, Policy::Charge, 1), 0);
+        admitted(&storage, &batch("b", 5, Policy::Charge, 1), 500);
+        assert_eq!(storage.len(), 2);
+        storage.reclaim_expired(1_000);
+        assert_eq!(storage.len(), 1, "a's window ended at 1000, b's lives on");
+        storage.reclaim_expired(1_500);
+        assert!(storage.is_empty());
+    }
+
+    #[test]
+    fn capacity_refuses_new_counters_but_keeps_live_ones_counting() {
+        let storage = MemoryStorage::new(2);
+        assert!(admitted(&storage, &batch("a", 5, Policy::Charge, 1), 0));
+        assert!(admitted(&storage, &batch("b", 5, Policy::Charge, 1), 0));
+        let err = storage
+            .apply_now(&batch("c", 5, Policy::Charge, 1), 0)
+            .unwrap_err();
+        assert_eq!(err, StorageError::CapacityExhausted { capacity: 2 });
+        // Existing counters still work, and keep their counts.
+        assert!(admitted(
+            &storage,
+            &batch("a", 5, Policy::AllOrNothing, 3),
+            10
+        ));
+        assert!(!admitted(
+            &storage,
+            &batch("a", 5, Policy::AllOrNothing, 2),
+            10
+        ));
+        // Once a window expires, its slot is reclaimed on demand.
+        assert!(admitted(&storage, &batch("c", 5, Policy::Charge, 1), 1_000));
+    }
+}

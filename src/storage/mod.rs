@@ -1,0 +1,83 @@
+//! Where counters live. A storage makes the whole decision for one request in one atomic step:
+//! it loads the states of every counter the request touches, runs
+//! [`crate::algorithm::evaluate`], and stores what changed.
+
+pub mod memory;
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::algorithm::{FixedWindow, Group, GroupOutcome, WindowState};
+use crate::limits::LimitId;
+
+pub use memory::MemoryStorage;
+
+/// A counter: which limit, and the values of the limit's variables.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    pub limit: LimitId,
+    pub values: Box<[String]>,
+}
+
+/// One counter a request touches, with the window arithmetic of its limit.
+#[derive(Debug, Clone)]
+pub struct CounterRequest {
+    pub key: CounterKey,
+    pub window: FixedWindow,
+}
+
+/// Everything one request asks of the storage.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub counters: Vec<CounterRequest>,
+    pub groups: Vec<Group>,
+}
+
+/// A live counter, for the admin API.
+#[derive(Debug, Clone)]
+pub struct CounterSnapshot {
+    pub key: CounterKey,
+    pub state: WindowState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageError {
+    /// The configured bound on live counters is reached and none has expired; a new counter
+    /// cannot be created. Nothing was changed.
+    CapacityExhausted { capacity: usize },
+    /// The storage could not be reached or answered with an error. Nothing is known to have
+    /// changed.
+    Unavailable(String),
+}
+
+impl fmt::Display for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StorageError::CapacityExhausted { capacity } => write!(
+                f,
+                "counter capacity reached ({capacity} live counters); raise `memory --cache`"
+            ),
+            StorageError::Unavailable(reason) => write!(f, "storage unavailable: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for StorageError {}
+
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// Decides `batch` at `now_ms` atomically: every group is evaluated in order and all the
+    /// resulting changes are stored, or (on error) none are.
+    async fn apply(&self, batch: &Batch, now_ms: u64) -> Result<Vec<GroupOutcome>, StorageError>;
+
+    /// The live (unexpired) counters of the given limits.
+    async fn counters(
+        &self,
+        limits: &[LimitId],
+        now_ms: u64,
+    ) -> Result<Vec<CounterSnapshot>, StorageError>;
+
+    /// Frees what has expired; called periodically off the request path.
+    fn reclaim_expired(&self, _now_ms: u64) {}
+}
