@@ -1,0 +1,173 @@
+//! A ratekeeper server started in this process on free loopback ports, with a clock the test
+//! drives, and clients for its gRPC services and HTTP API.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::sync::Arc;
+
+use ratekeeper::clock::ManualClock;
+use ratekeeper::config::{RateLimitHeaders, RequestBounds};
+use ratekeeper::limiter::Limiter;
+use ratekeeper::limits::load_file;
+use ratekeeper::proto::envoy::extensions::common::ratelimit::v3::{
+    RateLimitDescriptor, rate_limit_descriptor::Entry,
+};
+use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use ratekeeper::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use ratekeeper::proto::kuadrant::service::ratelimit::v1::rate_limit_service_client::RateLimitServiceClient as KuadrantClient;
+use ratekeeper::server::{self, Running, Settings};
+use ratekeeper::status::ServerStatus;
+use ratekeeper::storage::MemoryStorage;
+use tonic::transport::Channel;
+
+/// 2026-01-01T00:00:00Z: tests start at a fixed, realistic time.
+pub const START_MS: u64 = 1_767_225_600_000;
+
+pub struct TestServer {
+    pub clock: Arc<ManualClock>,
+    pub limiter: Arc<Limiter>,
+    pub http_base: String,
+    running: Option<Running>,
+    pub envoy: RateLimitServiceClient<Channel>,
+    pub kuadrant: KuadrantClient<Channel>,
+    _limits_file: tempfile::NamedTempFile,
+}
+
+pub struct Options {
+    pub headers: RateLimitHeaders,
+    pub bounds: RequestBounds,
+    pub capacity: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            headers: RateLimitHeaders::None,
+            bounds: RequestBounds::default(),
+            capacity: 10_000,
+        }
+    }
+}
+
+impl TestServer {
+    pub async fn start(limits_yaml: &str) -> Self {
+        Self::start_with(limits_yaml, Options::default()).await
+    }
+
+    pub async fn start_with(limits_yaml: &str, options: Options) -> Self {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(limits_yaml.as_bytes()).unwrap();
+        let limits = load_file(file.path()).unwrap();
+        let clock = Arc::new(ManualClock::new(START_MS));
+        let limiter = Arc::new(Limiter::new(
+            limits,
+            Arc::new(MemoryStorage::new(options.capacity)),
+            clock.clone(),
+        ));
+        let settings = Settings {
+            rls_addr: "127.0.0.1:0".parse().unwrap(),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            rate_limit_headers: options.headers,
+            bounds: options.bounds,
+        };
+        let running = server::start(settings, limiter.clone(), Arc::new(ServerStatus::default()))
+            .await
+            .unwrap();
+        let endpoint = format!("http://{}", running.rls_addr);
+        let channel = Channel::from_shared(endpoint)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Self {
+            clock,
+            limiter,
+            http_base: format!("http://{}", running.http_addr),
+            running: Some(running),
+            envoy: RateLimitServiceClient::new(channel.clone()),
+            kuadrant: KuadrantClient::new(channel),
+            _limits_file: file,
+        }
+    }
+
+    pub fn rls_addr(&self) -> std::net::SocketAddr {
+        self.running.as_ref().unwrap().rls_addr
+    }
+
+    pub async fn should(&self, request: RateLimitRequest) -> RateLimitResponse {
+        self.envoy
+            .clone()
+            .should_rate_limit(request)
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn check(&self, request: RateLimitRequest) -> RateLimitResponse {
+        self.kuadrant
+            .clone()
+            .check_rate_limit(request)
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn report(&self, request: RateLimitRequest) -> RateLimitResponse {
+        self.kuadrant
+            .clone()
+            .report(request)
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await.unwrap();
+        }
+    }
+}
+
+/// A descriptor from (key, value) pairs, without its own hits_addend.
+pub fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        entries: entries
+            .iter()
+            .map(|(k, v)| Entry {
+                key: k.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
+        limit: None,
+        hits_addend: None,
+    }
+}
+
+/// A descriptor carrying its own hits_addend (Envoy >= 1.34).
+pub fn descriptor_with_hits(entries: &[(&str, &str)], hits: u64) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        hits_addend: Some(hits),
+        ..descriptor(entries)
+    }
+}
+
+pub fn request(domain: &str, descriptors: Vec<RateLimitDescriptor>, hits: u32) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: domain.to_string(),
+        descriptors,
+        hits_addend: hits,
+    }
+}
+
+pub fn code(response: &RateLimitResponse) -> Code {
+    Code::try_from(response.overall_code).unwrap()
+}
+
+pub fn header<'a>(response: &'a RateLimitResponse, name: &str) -> Option<&'a str> {
+    response
+        .response_headers_to_add
+        .iter()
+        .find(|h| h.key.eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_str())
+}

@@ -1,0 +1,302 @@
+//! Envoy's `ShouldRateLimit` through a real gRPC client: the Limitador path (request-level hits,
+//! all-or-nothing) and the per-descriptor path Envoy uses for token charging.
+
+mod common;
+
+use common::*;
+use ratekeeper::config::RateLimitHeaders;
+use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code, rate_limit::Unit,
+};
+
+const TOKENS: &str = r#"
+- name: llm-free
+  namespace: llm_tokens
+  max_value: 50
+  seconds: 60
+  conditions: ["descriptors[0].generic_key == 'llm'"]
+  variables: ["descriptors[0].user"]
+"#;
+
+const TWO_LIMITS: &str = r#"
+- name: per-user
+  namespace: api
+  max_value: 5
+  seconds: 60
+  variables: ["descriptors[0].user"]
+- name: global
+  namespace: api
+  max_value: 8
+  seconds: 3600
+"#;
+
+fn user(name: &str) -> Vec<(&'static str, String)> {
+    vec![("generic_key", "llm".into()), ("user", name.into())]
+}
+
+fn entries<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+#[tokio::test]
+async fn limitador_path_counts_request_hits_and_zero_means_one() {
+    let server = TestServer::start(TWO_LIMITS).await;
+    let alice = descriptor(&[("user", "alice")]);
+    // hits_addend 0 counts as 1.
+    let r = server.should(request("api", vec![alice.clone()], 0)).await;
+    assert_eq!(code(&r), Code::Ok);
+    assert_eq!(r.statuses.len(), 1);
+    assert_eq!(
+        r.statuses[0].limit_remaining, 4,
+        "per-user is the most restrictive"
+    );
+    let r = server.should(request("api", vec![alice.clone()], 4)).await;
+    assert_eq!(code(&r), Code::Ok);
+    assert_eq!(r.statuses[0].limit_remaining, 0);
+    let r = server.should(request("api", vec![alice.clone()], 1)).await;
+    assert_eq!(code(&r), Code::OverLimit);
+    let status = &r.statuses[0];
+    assert_eq!(status.code, Code::OverLimit as i32);
+    let limit = status.current_limit.as_ref().unwrap();
+    assert_eq!(limit.name, "per-user");
+    assert_eq!(limit.requests_per_unit, 5);
+    assert_eq!(limit.unit, Unit::Minute as i32);
+    assert_eq!(status.duration_until_reset.unwrap().seconds, 60);
+}
+
+#[tokio::test]
+async fn limitador_path_is_all_or_nothing() {
+    let server = TestServer::start(TWO_LIMITS).await;
+    // bob takes 5 of the global 8.
+    let r = server
+        .should(request("api", vec![descriptor(&[("user", "bob")])], 5))
+        .await;
+    assert_eq!(code(&r), Code::Ok);
+    // alice asks 4: her per-user limit allows it, the global one (3 left) does not; nothing is
+    // charged, so her 3 next still pass.
+    let alice = descriptor(&[("user", "alice")]);
+    let r = server.should(request("api", vec![alice.clone()], 4)).await;
+    assert_eq!(code(&r), Code::OverLimit);
+    let limit = r.statuses[0].current_limit.as_ref().unwrap();
+    assert_eq!(limit.name, "global");
+    assert_eq!(limit.unit, Unit::Hour as i32);
+    let r = server.should(request("api", vec![alice.clone()], 3)).await;
+    assert_eq!(code(&r), Code::Ok, "the refused call charged nothing");
+    assert_eq!(r.statuses[0].limit_remaining, 0);
+}
+
+#[tokio::test]
+async fn every_descriptor_gets_a_status_even_without_a_limit() {
+    let server = TestServer::start(TWO_LIMITS).await;
+    let r = server
+        .should(request(
+            "other",
+            vec![descriptor(&[("a", "1")]), descriptor(&[("b", "2")])],
+            1,
+        ))
+        .await;
+    assert_eq!(code(&r), Code::Ok);
+    assert_eq!(r.statuses.len(), 2);
+    for status in &r.statuses {
+        assert_eq!(status.code, Code::Ok as i32);
+        assert!(status.current_limit.is_none());
+    }
+}
+
+#[tokio::test]
+async fn empty_domain_answers_unknown() {
+    let server = TestServer::start(TWO_LIMITS).await;
+    let r = server
+        .should(request("", vec![descriptor(&[("user", "a")])], 1))
+        .await;
+    assert_eq!(code(&r), Code::Unknown);
+    let r = server
+        .check(request("", vec![descriptor(&[("user", "a")])], 1))
+        .await;
+    assert_eq!(code(&r), Code::Unknown);
+}
+
+#[tokio::test]
+async fn envoy_check_then_charge_sequence() {
+    let server = TestServer::start(TOKENS).await;
+    let alice = user("alice");
+    let check = || {
+        request(
+            "llm_tokens",
+            vec![descriptor_with_hits(&entries(&alice), 0)],
+            0,
+        )
+    };
+    let charge = |n| {
+        request(
+            "llm_tokens",
+            vec![descriptor_with_hits(&entries(&alice), n)],
+            0,
+        )
+    };
+
+    // A check with a present 0 is a pure check: it passes and counts nothing.
+    for _ in 0..3 {
+        let r = server.should(check()).await;
+        assert_eq!(code(&r), Code::Ok);
+        assert_eq!(r.statuses[0].limit_remaining, 50);
+    }
+    // Charges after each response.
+    let r = server.should(charge(30)).await;
+    assert_eq!(code(&r), Code::Ok);
+    assert_eq!(r.statuses[0].limit_remaining, 20);
+    assert_eq!(code(&server.should(check()).await), Code::Ok);
+    // A charge beyond what is left is still counted, and reports OVER_LIMIT.
+    let r = server.should(charge(30)).await;
+    assert_eq!(code(&r), Code::OverLimit);
+    assert_eq!(r.statuses[0].limit_remaining, 0);
+    // Now the budget is spent: the next check is refused.
+    let r = server.should(check()).await;
+    assert_eq!(code(&r), Code::OverLimit);
+    // The counter holds all 60 tokens.
+    let counters = server.limiter.counters("llm_tokens").await.unwrap();
+    assert_eq!(counters.len(), 1);
+    assert_eq!(counters[0].1.state.used, 60);
+    // Bob is unaffected.
+    let bob = user("bob");
+    let r = server
+        .should(request(
+            "llm_tokens",
+            vec![descriptor_with_hits(&entries(&bob), 0)],
+            0,
+        ))
+        .await;
+    assert_eq!(code(&r), Code::Ok);
+    // A new window opens a minute after the first charge.
+    server.clock.advance_ms(60_000);
+    assert_eq!(code(&server.should(check()).await), Code::Ok);
+}
+
+#[tokio::test]
+async fn exactly_at_the_limit_a_check_is_refused_and_a_charge_is_not_over() {
+    let server = TestServer::start(TOKENS).await;
+    let alice = user("alice");
+    let r = server
+        .should(request(
+            "llm_tokens",
+            vec![descriptor_with_hits(&entries(&alice), 50)],
+            0,
+        ))
+        .await;
+    assert_eq!(code(&r), Code::Ok, "usage == limit is not over");
+    let r = server
+        .should(request(
+            "llm_tokens",
+            vec![descriptor_with_hits(&entries(&alice), 0)],
+            0,
+        ))
+        .await;
+    assert_eq!(
+        code(&r),
+        Code::OverLimit,
+        "nothing left: a pure check is refused"
+    );
+}
+
+#[tokio::test]
+async fn per_descriptor_path_judges_each_descriptor_on_its_own() {
+    let server = TestServer::start(TOKENS).await;
+    let (alice, bob) = (user("alice"), user("bob"));
+    // alice spends her budget first.
+    server
+        .should(request(
+            "llm_tokens",
+            vec![descriptor_with_hits(&entries(&alice), 50)],
+            0,
+        ))
+        .await;
+    // One request: alice checks (present 0), bob has no hits_addend of his own and takes the
+    // request-level cost (3).
+    let r = server
+        .should(request(
+            "llm_tokens",
+            vec![
+                descriptor_with_hits(&entries(&alice), 0),
+                descriptor(&entries(&bob)),
+            ],
+            3,
+        ))
+        .await;
+    assert_eq!(code(&r), Code::OverLimit);
+    assert_eq!(r.statuses[0].code, Code::OverLimit as i32);
+    assert_eq!(r.statuses[1].code, Code::Ok as i32);
+    assert_eq!(
+        r.statuses[1].limit_remaining, 47,
+        "bob was charged the request-level 3"
+    );
+}
+
+#[tokio::test]
+async fn draft03_headers_and_retry_after() {
+    let options = Options {
+        headers: RateLimitHeaders::DraftVersion03,
+        ..Options::default()
+    };
+    let server = TestServer::start_with(TWO_LIMITS, options).await;
+    let alice = descriptor(&[("user", "alice")]);
+    let r = server.should(request("api", vec![alice.clone()], 2)).await;
+    assert_eq!(
+        header(&r, "X-RateLimit-Limit"),
+        Some(r#"5, 5;w=60;name="per-user", 8;w=3600;name="global""#)
+    );
+    assert_eq!(header(&r, "X-RateLimit-Remaining"), Some("3"));
+    assert_eq!(header(&r, "X-RateLimit-Reset"), Some("60"));
+    assert_eq!(
+        header(&r, "Retry-After"),
+        None,
+        "only refusals carry Retry-After"
+    );
+
+    server.clock.advance_ms(10_500);
+    let r = server.should(request("api", vec![alice.clone()], 4)).await;
+    assert_eq!(code(&r), Code::OverLimit);
+    assert_eq!(
+        header(&r, "X-RateLimit-Reset"),
+        Some("49"),
+        "49.5 s, rounded down"
+    );
+    assert_eq!(header(&r, "Retry-After"), Some("50"), "49.5 s, rounded up");
+
+    // A cost that no window can ever admit gets no Retry-After.
+    let r = server.should(request("api", vec![alice], 6)).await;
+    assert_eq!(code(&r), Code::OverLimit);
+    assert_eq!(header(&r, "Retry-After"), None);
+}
+
+#[tokio::test]
+async fn no_headers_unless_asked() {
+    let server = TestServer::start(TWO_LIMITS).await;
+    let r = server
+        .should(request("api", vec![descriptor(&[("user", "a")])], 1))
+        .await;
+    assert!(r.response_headers_to_add.is_empty());
+}
+
+#[tokio::test]
+async fn a_failing_expression_skips_its_limit_without_harm() {
+    let yaml = r#"
+- name: broken
+  namespace: ns
+  max_value: 1
+  seconds: 60
+  conditions: ["descriptors[0].n > 3"]
+- name: fine
+  namespace: ns
+  max_value: 2
+  seconds: 60
+"#;
+    let server = TestServer::start(yaml).await;
+    // "n" is a string: comparing it with an int fails at run time.
+    let d = descriptor(&[("n", "7")]);
+    for expected in [Code::Ok, Code::Ok, Code::OverLimit] {
+        let r = server.should(request("ns", vec![d.clone()], 1)).await;
+        assert_eq!(code(&r), expected);
+        assert_eq!(r.statuses[0].current_limit.as_ref().unwrap().name, "fine");
+    }
+    assert_eq!(server.limiter.evaluation_errors(), 3);
+}
