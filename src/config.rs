@@ -36,8 +36,7 @@ pub struct Cli {
     #[arg(short = 'P', long, env = "HTTP_API_PORT", default_value_t = 8080)]
     pub http_port: u16,
 
-    /// Accepted for Limitador compatibility: add `limit_name` to per-limit metric labels
-    /// (metrics are not served yet).
+    /// Add a `limit_name` label to every per-limit metric.
     #[arg(short = 'l', long, env = "LIMIT_NAME_IN_PROMETHEUS_LABELS", value_parser = clap::builder::FalseyValueParser::new())]
     pub limit_name_in_labels: bool,
 
@@ -63,6 +62,14 @@ pub struct Cli {
     /// Log as JSON lines.
     #[arg(long, env = "STRUCTURED_LOGS")]
     pub structured_logs: bool,
+
+    /// Serve gRPC reflection (grpc.reflection.v1) on the gRPC port.
+    #[arg(long, env = "GRPC_REFLECTION_SERVICE")]
+    pub grpc_reflection_service: bool,
+
+    /// On SIGTERM/SIGINT, how many seconds in-flight calls get to finish before exiting.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value_t = 10)]
+    pub shutdown_timeout: u64,
 
     #[command(flatten)]
     pub bounds: RequestBounds,

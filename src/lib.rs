@@ -19,6 +19,7 @@ pub mod config;
 pub mod http;
 pub mod limiter;
 pub mod limits;
+pub mod metrics;
 pub mod proto;
 pub mod rls;
 pub mod server;

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
@@ -14,6 +15,7 @@ use crate::algorithm::{CounterOutcome, FixedWindow, Group, Policy};
 use crate::clock::Clock;
 use crate::config::RequestBounds;
 use crate::limits::{Limit, LimitSet, expression};
+use crate::metrics::{self, Metrics};
 use crate::storage::{Batch, CounterKey, CounterRequest, CounterSnapshot, Storage, StorageError};
 
 /// Which RPC is asking; it decides what the cost does.
@@ -133,6 +135,7 @@ pub struct Limiter {
     limits: ArcSwap<LimitSet>,
     storage: Arc<dyn Storage>,
     clock: Arc<dyn Clock>,
+    metrics: Metrics,
     evaluation_errors: AtomicU64,
 }
 
@@ -150,8 +153,14 @@ impl Limiter {
             limits: ArcSwap::from_pointee(limits),
             storage,
             clock,
+            metrics: Metrics::default(),
             evaluation_errors: AtomicU64::new(0),
         }
+    }
+
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn limits(&self) -> Arc<LimitSet> {
@@ -240,7 +249,10 @@ impl Limiter {
                 })
                 .collect()
         } else {
-            self.storage.apply(&batch, self.clock.now_ms()).await?
+            let started = Instant::now();
+            let result = self.storage.apply(&batch, self.clock.now_ms()).await;
+            metrics::datastore_latency(started.elapsed());
+            result.inspect_err(|e| metrics::storage_error(e.kind()))?
         };
 
         let mut statuses = vec![DescriptorStatus::default(); request.descriptors.len()];
@@ -263,7 +275,7 @@ impl Limiter {
             all_limits.extend(group_statuses);
         }
         all_limits.sort_by(most_restrictive_first);
-        Ok(Decision {
+        let decision = Decision {
             code: if over_limit {
                 Code::OverLimit
             } else {
@@ -271,7 +283,13 @@ impl Limiter {
             },
             statuses,
             limits: all_limits,
-        })
+        };
+        let cost = contexts
+            .iter()
+            .fold(0u64, |sum, context| sum.saturating_add(context.cost));
+        self.metrics
+            .decision(&request.namespace, call, cost, &decision);
+        Ok(decision)
     }
 
     /// The live counters of a namespace, with their limits.
@@ -296,6 +314,7 @@ impl Limiter {
             Ok(values) => values,
             Err(error) => {
                 self.evaluation_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.cel_error(limit);
                 tracing::warn!(
                     namespace,
                     limit = limit.name.as_deref().unwrap_or(""),

@@ -1,12 +1,14 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use ratekeeper::clock::SystemClock;
 use ratekeeper::config::{Cli, StorageCommand};
 use ratekeeper::limiter::Limiter;
 use ratekeeper::limits::load_file;
+use ratekeeper::metrics::{self, Metrics};
 use ratekeeper::server::{self, Settings};
 use ratekeeper::status::ServerStatus;
 use ratekeeper::storage::{MemoryStorage, Storage};
@@ -60,19 +62,32 @@ async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<(
         StorageCommand::Memory(options) => Arc::new(MemoryStorage::new(options.cache)),
     };
     tracing::info!(limits = limits.len(), file = %cli.limits_file.display(), "limits loaded");
-    let limiter = Arc::new(Limiter::new(limits, storage, Arc::new(SystemClock)));
+    metrics::install().map_err(|e| anyhow::anyhow!("cannot set up metrics: {e}"))?;
+    metrics::limits_applied(0, limits.len());
+    let metrics = Metrics {
+        limit_name_in_labels: cli.limit_name_in_labels,
+    };
+    let limiter =
+        Arc::new(Limiter::new(limits, storage, Arc::new(SystemClock)).with_metrics(metrics));
     let settings = Settings {
         rls_addr: SocketAddr::new(cli.rls_ip, cli.rls_port),
         http_addr: SocketAddr::new(cli.http_ip, cli.http_port),
         rate_limit_headers: cli.rate_limit_headers,
         bounds: cli.bounds,
+        limits_file: Some(cli.limits_file.clone()),
+        grpc_reflection: cli.grpc_reflection_service,
     };
     let running = server::start(settings, limiter, Arc::new(ServerStatus::default()))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen: {e}"))?;
     shutdown_signal().await;
-    tracing::info!("shutting down: finishing in-flight calls");
-    running.shutdown().await?;
+    let grace = Duration::from_secs(cli.shutdown_timeout);
+    tracing::info!(?grace, "shutting down: finishing in-flight calls");
+    match tokio::time::timeout(grace, running.shutdown()).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!("in-flight calls did not finish in time; exiting anyway"),
+    }
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -2,6 +2,10 @@
 //! protobuf packages so the generated cross-package paths resolve.
 #![allow(clippy::all, missing_docs)]
 
+/// The encoded descriptors of every service above, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/ratekeeper_descriptors.bin"));
+
 pub mod envoy {
     pub mod config {
         pub mod core {

@@ -1,6 +1,7 @@
 //! Binds the gRPC and HTTP listeners and runs them until told to stop.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,10 +9,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 use tower::util::MapResponseLayer;
 
 use crate::config::{RateLimitHeaders, RequestBounds};
 use crate::limiter::Limiter;
+use crate::limits::watch::watch_limits;
+use crate::metrics;
+use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::proto::kuadrant::service::ratelimit::v1::rate_limit_service_server::RateLimitServiceServer as KuadrantServer;
 use crate::rls::RateLimitServer;
@@ -20,12 +26,19 @@ use crate::status::ServerStatus;
 /// How often expired counters are swept from storage.
 const RECLAIM_EVERY: Duration = Duration::from_secs(5);
 
+/// How often the storage's health is checked.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub rls_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub rate_limit_headers: RateLimitHeaders,
     pub bounds: RequestBounds,
+    /// The limits file to watch and hot-reload; `None` to keep the limits given at start.
+    pub limits_file: Option<PathBuf>,
+    /// Serve gRPC reflection (`grpc.reflection.v1`).
+    pub grpc_reflection: bool,
 }
 
 /// A server that is listening; stop it with [`Running::shutdown`].
@@ -55,17 +68,44 @@ pub async fn start(
         settings.rate_limit_headers,
         settings.bounds,
     );
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = if settings.grpc_reflection {
+        let service = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(std::io::Error::other)?;
+        Some(service)
+    } else {
+        None
+    };
     let grpc = tonic::transport::Server::builder()
         .layer(MapResponseLayer::new(oversized_is_resource_exhausted))
         .add_service(
             RateLimitServiceServer::new(rls.clone()).max_decoding_message_size(max_message),
         )
         .add_service(KuadrantServer::new(rls).max_decoding_message_size(max_message))
+        .add_service(health_service)
+        .add_optional_service(reflection)
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(rls_listener),
             wait_for(stopped.clone()),
         );
     tasks.spawn(async move { grpc.await.map_err(std::io::Error::other) });
+
+    tasks.spawn(check_health(
+        limiter.clone(),
+        status.clone(),
+        health,
+        stopped.clone(),
+    ));
+    if let Some(path) = settings.limits_file.clone() {
+        let watcher = watch_limits(path, limiter.clone(), status.clone(), stopped.clone());
+        tasks.spawn(async move {
+            watcher.await;
+            Ok(())
+        });
+    }
 
     let http = crate::http::router(limiter.clone(), status, settings.bounds);
     let stop_http = wait_for(stopped.clone());
@@ -114,6 +154,51 @@ impl Running {
         result
     }
 }
+
+/// Follows the storage's health: gRPC health (NOT_SERVING while unreachable), readiness, and
+/// the `datastore_partitioned` and active-counter metrics.
+async fn check_health(
+    limiter: Arc<Limiter>,
+    status: Arc<ServerStatus>,
+    health: HealthReporter,
+    mut stopped: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut every = tokio::time::interval(HEALTH_EVERY);
+    let mut last = None;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stopped.changed() => return Ok(()),
+        }
+        let storage = limiter.storage();
+        let reachable = storage.ping().await.is_ok();
+        if let Some(count) = storage.live_counters() {
+            metrics::active_counters(count);
+        }
+        if last == Some(reachable) {
+            continue;
+        }
+        last = Some(reachable);
+        status.set_storage_reachable(reachable);
+        metrics::storage_reachable(reachable);
+        let serving = if reachable {
+            ServingStatus::Serving
+        } else {
+            tracing::warn!("storage unreachable: health is NOT_SERVING");
+            ServingStatus::NotServing
+        };
+        health.set_service_status("", serving).await;
+        for service in SERVICES {
+            health.set_service_status(service, serving).await;
+        }
+    }
+}
+
+/// The services health reports on, by their full gRPC names.
+const SERVICES: [&str; 2] = [
+    "envoy.service.ratelimit.v3.RateLimitService",
+    "kuadrant.service.ratelimit.v1.RateLimitService",
+];
 
 async fn wait_for(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|&stop| stop).await;

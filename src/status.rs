@@ -1,11 +1,15 @@
 //! What `/status` reports: when the server started and which limits configuration it runs.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use chrono::Utc;
 use parking_lot::Mutex;
 
 pub struct ServerStatus {
     started_at: String,
     config: Mutex<ConfigStatus>,
+    /// The storage answered its last health check.
+    storage_reachable: AtomicBool,
 }
 
 struct ConfigStatus {
@@ -34,6 +38,7 @@ impl Default for ServerStatus {
                 version: 0,
                 errors_since_applied: 0,
             }),
+            storage_reachable: AtomicBool::new(true),
         }
     }
 }
@@ -48,6 +53,15 @@ impl ServerStatus {
 
     pub fn config_failed(&self) {
         self.config.lock().errors_since_applied += 1;
+    }
+
+    pub fn set_storage_reachable(&self, reachable: bool) {
+        self.storage_reachable.store(reachable, Ordering::Relaxed);
+    }
+
+    /// Ready to serve: the storage can be reached.
+    pub fn is_ready(&self) -> bool {
+        self.storage_reachable.load(Ordering::Relaxed)
     }
 
     pub fn config_version(&self) -> u64 {

@@ -46,6 +46,11 @@ pub struct CounterOutcome {
     pub reset_in_ms: u64,
     /// Milliseconds until this call's cost would be admitted; `None` if it never would.
     pub retry_after_ms: Option<u64>,
+    /// What this call added to the counter (0 when nothing was charged).
+    pub charged: u64,
+    /// The part of `charged` that went beyond the limit (a charge for usage that already
+    /// happened can push a counter past its limit).
+    pub overshoot: u64,
 }
 
 /// A group's answer: admitted unless some counter refused it, plus one outcome per counter
@@ -116,6 +121,9 @@ fn evaluate_group(
             } else {
                 view
             };
+            let charged = after.used - view.used;
+            let beyond = |w: WindowState| w.used.saturating_sub(limit.max);
+            let overshoot = beyond(after) - beyond(view);
             let over = match group.policy {
                 Policy::Charge => after.used > limit.max,
                 _ => refused,
@@ -133,6 +141,8 @@ fn evaluate_group(
                 remaining: limit.remaining(after),
                 reset_in_ms: limit.reset_in_ms(after, now_ms),
                 retry_after_ms,
+                charged,
+                overshoot,
             }
         })
         .collect();

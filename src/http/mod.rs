@@ -1,5 +1,6 @@
-//! Limitador's HTTP API: `/status`, `/limits/{ns}`, `/counters/{ns}`, `/check`, `/report` and
-//! `/check_and_report`, with the same JSON bodies and status codes. Namespaces may contain `/`
+//! Limitador's HTTP API: `/status`, `/limits/{ns}`, `/counters/{ns}`, `/check`, `/report`,
+//! `/check_and_report` and `/metrics`, with the same JSON bodies and status codes; plus the
+//! probes `/healthz` (liveness) and `/readyz` (readiness: the storage can be reached). Namespaces may contain `/`
 //! (Kuadrant's `<route ns>/<route name>`), either as is or percent-encoded.
 
 use std::collections::{BTreeMap, HashMap};
@@ -34,6 +35,9 @@ pub fn router(limiter: Arc<Limiter>, status: Arc<ServerStatus>, bounds: RequestB
     };
     Router::new()
         .route("/status", get(get_status))
+        .route("/metrics", get(get_metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(get_ready))
         .route("/limits/{*namespace}", get(get_limits))
         .route("/counters/{*namespace}", get(get_counters))
         .route("/check", post(check))
@@ -45,6 +49,27 @@ pub fn router(limiter: Arc<Limiter>, status: Arc<ServerStatus>, bounds: RequestB
 
 async fn get_status(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(state.status.to_json())
+}
+
+/// Prometheus text exposition of every metric (see `crate::metrics`).
+async fn get_metrics() -> Response {
+    match crate::metrics::install() {
+        Ok(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+    }
+}
+
+/// Ready while the storage can be reached.
+async fn get_ready(State(state): State<AppState>) -> Response {
+    if state.status.is_ready() {
+        "ready".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "storage unreachable").into_response()
+    }
 }
 
 async fn get_limits(State(state): State<AppState>, Path(namespace): Path<String>) -> Response {

@@ -3,6 +3,7 @@
 
 pub mod expression;
 pub mod file;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -4,12 +4,15 @@
 pub mod headers;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use prost_types::Duration;
 use tonic::Status;
+use tracing::Instrument;
 
 use crate::config::{RateLimitHeaders, RequestBounds};
 use crate::limiter::{Call, Code, Decision, Descriptor, Limiter, Request};
+use crate::metrics;
 use crate::proto::envoy::config::core::v3::HeaderValue;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{
     self as response, DescriptorStatus, RateLimit,
@@ -42,23 +45,66 @@ impl RateLimitServer {
         request: tonic::Request<RateLimitRequest>,
         call: Call,
     ) -> Result<tonic::Response<RateLimitResponse>, Status> {
-        let request = to_request(request.into_inner(), &self.bounds).inspect_err(|status| {
-            tracing::info!(
-                ?call,
-                reason = status.message(),
-                "rejected a malformed request"
-            );
+        let started = Instant::now();
+        let rpc = rpc_name(call);
+        let request_id = request
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let span = tracing::info_span!("rls", rpc, request_id);
+        let result = self
+            .decide(request.into_inner(), call)
+            .instrument(span)
+            .await;
+        let outcome = match &result {
+            Ok(response) => match response::Code::try_from(response.overall_code) {
+                Ok(response::Code::Ok) => "ok",
+                Ok(response::Code::OverLimit) => "over_limit",
+                _ => "unknown",
+            },
+            Err(status) if status.code() == tonic::Code::InvalidArgument => "invalid",
+            Err(_) => "error",
+        };
+        metrics::rpc(rpc, outcome, started.elapsed());
+        result.map(tonic::Response::new)
+    }
+
+    async fn decide(
+        &self,
+        request: RateLimitRequest,
+        call: Call,
+    ) -> Result<RateLimitResponse, Status> {
+        let request = to_request(request, &self.bounds).inspect_err(|status| {
+            tracing::info!(reason = status.message(), "rejected a malformed request");
         })?;
         let decision = self
             .limiter
             .decide(&request, call)
             .await
             .map_err(|e| storage_status(&e))?;
-        Ok(tonic::Response::new(to_response(
-            &decision,
-            call,
-            self.headers,
-        )))
+        match decision.code {
+            Code::OverLimit if call != Call::Report => {
+                let limiting = decision.limits.iter().find(|l| l.outcome.over);
+                tracing::info!(
+                    namespace = request.namespace,
+                    limit = limiting.and_then(|l| l.limit.name.as_deref()).unwrap_or(""),
+                    "over the limit"
+                );
+            }
+            Code::Unknown => tracing::info!("answered UNKNOWN: the request has an empty domain"),
+            _ => {}
+        }
+        Ok(to_response(&decision, call, self.headers))
+    }
+}
+
+fn rpc_name(call: Call) -> &'static str {
+    match call {
+        Call::ShouldRateLimit => "ShouldRateLimit",
+        Call::CheckRateLimit => "CheckRateLimit",
+        Call::Report => "Report",
     }
 }
 

@@ -152,6 +152,10 @@ impl Storage for MemoryStorage {
         Ok(found)
     }
 
+    fn live_counters(&self) -> Option<usize> {
+        Some(self.len())
+    }
+
     fn reclaim_expired(&self, now_ms: u64) {
         for shard in self.shards.iter() {
             let mut shard = shard.lock();

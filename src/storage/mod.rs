@@ -51,6 +51,16 @@ pub enum StorageError {
     Unavailable(String),
 }
 
+impl StorageError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StorageError::CapacityExhausted { .. } => "capacity_exhausted",
+            StorageError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
 impl fmt::Display for StorageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -80,4 +90,14 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Frees what has expired; called periodically off the request path.
     fn reclaim_expired(&self, _now_ms: u64) {}
+
+    /// Counters held, where the storage can tell cheaply.
+    fn live_counters(&self) -> Option<usize> {
+        None
+    }
+
+    /// Whether the storage can be reached now (for health and readiness).
+    async fn ping(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
 }

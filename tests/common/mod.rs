@@ -26,18 +26,22 @@ pub const START_MS: u64 = 1_767_225_600_000;
 
 pub struct TestServer {
     pub clock: Arc<ManualClock>,
+    pub status: Arc<ServerStatus>,
     pub limiter: Arc<Limiter>,
     pub http_base: String,
     running: Option<Running>,
     pub envoy: RateLimitServiceClient<Channel>,
     pub kuadrant: KuadrantClient<Channel>,
-    _limits_file: tempfile::NamedTempFile,
+    limits_path: std::path::PathBuf,
+    _limits_dir: tempfile::TempDir,
 }
 
 pub struct Options {
     pub headers: RateLimitHeaders,
     pub bounds: RequestBounds,
     pub capacity: usize,
+    pub grpc_reflection: bool,
+    pub limit_name_in_labels: bool,
 }
 
 impl Default for Options {
@@ -46,6 +50,8 @@ impl Default for Options {
             headers: RateLimitHeaders::None,
             bounds: RequestBounds::default(),
             capacity: 10_000,
+            grpc_reflection: false,
+            limit_name_in_labels: false,
         }
     }
 }
@@ -56,22 +62,36 @@ impl TestServer {
     }
 
     pub async fn start_with(limits_yaml: &str, options: Options) -> Self {
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        file.write_all(limits_yaml.as_bytes()).unwrap();
-        let limits = load_file(file.path()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("limits.yaml");
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(limits_yaml.as_bytes())
+            .unwrap();
+        let limits = load_file(&path).unwrap();
         let clock = Arc::new(ManualClock::new(START_MS));
-        let limiter = Arc::new(Limiter::new(
-            limits,
-            Arc::new(MemoryStorage::new(options.capacity)),
-            clock.clone(),
-        ));
+        ratekeeper::metrics::install().unwrap();
+        let metrics = ratekeeper::metrics::Metrics {
+            limit_name_in_labels: options.limit_name_in_labels,
+        };
+        let limiter = Arc::new(
+            Limiter::new(
+                limits,
+                Arc::new(MemoryStorage::new(options.capacity)),
+                clock.clone(),
+            )
+            .with_metrics(metrics),
+        );
+        let status = Arc::new(ServerStatus::default());
         let settings = Settings {
             rls_addr: "127.0.0.1:0".parse().unwrap(),
             http_addr: "127.0.0.1:0".parse().unwrap(),
             rate_limit_headers: options.headers,
             bounds: options.bounds,
+            limits_file: Some(path.clone()),
+            grpc_reflection: options.grpc_reflection,
         };
-        let running = server::start(settings, limiter.clone(), Arc::new(ServerStatus::default()))
+        let running = server::start(settings, limiter.clone(), status.clone())
             .await
             .unwrap();
         let endpoint = format!("http://{}", running.rls_addr);
@@ -82,13 +102,20 @@ impl TestServer {
             .unwrap();
         Self {
             clock,
+            status,
             limiter,
             http_base: format!("http://{}", running.http_addr),
             running: Some(running),
             envoy: RateLimitServiceClient::new(channel.clone()),
             kuadrant: KuadrantClient::new(channel),
-            _limits_file: file,
+            limits_path: path,
+            _limits_dir: dir,
         }
+    }
+
+    /// The limits file the server watches.
+    pub fn limits_path(&self) -> &std::path::Path {
+        &self.limits_path
     }
 
     pub fn rls_addr(&self) -> std::net::SocketAddr {

@@ -1,0 +1,193 @@
+//! Prometheus metrics. Limitador's names and labels, so existing dashboards keep working
+//! (`authorized_calls`, `authorized_hits`, `limited_calls`, `limitador_up`,
+//! `datastore_partitioned`, `datastore_latency`), plus ratekeeper's own, prefixed
+//! `ratekeeper_`. Per-limit metrics carry `limit_name` when `-l/--limit-name-in-labels` is set.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::limiter::{Call, Code, Decision};
+use crate::limits::Limit;
+
+pub const NAMESPACE: &str = "limitador_namespace";
+pub const LIMIT_NAME: &str = "limit_name";
+
+/// Latency buckets for the RPCs and the storage, in seconds: 50 µs to 1 s.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+const DESCRIPTIONS: [(&str, &str); 17] = [
+    ("limitador_up", "Limitador is running"),
+    (
+        "datastore_partitioned",
+        "1 while the counter storage cannot be reached",
+    ),
+    (
+        "datastore_latency",
+        "Latency of one storage decision, in seconds",
+    ),
+    (
+        "authorized_calls",
+        "Calls admitted (ShouldRateLimit, CheckRateLimit, HTTP check)",
+    ),
+    ("authorized_hits", "Hits admitted or reported"),
+    ("limited_calls", "Calls refused because a limit was reached"),
+    (
+        "ratekeeper_rpc_duration_seconds",
+        "Time to answer one call, by RPC",
+    ),
+    (
+        "ratekeeper_rpc_calls",
+        "Calls by RPC and outcome (ok, over_limit, unknown, invalid, error)",
+    ),
+    (
+        "ratekeeper_tokens_charged",
+        "Hits (tokens) added to counters, by limit",
+    ),
+    (
+        "ratekeeper_tokens_overshoot",
+        "Hits (tokens) charged beyond a limit, by limit",
+    ),
+    ("ratekeeper_active_counters", "Counters held by the storage"),
+    ("ratekeeper_storage_errors", "Storage failures, by kind"),
+    (
+        "ratekeeper_limits_reloads",
+        "Limits file reloads, by result (ok, failed)",
+    ),
+    (
+        "ratekeeper_limits_config_version",
+        "Version of the limits in force (0 at start, +1 per reload)",
+    ),
+    ("ratekeeper_limits_loaded", "Limits in force"),
+    (
+        "ratekeeper_limits_config_error",
+        "1 while the limits file on disk could not be applied",
+    ),
+    (
+        "ratekeeper_cel_errors",
+        "Limit expressions that failed on a request (the limit was skipped)",
+    ),
+];
+
+static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once) and returns its handle.
+pub fn install() -> Result<PrometheusHandle, String> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&LATENCY_BUCKETS)
+                .map_err(|e| e.to_string())?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
+            for (name, help) in DESCRIPTIONS {
+                metrics::describe_counter!(name, help);
+            }
+            gauge!("limitador_up").set(1.0);
+            gauge!("datastore_partitioned").set(0.0);
+            Ok(handle)
+        })
+        .clone()
+}
+
+/// What the engine and adapters record; knows whether `limit_name` is a label.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Metrics {
+    pub limit_name_in_labels: bool,
+}
+
+impl Metrics {
+    fn limit_labels(&self, limit: &Limit) -> Vec<(&'static str, String)> {
+        let mut labels = vec![(NAMESPACE, limit.namespace.clone())];
+        if self.limit_name_in_labels {
+            labels.push((LIMIT_NAME, limit.name.clone().unwrap_or_default()));
+        }
+        labels
+    }
+
+    /// Records a decision the way Limitador does (calls and hits per namespace, refusals per
+    /// limit) and the tokens charged and overshot per limit.
+    pub fn decision(&self, namespace: &str, call: Call, cost: u64, decision: &Decision) {
+        for status in &decision.limits {
+            let outcome = &status.outcome;
+            if outcome.charged > 0 {
+                counter!(
+                    "ratekeeper_tokens_charged",
+                    &self.limit_labels(&status.limit)
+                )
+                .increment(outcome.charged);
+            }
+            if outcome.overshoot > 0 {
+                counter!(
+                    "ratekeeper_tokens_overshoot",
+                    &self.limit_labels(&status.limit)
+                )
+                .increment(outcome.overshoot);
+            }
+        }
+        let namespace_label = [(NAMESPACE, namespace.to_string())];
+        match (call, decision.code) {
+            (_, Code::Unknown) => {}
+            (Call::Report, _) => {
+                counter!("authorized_hits", &namespace_label).increment(cost);
+            }
+            (_, Code::Ok) => {
+                counter!("authorized_calls", &namespace_label).increment(1);
+                if call == Call::ShouldRateLimit {
+                    counter!("authorized_hits", &namespace_label).increment(cost);
+                }
+            }
+            (_, Code::OverLimit) => {
+                let labels = match decision.limits.iter().find(|l| l.outcome.over) {
+                    Some(limiting) => self.limit_labels(&limiting.limit),
+                    None => namespace_label.to_vec(),
+                };
+                counter!("limited_calls", &labels).increment(1);
+            }
+        }
+    }
+
+    pub fn cel_error(&self, limit: &Limit) {
+        counter!("ratekeeper_cel_errors", &self.limit_labels(limit)).increment(1);
+    }
+}
+
+pub fn rpc(rpc: &'static str, outcome: &'static str, elapsed: Duration) {
+    histogram!("ratekeeper_rpc_duration_seconds", "rpc" => rpc).record(elapsed.as_secs_f64());
+    counter!("ratekeeper_rpc_calls", "rpc" => rpc, "outcome" => outcome).increment(1);
+}
+
+pub fn datastore_latency(elapsed: Duration) {
+    histogram!("datastore_latency").record(elapsed.as_secs_f64());
+}
+
+pub fn storage_error(kind: &'static str) {
+    counter!("ratekeeper_storage_errors", "kind" => kind).increment(1);
+}
+
+pub fn storage_reachable(reachable: bool) {
+    gauge!("datastore_partitioned").set(if reachable { 0.0 } else { 1.0 });
+}
+
+pub fn active_counters(count: usize) {
+    gauge!("ratekeeper_active_counters").set(count as f64);
+}
+
+pub fn limits_applied(version: u64, loaded: usize) {
+    gauge!("ratekeeper_limits_config_version").set(version as f64);
+    gauge!("ratekeeper_limits_loaded").set(loaded as f64);
+    gauge!("ratekeeper_limits_config_error").set(0.0);
+}
+
+pub fn limits_reload(ok: bool) {
+    let result = if ok { "ok" } else { "failed" };
+    counter!("ratekeeper_limits_reloads", "result" => result).increment(1);
+    if !ok {
+        gauge!("ratekeeper_limits_config_error").set(1.0);
+    }
+}

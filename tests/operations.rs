@@ -1,0 +1,393 @@
+//! Operations: Prometheus metrics (parsed with a real exposition-format parser), gRPC health
+//! and reflection, HTTP liveness/readiness, and hot reload of the limits file under traffic.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::*;
+use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+
+const LIMITS: &str = r#"
+- name: per-user
+  namespace: NS
+  max_value: 10
+  seconds: 60
+  variables: ["descriptors[0].user"]
+"#;
+
+fn limits_for(namespace: &str) -> String {
+    LIMITS.replace("NS", namespace)
+}
+
+async fn scrape(server: &TestServer) -> Vec<prometheus_parse::Sample> {
+    let text = reqwest::get(format!("{}/metrics", server.http_base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    prometheus_parse::Scrape::parse(lines)
+        .expect("the exposition format parses")
+        .samples
+}
+
+/// The value of `metric` whose labels include all of `labels`; 0 when absent.
+fn value(samples: &[prometheus_parse::Sample], metric: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.metric == metric)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Histogram(buckets) => {
+                buckets.last().map(|b| b.count).unwrap_or(0.0)
+            }
+            prometheus_parse::Value::Summary(_) => 0.0,
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_count_known_traffic_with_limitador_names() {
+    let options = Options {
+        limit_name_in_labels: true,
+        ..Options::default()
+    };
+    let server = TestServer::start_with(&limits_for("metrics-a"), options).await;
+    let alice = || request("metrics-a", vec![descriptor(&[("user", "alice")])], 4);
+    // 4 + 4 admitted, then refused; then a report of 7 tokens goes 5 past the limit.
+    assert_eq!(code(&server.should(alice()).await), Code::Ok);
+    assert_eq!(code(&server.should(alice()).await), Code::Ok);
+    assert_eq!(code(&server.should(alice()).await), Code::OverLimit);
+    server
+        .report(request(
+            "metrics-a",
+            vec![descriptor(&[("user", "alice")])],
+            7,
+        ))
+        .await;
+
+    let samples = scrape(&server).await;
+    let ns = ("limitador_namespace", "metrics-a");
+    let limit = ("limit_name", "per-user");
+    assert_eq!(value(&samples, "authorized_calls", &[ns]), 2.0);
+    assert_eq!(
+        value(&samples, "authorized_hits", &[ns]),
+        15.0,
+        "8 admitted + 7 reported"
+    );
+    assert_eq!(value(&samples, "limited_calls", &[ns, limit]), 1.0);
+    assert_eq!(
+        value(&samples, "ratekeeper_tokens_charged", &[ns, limit]),
+        15.0
+    );
+    assert_eq!(
+        value(&samples, "ratekeeper_tokens_overshoot", &[ns, limit]),
+        5.0
+    );
+    assert_eq!(value(&samples, "limitador_up", &[]), 1.0);
+    assert_eq!(value(&samples, "datastore_partitioned", &[]), 0.0);
+    // Latency histograms have real buckets and counted these calls.
+    let should = samples
+        .iter()
+        .find(|s| {
+            s.metric == "ratekeeper_rpc_duration_seconds"
+                && s.labels.get("rpc") == Some("ShouldRateLimit")
+        })
+        .expect("a ShouldRateLimit latency histogram");
+    match &should.value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            assert!(buckets.len() >= 10, "{} buckets", buckets.len());
+            assert!(buckets.last().unwrap().count >= 3.0);
+        }
+        other => panic!("not a histogram: {other:?}"),
+    }
+    assert!(value(&samples, "datastore_latency", &[]) >= 4.0);
+    assert!(
+        value(
+            &samples,
+            "ratekeeper_rpc_calls",
+            &[("rpc", "ShouldRateLimit"), ("outcome", "over_limit")]
+        ) >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn limit_name_is_only_a_label_when_asked() {
+    let server = TestServer::start(&limits_for("metrics-b")).await;
+    let r = request("metrics-b", vec![descriptor(&[("user", "bob")])], 11);
+    assert_eq!(code(&server.should(r).await), Code::OverLimit);
+    let samples = scrape(&server).await;
+    let limited: Vec<_> = samples
+        .iter()
+        .filter(|s| {
+            s.metric == "limited_calls" && s.labels.get("limitador_namespace") == Some("metrics-b")
+        })
+        .collect();
+    assert_eq!(limited.len(), 1);
+    assert_eq!(limited[0].labels.get("limit_name"), None);
+}
+
+#[tokio::test]
+async fn grpc_health_and_http_probes_report_serving() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let server = TestServer::start(&limits_for("health")).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.rls_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in ["", "envoy.service.ratelimit.v3.RateLimitService"] {
+        let mut status = ServingStatus::Unknown;
+        for _ in 0..50 {
+            let response = health
+                .check(HealthCheckRequest {
+                    service: service.to_string(),
+                })
+                .await;
+            if let Ok(response) = response {
+                status = response.into_inner().status();
+                if status == ServingStatus::Serving {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(status, ServingStatus::Serving, "service {service:?}");
+    }
+    for path in ["/healthz", "/readyz"] {
+        let response = reqwest::get(format!("{}{path}", server.http_base))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn reflection_lists_the_services_when_enabled() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let options = Options {
+        grpc_reflection: true,
+        ..Options::default()
+    };
+    let server = TestServer::start_with(&limits_for("reflection"), options).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.rls_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("not a service list");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for expected in [
+        "envoy.service.ratelimit.v3.RateLimitService",
+        "kuadrant.service.ratelimit.v1.RateLimitService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&expected), "{names:?}");
+    }
+}
+
+/// Polls /status until `config_version` reaches `version` (bounded).
+async fn wait_for_version(server: &TestServer, version: u64) -> serde_json::Value {
+    let mut status = serde_json::Value::Null;
+    for _ in 0..100 {
+        status = reqwest::get(format!("{}/status", server.http_base))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if status["config_version"] == version {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("config_version never reached {version}: {status}");
+}
+
+async fn wait_for_errors(server: &TestServer, errors: u64) -> serde_json::Value {
+    let mut status = serde_json::Value::Null;
+    for _ in 0..100 {
+        status = reqwest::get(format!("{}/status", server.http_base))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if status["config_err_since"] == errors {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("config_err_since never reached {errors}: {status}");
+}
+
+fn limit_yaml(max: u64) -> String {
+    format!(
+        "- {{name: per-user, namespace: reload, max_value: {max}, seconds: 60, variables: ['descriptors[0].user']}}\n"
+    )
+}
+
+async fn remaining_for(server: &TestServer, user: &str) -> u32 {
+    let r = server
+        .check(request("reload", vec![descriptor(&[("user", user)])], 0))
+        .await;
+    r.statuses[0]
+        .current_limit
+        .as_ref()
+        .map(|_| r.statuses[0].limit_remaining)
+        .unwrap_or(u32::MAX)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_edit_is_reloaded_while_traffic_flows() {
+    let server = Arc::new(TestServer::start(&limit_yaml(100)).await);
+    let path = server.limits_path().to_path_buf();
+    let dir = path.parent().unwrap().to_path_buf();
+
+    // Traffic on another user while the file changes: no call may fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let traffic = {
+        let (server, stop, failures) = (server.clone(), stop.clone(), failures.clone());
+        tokio::spawn(async move {
+            let mut client = server.envoy.clone();
+            for _ in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let r = client
+                    .should_rate_limit(request("reload", vec![descriptor(&[("user", "bg")])], 0))
+                    .await;
+                if r.is_err() {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+
+    // alice has used 30.
+    server
+        .report(request(
+            "reload",
+            vec![descriptor(&[("user", "alice")])],
+            30,
+        ))
+        .await;
+    assert_eq!(remaining_for(&server, "alice").await, 70);
+
+    // 1. In-place write.
+    std::fs::write(&path, limit_yaml(200)).unwrap();
+    wait_for_version(&server, 1).await;
+    assert_eq!(
+        remaining_for(&server, "alice").await,
+        170,
+        "the counter was kept"
+    );
+
+    // 2. sed -i (writes a temp file and renames it over the original).
+    let sed = std::process::Command::new("sed")
+        .args(["-i", "s/max_value: 200/max_value: 300/"])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(sed.success());
+    wait_for_version(&server, 2).await;
+    assert_eq!(remaining_for(&server, "alice").await, 270);
+
+    // 3. mv of a temp file into place.
+    let temp = dir.join("limits.yaml.tmp");
+    std::fs::write(&temp, limit_yaml(400)).unwrap();
+    std::fs::rename(&temp, &path).unwrap();
+    wait_for_version(&server, 3).await;
+    assert_eq!(remaining_for(&server, "alice").await, 370);
+
+    // 4. A broken file never replaces good limits; the error shows in /status.
+    std::fs::write(&path, "- {namespace: reload, seconds: 60}\n").unwrap();
+    let status = wait_for_errors(&server, 1).await;
+    assert_eq!(status["config_version"], 3);
+    assert_eq!(remaining_for(&server, "alice").await, 370);
+
+    // 5. Neither does an empty file (a truncate before a write, or an accident).
+    std::fs::write(&path, "").unwrap();
+    wait_for_errors(&server, 2).await;
+    assert_eq!(remaining_for(&server, "alice").await, 370);
+
+    // 6. A good file again: applied, and the error count resets.
+    std::fs::write(&path, limit_yaml(500)).unwrap();
+    let status = wait_for_version(&server, 4).await;
+    assert_eq!(status["config_err_since"], 0);
+    assert_eq!(remaining_for(&server, "alice").await, 470);
+
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.unwrap();
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "no call failed during reloads"
+    );
+
+    let samples = scrape(&server).await;
+    assert!(
+        value(
+            &samples,
+            "ratekeeper_limits_reloads",
+            &[("result", "failed")]
+        ) >= 2.0
+    );
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_configmap_symlink_swap_is_reloaded() {
+    use std::os::unix::fs::symlink;
+    // Lay the file out the way the kubelet does: limits.yaml -> ..data/limits.yaml,
+    // ..data -> ..2026_01_01_v1; an update swaps ..data atomically.
+    let server = TestServer::start(&limit_yaml(100)).await;
+    let path = server.limits_path().to_path_buf();
+    let dir = path.parent().unwrap().to_path_buf();
+    let v1 = dir.join("..v1");
+    std::fs::create_dir(&v1).unwrap();
+    std::fs::write(v1.join("limits.yaml"), limit_yaml(100)).unwrap();
+    symlink("..v1", dir.join("..data")).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    symlink("..data/limits.yaml", &path).unwrap();
+    // Same content so far: nothing to apply.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(server.status.config_version(), 0);
+
+    let v2 = dir.join("..v2");
+    std::fs::create_dir(&v2).unwrap();
+    std::fs::write(v2.join("limits.yaml"), limit_yaml(250)).unwrap();
+    symlink("..v2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    std::fs::remove_dir_all(&v1).unwrap();
+    wait_for_version(&server, 1).await;
+    assert_eq!(remaining_for(&server, "carol").await, 250);
+}
