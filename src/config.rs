@@ -71,11 +71,29 @@ pub struct Cli {
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value_t = 10)]
     pub shutdown_timeout: u64,
 
+    /// Longest wait for the storage, in milliseconds; past it the call fails as
+    /// `--on-storage-error` says. Keep it below the gateway's own timeout (Envoy: 20 ms by default).
+    #[arg(long, env = "STORAGE_TIMEOUT_MS", default_value_t = 100)]
+    pub storage_timeout: u64,
+
+    /// What a call gets when the storage fails or times out: `error` (gRPC UNAVAILABLE, so
+    /// Envoy's failure_mode_deny decides; HTTP 500), `allow` (OK) or `deny` (OVER_LIMIT).
+    #[arg(long, env = "ON_STORAGE_ERROR", value_enum, default_value = "error")]
+    pub on_storage_error: OnStorageError,
+
     #[command(flatten)]
     pub bounds: RequestBounds,
 
     #[command(subcommand)]
     pub storage: Option<StorageCommand>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum OnStorageError {
+    #[default]
+    Error,
+    Allow,
+    Deny,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -121,6 +139,42 @@ impl Default for RequestBounds {
 pub enum StorageCommand {
     /// Counters in this process's memory (the default).
     Memory(MemoryOptions),
+    /// Counters in Redis or Redis Cluster, shared by every replica.
+    Redis(RedisOptions),
+    /// Limitador's cached Redis mode, accepted for compatibility: ratekeeper's `redis` already
+    /// decides in one round trip, so this is `redis` and the cache options are ignored.
+    #[command(name = "redis_cached")]
+    RedisCached(RedisCachedOptions),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RedisOptions {
+    /// `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS), or
+    /// `redis+cluster://[user:password@]host1:port1,host2:port2` (`rediss+cluster://` for TLS).
+    #[arg(env = "REDIS_URL", value_name = "URL")]
+    pub url: String,
+
+    /// Prefix of every key ratekeeper writes (lets several deployments share one Redis).
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "ratekeeper")]
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RedisCachedOptions {
+    #[command(flatten)]
+    pub redis: RedisOptions,
+    /// Ignored (Limitador compatibility).
+    #[arg(long)]
+    pub batch_size: Option<u64>,
+    /// Ignored (Limitador compatibility).
+    #[arg(long)]
+    pub flush_period: Option<u64>,
+    /// Ignored (Limitador compatibility).
+    #[arg(long)]
+    pub max_cached: Option<u64>,
+    /// Ignored (Limitador compatibility).
+    #[arg(long)]
+    pub response_timeout: Option<u64>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -143,10 +197,20 @@ impl Default for MemoryOptions {
 }
 
 impl Cli {
+    /// The storage to use: the subcommand, else Redis when REDIS_URL is set (as Limitador
+    /// does), else memory.
     pub fn storage(&self) -> StorageCommand {
-        self.storage
-            .clone()
-            .unwrap_or(StorageCommand::Memory(MemoryOptions::default()))
+        if let Some(storage) = &self.storage {
+            return storage.clone();
+        }
+        match std::env::var("REDIS_URL") {
+            Ok(url) if !url.is_empty() => StorageCommand::Redis(RedisOptions {
+                url,
+                key_prefix: std::env::var("REDIS_KEY_PREFIX")
+                    .unwrap_or_else(|_| "ratekeeper".to_string()),
+            }),
+            _ => StorageCommand::Memory(MemoryOptions::default()),
+        }
     }
 
     /// The tracing filter: RUST_LOG if set, else from `-v`.

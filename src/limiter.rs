@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 
 use crate::algorithm::{CounterOutcome, FixedWindow, Group, Policy};
 use crate::clock::Clock;
-use crate::config::RequestBounds;
+use crate::config::{OnStorageError, RequestBounds};
 use crate::limits::{Limit, LimitSet, expression};
 use crate::metrics::{self, Metrics};
 use crate::storage::{Batch, CounterKey, CounterRequest, CounterSnapshot, Storage, StorageError};
@@ -136,6 +136,7 @@ pub struct Limiter {
     storage: Arc<dyn Storage>,
     clock: Arc<dyn Clock>,
     metrics: Metrics,
+    on_storage_error: OnStorageError,
     evaluation_errors: AtomicU64,
 }
 
@@ -154,12 +155,19 @@ impl Limiter {
             storage,
             clock,
             metrics: Metrics::default(),
+            on_storage_error: OnStorageError::Error,
             evaluation_errors: AtomicU64::new(0),
         }
     }
 
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// What a call gets when the storage fails: an error, or a fixed answer.
+    pub fn on_storage_error(mut self, mode: OnStorageError) -> Self {
+        self.on_storage_error = mode;
         self
     }
 
@@ -196,7 +204,10 @@ impl Limiter {
         let candidates = limits.namespace(&request.namespace);
         let contexts = contexts(request, call);
 
-        let mut batch = Batch::default();
+        let mut batch = Batch {
+            namespace: request.namespace.clone(),
+            ..Batch::default()
+        };
         let mut counter_index: HashMap<CounterKey, usize> = HashMap::new();
         let mut group_limits: Vec<Vec<Arc<Limit>>> = Vec::with_capacity(contexts.len());
         for context in &contexts {
@@ -252,7 +263,10 @@ impl Limiter {
             let started = Instant::now();
             let result = self.storage.apply(&batch, self.clock.now_ms()).await;
             metrics::datastore_latency(started.elapsed());
-            result.inspect_err(|e| metrics::storage_error(e.kind()))?
+            match result {
+                Ok(outcomes) => outcomes,
+                Err(error) => return self.storage_failed(request, error),
+            }
         };
 
         let mut statuses = vec![DescriptorStatus::default(); request.descriptors.len()];
@@ -292,6 +306,26 @@ impl Limiter {
         Ok(decision)
     }
 
+    /// Applies `--on-storage-error`: the error itself, or a fixed answer without limits.
+    fn storage_failed(
+        &self,
+        request: &Request,
+        error: StorageError,
+    ) -> Result<Decision, StorageError> {
+        metrics::storage_error(error.kind());
+        let over = match self.on_storage_error {
+            OnStorageError::Error => return Err(error),
+            OnStorageError::Allow => false,
+            OnStorageError::Deny => true,
+        };
+        tracing::warn!(%error, mode = ?self.on_storage_error, "storage failed; answering without it");
+        Ok(Decision {
+            code: if over { Code::OverLimit } else { Code::Ok },
+            statuses: vec![DescriptorStatus { over, limit: None }; request.descriptors.len()],
+            limits: Vec::new(),
+        })
+    }
+
     /// The live counters of a namespace, with their limits.
     pub async fn counters(
         &self,
@@ -302,7 +336,10 @@ impl Limiter {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let snapshots = self.storage.counters(&keys, self.clock.now_ms()).await?;
+        let snapshots = self
+            .storage
+            .counters(namespace, &keys, self.clock.now_ms())
+            .await?;
         Ok(snapshots
             .into_iter()
             .filter_map(|s| limits.by_key(s.key.limit).map(|l| (l.clone(), s)))

@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use ratekeeper::clock::SystemClock;
-use ratekeeper::config::{Cli, StorageCommand};
+use ratekeeper::config::{Cli, RedisCachedOptions, StorageCommand};
 use ratekeeper::limiter::Limiter;
 use ratekeeper::limits::load_file;
 use ratekeeper::metrics::{self, Metrics};
 use ratekeeper::server::{self, Settings};
 use ratekeeper::status::ServerStatus;
-use ratekeeper::storage::{MemoryStorage, Storage};
+use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -58,8 +58,20 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<()> {
+    let timeout = Duration::from_millis(cli.storage_timeout);
     let storage: Arc<dyn Storage> = match cli.storage() {
         StorageCommand::Memory(options) => Arc::new(MemoryStorage::new(options.cache)),
+        StorageCommand::Redis(options)
+        | StorageCommand::RedisCached(RedisCachedOptions { redis: options, .. }) => {
+            let storage = RedisStorage::open(&options.url, &options.key_prefix, timeout)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            tracing::info!(
+                url = storage.display_url(),
+                prefix = options.key_prefix,
+                "counters in Redis"
+            );
+            Arc::new(storage)
+        }
     };
     tracing::info!(limits = limits.len(), file = %cli.limits_file.display(), "limits loaded");
     metrics::install().map_err(|e| anyhow::anyhow!("cannot set up metrics: {e}"))?;
@@ -67,8 +79,11 @@ async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<(
     let metrics = Metrics {
         limit_name_in_labels: cli.limit_name_in_labels,
     };
-    let limiter =
-        Arc::new(Limiter::new(limits, storage, Arc::new(SystemClock)).with_metrics(metrics));
+    let limiter = Arc::new(
+        Limiter::new(limits, storage, Arc::new(SystemClock))
+            .with_metrics(metrics)
+            .on_storage_error(cli.on_storage_error),
+    );
     let settings = Settings {
         rls_addr: SocketAddr::new(cli.rls_ip, cli.rls_port),
         http_addr: SocketAddr::new(cli.http_ip, cli.http_port),

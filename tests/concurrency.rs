@@ -11,13 +11,12 @@ use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_service_client:
 
 const LIMIT: u64 = 500;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_calls_admit_exactly_the_limit() {
+async fn concurrent_calls_admit_exactly_the_limit(backend: Backend) {
     let yaml = format!(
         "- {{name: shared, namespace: ns, max_value: {LIMIT}, seconds: 3600, variables: ['descriptors[0].k']}}\n\
          - {{name: global, namespace: ns, max_value: 100000, seconds: 3600}}"
     );
-    let server = TestServer::start(&yaml).await;
+    let server = TestServer::on(backend, &yaml).await;
     let admitted = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     // 8 connections x 8 tasks each, 1600 calls of cost 1 for a limit of 500.
@@ -55,11 +54,10 @@ async fn concurrent_calls_admit_exactly_the_limit() {
     assert_eq!(used, vec![LIMIT, LIMIT]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_charges_are_never_lost() {
+async fn concurrent_charges_are_never_lost(backend: Backend) {
     let yaml =
         "- {name: t, namespace: ns, max_value: 10, seconds: 3600, variables: ['descriptors[0].k']}";
-    let server = TestServer::start(yaml).await;
+    let server = TestServer::on(backend, yaml).await;
     let mut tasks = Vec::new();
     for t in 0..16u64 {
         let mut client = server.kuadrant.clone();
@@ -83,3 +81,8 @@ async fn concurrent_charges_are_never_lost() {
     let counters = server.limiter.counters("ns").await.unwrap();
     assert_eq!(counters[0].1.state.used, expected);
 }
+
+on_every_storage!(
+    concurrent_calls_admit_exactly_the_limit,
+    concurrent_charges_are_never_lost,
+);

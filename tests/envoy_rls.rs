@@ -38,9 +38,8 @@ fn entries<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a st
     pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
-#[tokio::test]
-async fn limitador_path_counts_request_hits_and_zero_means_one() {
-    let server = TestServer::start(TWO_LIMITS).await;
+async fn limitador_path_counts_request_hits_and_zero_means_one(backend: Backend) {
+    let server = TestServer::on(backend, TWO_LIMITS).await;
     let alice = descriptor(&[("user", "alice")]);
     // hits_addend 0 counts as 1.
     let r = server.should(request("api", vec![alice.clone()], 0)).await;
@@ -64,9 +63,8 @@ async fn limitador_path_counts_request_hits_and_zero_means_one() {
     assert_eq!(status.duration_until_reset.unwrap().seconds, 60);
 }
 
-#[tokio::test]
-async fn limitador_path_is_all_or_nothing() {
-    let server = TestServer::start(TWO_LIMITS).await;
+async fn limitador_path_is_all_or_nothing(backend: Backend) {
+    let server = TestServer::on(backend, TWO_LIMITS).await;
     // bob takes 5 of the global 8.
     let r = server
         .should(request("api", vec![descriptor(&[("user", "bob")])], 5))
@@ -85,9 +83,8 @@ async fn limitador_path_is_all_or_nothing() {
     assert_eq!(r.statuses[0].limit_remaining, 0);
 }
 
-#[tokio::test]
-async fn every_descriptor_gets_a_status_even_without_a_limit() {
-    let server = TestServer::start(TWO_LIMITS).await;
+async fn every_descriptor_gets_a_status_even_without_a_limit(backend: Backend) {
+    let server = TestServer::on(backend, TWO_LIMITS).await;
     let r = server
         .should(request(
             "other",
@@ -103,9 +100,8 @@ async fn every_descriptor_gets_a_status_even_without_a_limit() {
     }
 }
 
-#[tokio::test]
-async fn empty_domain_answers_unknown() {
-    let server = TestServer::start(TWO_LIMITS).await;
+async fn empty_domain_answers_unknown(backend: Backend) {
+    let server = TestServer::on(backend, TWO_LIMITS).await;
     let r = server
         .should(request("", vec![descriptor(&[("user", "a")])], 1))
         .await;
@@ -116,9 +112,8 @@ async fn empty_domain_answers_unknown() {
     assert_eq!(code(&r), Code::Unknown);
 }
 
-#[tokio::test]
-async fn envoy_check_then_charge_sequence() {
-    let server = TestServer::start(TOKENS).await;
+async fn envoy_check_then_charge_sequence(backend: Backend) {
+    let server = TestServer::on(backend, TOKENS).await;
     let alice = user("alice");
     let check = || {
         request(
@@ -172,9 +167,8 @@ async fn envoy_check_then_charge_sequence() {
     assert_eq!(code(&server.should(check()).await), Code::Ok);
 }
 
-#[tokio::test]
-async fn exactly_at_the_limit_a_check_is_refused_and_a_charge_is_not_over() {
-    let server = TestServer::start(TOKENS).await;
+async fn exactly_at_the_limit_a_check_is_refused_and_a_charge_is_not_over(backend: Backend) {
+    let server = TestServer::on(backend, TOKENS).await;
     let alice = user("alice");
     let r = server
         .should(request(
@@ -198,9 +192,8 @@ async fn exactly_at_the_limit_a_check_is_refused_and_a_charge_is_not_over() {
     );
 }
 
-#[tokio::test]
-async fn per_descriptor_path_judges_each_descriptor_on_its_own() {
-    let server = TestServer::start(TOKENS).await;
+async fn per_descriptor_path_judges_each_descriptor_on_its_own(backend: Backend) {
+    let server = TestServer::on(backend, TOKENS).await;
     let (alice, bob) = (user("alice"), user("bob"));
     // alice spends her budget first.
     server
@@ -231,9 +224,9 @@ async fn per_descriptor_path_judges_each_descriptor_on_its_own() {
     );
 }
 
-#[tokio::test]
-async fn draft03_headers_and_retry_after() {
+async fn draft03_headers_and_retry_after(backend: Backend) {
     let options = Options {
+        backend,
         headers: RateLimitHeaders::DraftVersion03,
         ..Options::default()
     };
@@ -268,17 +261,15 @@ async fn draft03_headers_and_retry_after() {
     assert_eq!(header(&r, "Retry-After"), None);
 }
 
-#[tokio::test]
-async fn no_headers_unless_asked() {
-    let server = TestServer::start(TWO_LIMITS).await;
+async fn no_headers_unless_asked(backend: Backend) {
+    let server = TestServer::on(backend, TWO_LIMITS).await;
     let r = server
         .should(request("api", vec![descriptor(&[("user", "a")])], 1))
         .await;
     assert!(r.response_headers_to_add.is_empty());
 }
 
-#[tokio::test]
-async fn a_failing_expression_skips_its_limit_without_harm() {
+async fn a_failing_expression_skips_its_limit_without_harm(backend: Backend) {
     let yaml = r#"
 - name: broken
   namespace: ns
@@ -290,7 +281,7 @@ async fn a_failing_expression_skips_its_limit_without_harm() {
   max_value: 2
   seconds: 60
 "#;
-    let server = TestServer::start(yaml).await;
+    let server = TestServer::on(backend, yaml).await;
     // "n" is a string: comparing it with an int fails at run time.
     let d = descriptor(&[("n", "7")]);
     for expected in [Code::Ok, Code::Ok, Code::OverLimit] {
@@ -300,3 +291,16 @@ async fn a_failing_expression_skips_its_limit_without_harm() {
     }
     assert_eq!(server.limiter.evaluation_errors(), 3);
 }
+
+on_every_storage!(
+    limitador_path_counts_request_hits_and_zero_means_one,
+    limitador_path_is_all_or_nothing,
+    every_descriptor_gets_a_status_even_without_a_limit,
+    empty_domain_answers_unknown,
+    envoy_check_then_charge_sequence,
+    exactly_at_the_limit_a_check_is_refused_and_a_charge_is_not_over,
+    per_descriptor_path_judges_each_descriptor_on_its_own,
+    draft03_headers_and_retry_after,
+    no_headers_unless_asked,
+    a_failing_expression_skips_its_limit_without_harm,
+);

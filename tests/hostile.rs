@@ -110,14 +110,18 @@ async fn oversized_messages_are_resource_exhausted() {
 async fn huge_costs_never_overflow() {
     let server = TestServer::start(LIMITS).await;
     let d = |hits| descriptor_with_hits(&[("user", "a")], hits);
-    // A charge of u64::MAX is counted (saturating) and reported over the limit.
+    // A charge of u64::MAX is counted (saturating at MAX_COUNT) and reported over the limit.
     let r = server.should(request("ns", vec![d(u64::MAX)], 0)).await;
     assert_eq!(code(&r), Code::OverLimit);
     let r = server.should(request("ns", vec![d(u64::MAX)], 0)).await;
     assert_eq!(code(&r), Code::OverLimit);
     assert_eq!(r.statuses[0].limit_remaining, 0);
     let used = server.limiter.counters("ns").await.unwrap()[0].1.state.used;
-    assert_eq!(used, u64::MAX, "saturated, not wrapped around");
+    assert_eq!(
+        used,
+        ratekeeper::algorithm::MAX_COUNT,
+        "saturated, not wrapped around"
+    );
     // Request-level u32::MAX on a fresh user is refused, not wrapped.
     let r = server
         .should(request("ns", vec![descriptor(&[("user", "b")])], u32::MAX))

@@ -33,9 +33,8 @@ fn shim(
     )
 }
 
-#[tokio::test]
-async fn free_user_is_limited_after_50_tokens_and_gold_keeps_going() {
-    let server = TestServer::start(&shipped_tiers()).await;
+async fn free_user_is_limited_after_50_tokens_and_gold_keeps_going(backend: Backend) {
+    let server = TestServer::on(backend, &shipped_tiers()).await;
 
     // Free user: three calls of 20 tokens. Each check passes (0, 20, 40 used); the third
     // report takes usage to 60 > 50, so the next check is refused.
@@ -72,9 +71,8 @@ async fn free_user_is_limited_after_50_tokens_and_gold_keeps_going() {
     assert_eq!(code(&server.check(shim(FREE, "user-1", 0)).await), Code::Ok);
 }
 
-#[tokio::test]
-async fn check_is_read_only_and_costs_its_hits() {
-    let server = TestServer::start(&shipped_tiers()).await;
+async fn check_is_read_only_and_costs_its_hits(backend: Backend) {
+    let server = TestServer::on(backend, &shipped_tiers()).await;
     for _ in 0..10 {
         let r = server.check(shim(FREE, "u", 0)).await;
         assert_eq!(code(&r), Code::Ok);
@@ -89,17 +87,15 @@ async fn check_is_read_only_and_costs_its_hits() {
     );
 }
 
-#[tokio::test]
-async fn report_with_zero_hits_counts_one() {
-    let server = TestServer::start(&shipped_tiers()).await;
+async fn report_with_zero_hits_counts_one(backend: Backend) {
+    let server = TestServer::on(backend, &shipped_tiers()).await;
     let r = server.report(shim(FREE, "u", 0)).await;
     assert_eq!(code(&r), Code::Ok);
     assert_eq!(r.statuses[0].limit_remaining, 49);
 }
 
-#[tokio::test]
-async fn a_request_without_the_identifier_matches_no_tier() {
-    let server = TestServer::start(&shipped_tiers()).await;
+async fn a_request_without_the_identifier_matches_no_tier(backend: Backend) {
+    let server = TestServer::on(backend, &shipped_tiers()).await;
     let r = server
         .report(request(
             DOMAIN,
@@ -111,3 +107,10 @@ async fn a_request_without_the_identifier_matches_no_tier() {
     assert!(r.statuses[0].current_limit.is_none());
     assert!(server.limiter.counters(DOMAIN).await.unwrap().is_empty());
 }
+
+on_every_storage!(
+    free_user_is_limited_after_50_tokens_and_gold_keeps_going,
+    check_is_read_only_and_costs_its_hits,
+    report_with_zero_hits_counts_one,
+    a_request_without_the_identifier_matches_no_tier,
+);

@@ -1,7 +1,7 @@
 //! Fixed windows, Limitador's algorithm: a window opens at the first charge and lasts the
 //! limit's period; at its end the counter starts again from zero.
 
-use super::admits;
+use super::{MAX_COUNT, admits};
 
 /// A stored window: what has been used, and when the window ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +40,7 @@ impl FixedWindow {
 
     pub fn charge(&self, window: WindowState, cost: u64) -> WindowState {
         WindowState {
-            used: window.used.saturating_add(cost),
+            used: window.used.saturating_add(cost).min(MAX_COUNT),
             ..window
         }
     }

@@ -6,6 +6,10 @@ pub mod fixed_window;
 
 pub use fixed_window::{FixedWindow, WindowState};
 
+/// The largest count a counter holds: 2^53 - 1, the largest integer every storage represents
+/// exactly (Redis scripts compute in doubles). Charges saturate here; `max_value` may not exceed it.
+pub const MAX_COUNT: u64 = (1 << 53) - 1;
+
 /// The admission rule, in one place: may `cost` more be admitted on a counter that has `used`
 /// (and, once reservations exist, `reserved`) out of `max`? A sum that overflows is beyond any
 /// limit, so no cost a client can send wraps around into an admission.
@@ -121,7 +125,7 @@ fn evaluate_group(
             } else {
                 view
             };
-            let charged = after.used - view.used;
+            let charged = after.used.saturating_sub(view.used);
             let beyond = |w: WindowState| w.used.saturating_sub(limit.max);
             let overshoot = beyond(after) - beyond(view);
             let over = match group.policy {

@@ -32,11 +32,25 @@ pub enum EvalError {
 }
 
 impl Expression {
-    /// Compiles `source`, refusing variables other than [`VARIABLES`].
+    /// Compiles `source`, refusing variables other than [`VARIABLES`] and expressions longer or
+    /// deeper than [`MAX_SOURCE_BYTES`] / [`MAX_DEPTH`] (the evaluator recurses per level: a
+    /// deep enough expression would overflow the stack and abort the process).
     pub fn compile(source: &str) -> Result<Self, String> {
+        if source.len() > MAX_SOURCE_BYTES {
+            return Err(format!(
+                "expression of {} bytes; at most {MAX_SOURCE_BYTES} are allowed",
+                source.len()
+            ));
+        }
         let program = ENV
             .compile(source)
             .map_err(|e| format!("invalid CEL: {}", e.to_string().trim()))?;
+        let depth = depth_of(&program);
+        if depth > MAX_DEPTH {
+            return Err(format!(
+                "expression nested {depth} levels deep; at most {MAX_DEPTH} are allowed"
+            ));
+        }
         let references = program.references();
         if let Some(unknown) = references
             .variables()
@@ -99,6 +113,58 @@ impl Expression {
             other => EvalError::Failed(format!("`{}`: {other}", self.source)),
         })
     }
+}
+
+/// The longest expression accepted, in bytes.
+pub const MAX_SOURCE_BYTES: usize = 4096;
+/// The deepest expression accepted (real limits are 3 to 6 levels deep).
+pub const MAX_DEPTH: usize = 32;
+
+/// Depth of a compiled expression, walked without recursion.
+fn depth_of(program: &Program) -> usize {
+    use cel::common::ast::{EntryExpr, Expr};
+    let mut deepest = 0;
+    let mut pending = vec![(program.expression(), 1usize)];
+    while let Some((node, depth)) = pending.pop() {
+        deepest = deepest.max(depth);
+        let below = depth + 1;
+        match &node.expr {
+            Expr::Call(call) => {
+                pending.extend(call.target.iter().map(|t| (t.as_ref(), below)));
+                pending.extend(call.args.iter().map(|a| (a, below)));
+            }
+            Expr::Comprehension(c) => pending.extend(
+                [
+                    &c.iter_range,
+                    &c.accu_init,
+                    &c.loop_cond,
+                    &c.loop_step,
+                    &c.result,
+                ]
+                .into_iter()
+                .map(|e| (e, below)),
+            ),
+            Expr::List(list) => pending.extend(list.elements.iter().map(|e| (e, below))),
+            Expr::Map(map) => {
+                for entry in &map.entries {
+                    if let EntryExpr::MapEntry(e) = &entry.expr {
+                        pending.push((&e.key, below));
+                        pending.push((&e.value, below));
+                    }
+                }
+            }
+            Expr::Struct(s) => {
+                for entry in &s.entries {
+                    if let EntryExpr::StructField(f) = &entry.expr {
+                        pending.push((&f.value, below));
+                    }
+                }
+            }
+            Expr::Select(select) => pending.push((select.operand.as_ref(), below)),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// The CEL value of a request's descriptors: a list of string→string maps.
@@ -180,6 +246,19 @@ mod tests {
         assert!(matches!(bad_compare.is_true(&c), Err(EvalError::Failed(_))));
         let list = Expression::compile("descriptors").unwrap();
         assert!(matches!(list.to_key_part(&c), Err(EvalError::Failed(_))));
+    }
+
+    #[test]
+    fn long_or_deep_expressions_are_refused_not_a_crash() {
+        let chain = vec!["descriptors[0].a"; 100].join(" + ");
+        let err = Expression::compile(&chain).err().unwrap();
+        assert!(err.contains("levels deep"), "{err}");
+        let long = format!("'{}' == descriptors[0].a", "x".repeat(5000));
+        let err = Expression::compile(&long).err().unwrap();
+        assert!(err.contains("5022 bytes"), "{err}");
+        // Balanced && chains stay shallow and are fine.
+        let ands = vec!["descriptors[0].a == 'x'"; 50].join(" && ");
+        assert!(Expression::compile(&ands).is_ok());
     }
 
     #[test]

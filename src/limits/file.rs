@@ -9,6 +9,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::{Expression, Limit, LimitSet};
+use crate::algorithm::MAX_COUNT;
 
 /// Every problem found in one limits file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +133,9 @@ fn build_limit(entry: serde_yaml::Value) -> Result<Limit, Vec<String>> {
     let mut problems = Vec::new();
     if raw.namespace.is_empty() {
         problems.push("field `namespace` must not be empty".to_string());
+    }
+    if raw.max_value > MAX_COUNT {
+        problems.push(format!("field `max_value` must be at most {MAX_COUNT}"));
     }
     if raw.seconds == 0 {
         problems.push("field `seconds` must be at least 1".to_string());

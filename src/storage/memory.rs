@@ -131,6 +131,7 @@ impl Storage for MemoryStorage {
 
     async fn counters(
         &self,
+        _namespace: &str,
         limits: &[LimitId],
         now_ms: u64,
     ) -> Result<Vec<CounterSnapshot>, StorageError> {
@@ -175,6 +176,7 @@ mod tests {
 
     fn batch(user: &str, max: u64, policy: Policy, cost: u64) -> Batch {
         Batch {
+            namespace: "ns".to_string(),
             counters: vec![CounterRequest {
                 key: CounterKey {
                     limit: 1,

@@ -3,6 +3,7 @@
 //! [`crate::algorithm::evaluate`], and stores what changed.
 
 pub mod memory;
+pub mod redis;
 
 use std::fmt;
 
@@ -12,6 +13,7 @@ use crate::algorithm::{FixedWindow, Group, GroupOutcome, WindowState};
 use crate::limits::LimitId;
 
 pub use memory::MemoryStorage;
+pub use redis::RedisStorage;
 
 /// A counter: which limit, and the values of the limit's variables.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -30,6 +32,8 @@ pub struct CounterRequest {
 /// Everything one request asks of the storage.
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
+    /// All counters of one request belong to one namespace.
+    pub namespace: String,
     pub counters: Vec<CounterRequest>,
     pub groups: Vec<Group>,
 }
@@ -81,9 +85,10 @@ pub trait Storage: Send + Sync + 'static {
     /// resulting changes are stored, or (on error) none are.
     async fn apply(&self, batch: &Batch, now_ms: u64) -> Result<Vec<GroupOutcome>, StorageError>;
 
-    /// The live (unexpired) counters of the given limits.
+    /// The live (unexpired) counters of the given limits, all of `namespace`.
     async fn counters(
         &self,
+        namespace: &str,
         limits: &[LimitId],
         now_ms: u64,
     ) -> Result<Vec<CounterSnapshot>, StorageError>;

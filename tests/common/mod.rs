@@ -2,6 +2,8 @@
 //! drives, and clients for its gRPC services and HTTP API.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::io::Write;
 use std::sync::Arc;
 
@@ -18,7 +20,9 @@ use ratekeeper::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLim
 use ratekeeper::proto::kuadrant::service::ratelimit::v1::rate_limit_service_client::RateLimitServiceClient as KuadrantClient;
 use ratekeeper::server::{self, Running, Settings};
 use ratekeeper::status::ServerStatus;
-use ratekeeper::storage::MemoryStorage;
+use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 use tonic::transport::Channel;
 
 /// 2026-01-01T00:00:00Z: tests start at a fixed, realistic time.
@@ -36,7 +40,16 @@ pub struct TestServer {
     _limits_dir: tempfile::TempDir,
 }
 
+/// Where the server under test keeps its counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Redis,
+    RedisCluster,
+}
+
 pub struct Options {
+    pub backend: Backend,
     pub headers: RateLimitHeaders,
     pub bounds: RequestBounds,
     pub capacity: usize,
@@ -47,6 +60,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
+            backend: Backend::Memory,
             headers: RateLimitHeaders::None,
             bounds: RequestBounds::default(),
             capacity: 10_000,
@@ -59,6 +73,14 @@ impl Default for Options {
 impl TestServer {
     pub async fn start(limits_yaml: &str) -> Self {
         Self::start_with(limits_yaml, Options::default()).await
+    }
+
+    pub async fn on(backend: Backend, limits_yaml: &str) -> Self {
+        let options = Options {
+            backend,
+            ..Options::default()
+        };
+        Self::start_with(limits_yaml, options).await
     }
 
     pub async fn start_with(limits_yaml: &str, options: Options) -> Self {
@@ -75,11 +97,7 @@ impl TestServer {
             limit_name_in_labels: options.limit_name_in_labels,
         };
         let limiter = Arc::new(
-            Limiter::new(
-                limits,
-                Arc::new(MemoryStorage::new(options.capacity)),
-                clock.clone(),
-            )
+            Limiter::new(limits, storage(&options), clock.clone())
             .with_metrics(metrics),
         );
         let status = Arc::new(ServerStatus::default());
@@ -154,6 +172,43 @@ impl TestServer {
             running.shutdown().await.unwrap();
         }
     }
+}
+
+/// A storage for the backend; Redis ones get a key prefix of their own, so tests sharing a
+/// server never see each other's counters.
+fn storage(options: &Options) -> Arc<dyn Storage> {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let prefix = format!(
+        "test{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let url = match options.backend {
+        Backend::Memory => return Arc::new(MemoryStorage::new(options.capacity)),
+        Backend::Redis => redis::shared_url(),
+        Backend::RedisCluster => redis::shared_cluster_url(),
+    };
+    Arc::new(RedisStorage::open(&url, &prefix, Duration::from_secs(2)).unwrap())
+}
+
+/// Runs each scenario `async fn name(backend: Backend)` once per storage, as
+/// `memory::name`, `redis::name` and `redis_cluster::name`.
+#[macro_export]
+macro_rules! on_every_storage {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::common::Backend::Memory).await })*
+        }
+        mod redis {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::common::Backend::Redis).await })*
+        }
+        mod redis_cluster {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::common::Backend::RedisCluster).await })*
+        }
+    };
 }
 
 /// A descriptor from (key, value) pairs, without its own hits_addend.

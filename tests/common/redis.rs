@@ -1,0 +1,186 @@
+//! Real `redis-server` processes for tests, on free loopback ports: owned ones (killed on drop,
+//! restartable on the same port) and, per test binary, one shared standalone server and one
+//! shared 3-master cluster (a watchdog stops them when the test process exits).
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A redis-server this test owns.
+pub struct RedisProcess {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    cluster: bool,
+}
+
+impl RedisProcess {
+    pub fn start() -> Self {
+        Self::start_on(free_port(), false)
+    }
+
+    fn start_on(port: u16, cluster: bool) -> Self {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut process = Self {
+            port,
+            child: None,
+            dir,
+            cluster,
+        };
+        process.restart();
+        process
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port, and waits until it answers.
+    pub fn restart(&mut self) {
+        self.kill();
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if self.cluster {
+            command.args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]);
+        }
+        self.child = Some(command.spawn().expect("redis-server is installed"));
+        wait_until(Duration::from_secs(10), || {
+            cli(self.port, &["PING"]).is_some_and(|out| out.trim() == "PONG")
+        });
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A 3-master cluster made with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisProcess>,
+}
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        let nodes: Vec<_> = (0..3)
+            .map(|_| RedisProcess::start_on(free_port(), true))
+            .collect();
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli is installed");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        wait_until(Duration::from_secs(20), || {
+            nodes.iter().all(|n| {
+                cli(n.port, &["CLUSTER", "INFO"]).is_some_and(|i| i.contains("cluster_state:ok"))
+            })
+        });
+        Self { nodes }
+    }
+
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+}
+
+struct Shared<T>(T);
+
+/// The shared standalone server's URL (started on first use).
+pub fn shared_url() -> String {
+    static SHARED: OnceLock<Shared<RedisProcess>> = OnceLock::new();
+    let shared = SHARED.get_or_init(|| {
+        let process = RedisProcess::start();
+        watch_over(process.pid());
+        Shared(process)
+    });
+    shared.0.url()
+}
+
+/// The shared cluster's URL (started on first use).
+pub fn shared_cluster_url() -> String {
+    static SHARED: OnceLock<Shared<RedisCluster>> = OnceLock::new();
+    let shared = SHARED.get_or_init(|| {
+        let cluster = RedisCluster::start();
+        for node in &cluster.nodes {
+            watch_over(node.pid());
+        }
+        Shared(cluster)
+    });
+    shared.0.url()
+}
+
+/// Statics are never dropped: a small watchdog kills `pid` once this test process is gone.
+fn watch_over(pid: Option<u32>) {
+    let Some(pid) = pid else { return };
+    let me = std::process::id();
+    let script = format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill {pid} 2>/dev/null"
+    );
+    let _ = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+}
+
+/// Runs redis-cli against a local port; its output, if it ran.
+pub fn cli(port: u16, args: &[&str]) -> Option<String> {
+    let output = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn wait_until(limit: Duration, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < limit, "not ready within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
