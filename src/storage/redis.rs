@@ -36,7 +36,7 @@ pub struct RedisStorage {
 enum Connection {
     Standalone(ConnectionManager),
     /// Connected on first use, so the server starts while the cluster is down.
-    Cluster(ClusterClient, OnceCell<ClusterConnection>),
+    Cluster(Box<(ClusterClient, OnceCell<ClusterConnection>)>),
 }
 
 impl RedisStorage {
@@ -67,7 +67,7 @@ impl RedisStorage {
                 .retries(1)
                 .build()
                 .map_err(bad)?;
-            Connection::Cluster(client, OnceCell::new())
+            Connection::Cluster(Box::new((client, OnceCell::new())))
         } else {
             let client = redis::Client::open(url).map_err(bad)?;
             let config = ConnectionManagerConfig::new()
@@ -115,7 +115,8 @@ impl RedisStorage {
                 Connection::Standalone(manager) => {
                     invocation.invoke_async(&mut manager.clone()).await
                 }
-                Connection::Cluster(client, connection) => {
+                Connection::Cluster(cluster) => {
+                    let (client, connection) = cluster.as_ref();
                     let connection = connection
                         .get_or_try_init(|| client.get_async_connection())
                         .await?;
