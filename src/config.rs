@@ -55,16 +55,16 @@ pub struct Cli {
     #[arg(long)]
     pub validate: bool,
 
-    /// Log more: -v info, -vv debug, -vvv trace (default: info; RUST_LOG overrides).
+    /// Log more: -v debug, -vv trace (default: info; RUST_LOG overrides).
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     pub verbose: u8,
 
     /// Log as JSON lines.
-    #[arg(long, env = "STRUCTURED_LOGS")]
+    #[arg(long, env = "STRUCTURED_LOGS", value_parser = clap::builder::FalseyValueParser::new())]
     pub structured_logs: bool,
 
     /// Serve gRPC reflection (grpc.reflection.v1) on the gRPC port.
-    #[arg(long, env = "GRPC_REFLECTION_SERVICE")]
+    #[arg(long, env = "GRPC_REFLECTION_SERVICE", value_parser = clap::builder::FalseyValueParser::new())]
     pub grpc_reflection_service: bool,
 
     /// On SIGTERM/SIGINT, how many seconds in-flight calls get to finish before exiting.
@@ -221,8 +221,8 @@ impl Cli {
             return filter;
         }
         match self.verbose {
-            0 | 1 => "info",
-            2 => "debug",
+            0 => "info",
+            1 => "debug",
             _ => "trace",
         }
         .to_string()

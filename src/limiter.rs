@@ -196,7 +196,7 @@ impl Limiter {
         if request.namespace.is_empty() {
             return Ok(Decision {
                 code: Code::Unknown,
-                statuses: Vec::new(),
+                statuses: vec![DescriptorStatus::default(); request.descriptors.len()],
                 limits: Vec::new(),
             });
         }

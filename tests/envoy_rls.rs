@@ -106,6 +106,8 @@ async fn empty_domain_answers_unknown(backend: Backend) {
         .should(request("", vec![descriptor(&[("user", "a")])], 1))
         .await;
     assert_eq!(code(&r), Code::Unknown);
+    assert_eq!(r.statuses.len(), 1, "one status per descriptor, even here");
+    assert_eq!(r.statuses[0].code, Code::Unknown as i32);
     let r = server
         .check(request("", vec![descriptor(&[("user", "a")])], 1))
         .await;

@@ -19,6 +19,7 @@ use crate::limiter::{Call, Code, Descriptor, Limiter, Request};
 use crate::limits::LimitView;
 use crate::rls::headers;
 use crate::status::ServerStatus;
+use crate::storage::StorageError;
 
 #[derive(Clone)]
 struct AppState {
@@ -93,7 +94,7 @@ struct CounterView<'a> {
 async fn get_counters(State(state): State<AppState>, Path(namespace): Path<String>) -> Response {
     let counters = match state.limiter.counters(&namespace).await {
         Ok(counters) => counters,
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => return storage_error(&e),
     };
     let now = state.limiter.now_ms();
     let views: Vec<CounterView<'_>> = counters
@@ -149,12 +150,15 @@ async fn decide(state: &AppState, body: &[u8], call: Call) -> Response {
         // As on gRPC, a request-level cost of 0 counts as 1.
         hits: info.delta,
     };
+    if request.namespace.is_empty() {
+        return bad_request("field `namespace` must not be empty".to_string());
+    }
     if let Err(reason) = request.check_bounds(&state.bounds) {
         return bad_request(reason);
     }
     let decision = match state.limiter.decide(&request, call).await {
         Ok(decision) => decision,
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => return storage_error(&e),
     };
     let over = decision.code == Code::OverLimit && call != Call::Report;
     let mut response = if over {
@@ -173,6 +177,16 @@ async fn decide(state: &AppState, body: &[u8], call: Call) -> Response {
         }
     }
     response
+}
+
+/// Limitador answers 500 when its storage fails; a full counter store is 503 (retry later).
+fn storage_error(error: &StorageError) -> Response {
+    tracing::warn!(%error, "storage refused an HTTP call");
+    let status = match error {
+        StorageError::CapacityExhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        StorageError::Unavailable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (status, error.to_string()).into_response()
 }
 
 fn bad_request(reason: String) -> Response {

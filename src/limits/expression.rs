@@ -52,10 +52,11 @@ impl Expression {
             ));
         }
         let references = program.references();
+        let bound = comprehension_variables(&program);
         if let Some(unknown) = references
             .variables()
             .into_iter()
-            .find(|v| !VARIABLES.contains(v))
+            .find(|v| !VARIABLES.contains(v) && !bound.iter().any(|b| b == v))
         {
             return Err(format!(
                 "unknown variable `{unknown}` (available: {})",
@@ -120,13 +121,36 @@ pub const MAX_SOURCE_BYTES: usize = 4096;
 /// The deepest expression accepted (real limits are 3 to 6 levels deep).
 pub const MAX_DEPTH: usize = 32;
 
-/// Depth of a compiled expression, walked without recursion.
+/// Names that macros such as `exists(d, ...)` bind inside the expression.
+fn comprehension_variables(program: &Program) -> Vec<String> {
+    let mut names = Vec::new();
+    walk(program, |node| {
+        if let cel::common::ast::Expr::Comprehension(c) = &node.expr {
+            names.push(c.iter_var.clone());
+            names.push(c.accu_var.clone());
+        }
+    });
+    names
+}
+
+/// Visits every node of a compiled expression, without recursion.
+fn walk(program: &Program, mut visit: impl FnMut(&cel::common::ast::IdedExpr)) {
+    depth_walk(program, |node, _| visit(node));
+}
+
+/// Depth of a compiled expression.
 fn depth_of(program: &Program) -> usize {
-    use cel::common::ast::{EntryExpr, Expr};
     let mut deepest = 0;
+    depth_walk(program, |_, depth| deepest = deepest.max(depth));
+    deepest
+}
+
+/// Visits every node with its depth (the root is 1), without recursion.
+fn depth_walk(program: &Program, mut visit: impl FnMut(&cel::common::ast::IdedExpr, usize)) {
+    use cel::common::ast::{EntryExpr, Expr};
     let mut pending = vec![(program.expression(), 1usize)];
     while let Some((node, depth)) = pending.pop() {
-        deepest = deepest.max(depth);
+        visit(node, depth);
         let below = depth + 1;
         match &node.expr {
             Expr::Call(call) => {
@@ -164,7 +188,6 @@ fn depth_of(program: &Program) -> usize {
             _ => {}
         }
     }
-    deepest
 }
 
 /// The CEL value of a request's descriptors: a list of string→string maps.
@@ -266,5 +289,13 @@ mod tests {
         assert!(Expression::compile("descriptors[0][").is_err());
         let err = Expression::compile("request.path == '/'").err().unwrap();
         assert!(err.contains("unknown variable `request`"), "{err}");
+        // Variables bound by macros are not unknown.
+        let c = ctx(&[("user", "alice")]);
+        let exists = Expression::compile("descriptors.exists(d, d.user == 'alice')").unwrap();
+        assert_eq!(exists.is_true(&c), Ok(true));
+        let unbound = Expression::compile("descriptors.exists(d, e.user == 'x')")
+            .err()
+            .unwrap();
+        assert!(unbound.contains("`e`"), "{unbound}");
     }
 }

@@ -187,8 +187,12 @@ pub fn to_response(
         .statuses
         .iter()
         .map(|status| {
+            let code = match decision.code {
+                Code::Unknown => response::Code::Unknown,
+                _ => code(status.over),
+            };
             let mut out = DescriptorStatus {
-                code: code(status.over) as i32,
+                code: code as i32,
                 ..Default::default()
             };
             if let Some(limit) = &status.limit {

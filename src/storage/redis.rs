@@ -333,8 +333,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn keys_round_trip() {
+    #[tokio::test]
+    async fn keys_round_trip() {
         let storage =
             RedisStorage::open("redis://127.0.0.1:1", "rk", Duration::from_millis(5)).unwrap();
         let key = CounterKey {
@@ -343,7 +343,7 @@ mod tests {
         };
         let prefix = storage.namespace_prefix("llm/route");
         let text = storage.key(&prefix, &key);
-        assert_eq!(text, "rk:{llm/route}:0000000000000abc:7:alice:10:6:ünï");
+        assert_eq!(text, "rk:{llm/route}:0000000000000abc:7:alice:10:5:ünï");
         assert_eq!(parse_key(text.strip_prefix(&prefix).unwrap()), Some(key));
     }
 

@@ -2,6 +2,7 @@
 //! drives, and clients for its gRPC services and HTTP API.
 #![allow(dead_code)]
 
+pub mod process;
 pub mod redis;
 
 use std::io::Write;
@@ -96,10 +97,8 @@ impl TestServer {
         let metrics = ratekeeper::metrics::Metrics {
             limit_name_in_labels: options.limit_name_in_labels,
         };
-        let limiter = Arc::new(
-            Limiter::new(limits, storage(&options), clock.clone())
-            .with_metrics(metrics),
-        );
+        let limiter =
+            Arc::new(Limiter::new(limits, storage(&options), clock.clone()).with_metrics(metrics));
         let status = Arc::new(ServerStatus::default());
         let settings = Settings {
             rls_addr: "127.0.0.1:0".parse().unwrap(),

@@ -55,7 +55,12 @@ impl RedisProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if self.cluster {
-            command.args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]);
+            command.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ]);
         }
         self.child = Some(command.spawn().expect("redis-server is installed"));
         wait_until(Duration::from_secs(10), || {
@@ -152,9 +157,8 @@ pub fn shared_cluster_url() -> String {
 fn watch_over(pid: Option<u32>) {
     let Some(pid) = pid else { return };
     let me = std::process::id();
-    let script = format!(
-        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill {pid} 2>/dev/null"
-    );
+    let script =
+        format!("while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill {pid} 2>/dev/null");
     let _ = Command::new("sh")
         .args(["-c", &script])
         .stdin(Stdio::null())

@@ -1,0 +1,180 @@
+//! The real `ratekeeper` binary as a child process: started with an empty environment on
+//! free loopback ports, waited for until it listens, and killed when dropped.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use ratekeeper::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ratekeeper");
+/// How long a server gets to start listening, or to exit after SIGTERM.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The binary, run from the crate's directory with an empty environment: it sees only what a
+/// test sets (every option has an environment variable).
+pub fn command() -> Command {
+    let mut command = Command::new(BIN);
+    command.current_dir(manifest_dir()).env_clear();
+    command
+}
+
+/// Two distinct free loopback ports: bound at once so they differ, then released.
+pub fn free_ports() -> (u16, u16) {
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
+}
+
+/// A running server process; killed (and reaped) when dropped, so a failing test leaves no
+/// process behind. Its log goes to a file shown when something goes wrong.
+pub struct Server {
+    child: Option<Child>,
+    log: tempfile::NamedTempFile,
+    pub rls: SocketAddr,
+    pub http: SocketAddr,
+}
+
+impl Server {
+    /// Spawns `command` that should listen on `rls` (gRPC) and `http`, and waits until both
+    /// answer.
+    pub async fn spawn(mut command: Command, rls: SocketAddr, http: SocketAddr) -> Server {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.as_file().try_clone().unwrap()))
+            .stderr(Stdio::from(log.as_file().try_clone().unwrap()))
+            .spawn()
+            .unwrap();
+        let mut server = Server {
+            child: Some(child),
+            log,
+            rls,
+            http,
+        };
+        server.wait_until_ready().await;
+        server
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().unwrap().try_wait().unwrap()
+    }
+
+    pub async fn wait_until_ready(&mut self) {
+        let client = reqwest::Client::new();
+        let url = format!("http://{}/status", self.http);
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.exited() {
+                panic!(
+                    "ratekeeper exited early ({status}); its log:\n{}",
+                    self.log()
+                );
+            }
+            let http_up = matches!(
+                client.get(&url).timeout(Duration::from_secs(1)).send().await,
+                Ok(response) if response.status().is_success()
+            );
+            if http_up && std::net::TcpStream::connect(self.rls).is_ok() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "ratekeeper did not listen on {} and {} within {PATIENCE:?}; its log:\n{}",
+                    self.http,
+                    self.rls,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn grpc(&self) -> RateLimitServiceClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.rls))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .unwrap_or_else(|e| {
+                panic!("cannot connect to {}: {e}; log:\n{}", self.rls, self.log())
+            });
+        RateLimitServiceClient::new(channel)
+    }
+
+    pub async fn should(&self, request: RateLimitRequest) -> RateLimitResponse {
+        self.grpc()
+            .await
+            .should_rate_limit(request)
+            .await
+            .unwrap_or_else(|e| panic!("ShouldRateLimit failed: {e}; log:\n{}", self.log()))
+            .into_inner()
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        let response = reqwest::Client::new()
+            .get(format!("http://{}/status", self.http))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+        response.json().await.unwrap()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the process to exit. Async, so that clients on
+    /// this runtime keep answering the server's graceful-shutdown handshake meanwhile.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        let pid = self.pid().to_string();
+        let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(kill.success(), "kill -TERM {pid} failed: {kill}");
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "ratekeeper did not exit within {PATIENCE:?} of SIGTERM; its log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take()
+            && child.try_wait().ok().flatten().is_none()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
