@@ -27,6 +27,11 @@ impl RedisProcess {
         Self::start_on(free_port(), false)
     }
 
+    /// Starts on a port chosen earlier (e.g. one a server was told about before Redis was up).
+    pub fn start_on_port(port: u16) -> Self {
+        Self::start_on(port, false)
+    }
+
     fn start_on(port: u16, cluster: bool) -> Self {
         let dir = tempfile::tempdir().expect("a temp dir");
         let mut process = Self {

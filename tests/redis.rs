@@ -1,0 +1,256 @@
+//! Redis storage with real processes: several ratekeeper replicas on one Redis share one budget;
+//! Redis going away, coming back, or not being up yet; counters outliving a ratekeeper restart;
+//! every key carrying a TTL; the `--on-storage-error` modes.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::process::*;
+use common::redis::{RedisProcess, cli};
+use common::{code, descriptor, request};
+use ratekeeper::proto::envoy::service::ratelimit::v3::RateLimitRequest;
+use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+
+const LIMITS: &str = "limits/llm-tiers.yaml";
+
+/// A ratekeeper process on `redis_url`, with extra arguments before the storage subcommand.
+async fn ratekeeper(redis_url: &str, extra: &[&str]) -> Server {
+    ratekeeper_with(redis_url, extra, &[]).await
+}
+
+/// ... and options of the `redis` subcommand.
+async fn ratekeeper_with(redis_url: &str, extra: &[&str], redis_options: &[&str]) -> Server {
+    let (rls_port, http_port) = free_ports();
+    let mut command = command();
+    command
+        .args(["-b", "127.0.0.1", "-p", &rls_port.to_string()])
+        .args(["-B", "127.0.0.1", "-P", &http_port.to_string()])
+        .args(extra)
+        .args([LIMITS, "redis", redis_url])
+        .args(redis_options);
+    Server::spawn(command, loopback(rls_port), loopback(http_port)).await
+}
+
+fn charge(user: &str, tokens: u32) -> RateLimitRequest {
+    request(
+        "llm_tokens",
+        vec![descriptor(&[("generic_key", "llm"), ("user", user)])],
+        tokens,
+    )
+}
+
+async fn ready(server: &Server) -> u16 {
+    reqwest::get(format!("http://{}/readyz", server.http))
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// Polls until `check` is true, at most `limit`.
+async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_one_redis_admit_exactly_the_budget() {
+    let redis = RedisProcess::start();
+    let replicas = [
+        ratekeeper(&redis.url(), &[]).await,
+        ratekeeper(&redis.url(), &[]).await,
+        ratekeeper(&redis.url(), &[]).await,
+    ];
+    // llm-free: 50 tokens a minute per user. 3 replicas x 8 tasks x 10 calls of 1 token.
+    let admitted = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for server in &replicas {
+        for _ in 0..8 {
+            let mut client = server.grpc().await;
+            let admitted = admitted.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..10 {
+                    let r = client.should_rate_limit(charge("shared", 1)).await.unwrap();
+                    if code(&r.into_inner()) == Code::Ok {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(admitted.load(Ordering::Relaxed), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_outlive_a_ratekeeper_restart() {
+    let redis = RedisProcess::start();
+    let mut first = ratekeeper(&redis.url(), &[]).await;
+    let r = first.should(charge("erin", 30)).await;
+    assert_eq!(r.statuses[0].limit_remaining, 20);
+    assert_eq!(first.terminate().await.code(), Some(0));
+
+    let second = ratekeeper(&redis.url(), &[]).await;
+    let r = second.should(charge("erin", 20)).await;
+    assert_eq!(code(&r), Code::Ok);
+    assert_eq!(
+        r.statuses[0].limit_remaining, 0,
+        "30 were charged by the first process"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_going_away_and_coming_back_while_traffic_flows() {
+    let mut redis = RedisProcess::start();
+    let server = ratekeeper(&redis.url(), &["--storage-timeout", "200"]).await;
+    let mut client = server.grpc().await;
+    assert_eq!(
+        code(
+            &client
+                .should_rate_limit(charge("fay", 1))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        Code::Ok
+    );
+
+    redis.kill();
+    // Every call still answers, quickly, with UNAVAILABLE (Envoy's failure_mode_deny decides).
+    for _ in 0..5 {
+        let started = Instant::now();
+        let error = client
+            .should_rate_limit(charge("fay", 1))
+            .await
+            .expect_err("no storage, no decision");
+        assert_eq!(error.code(), tonic::Code::Unavailable, "{error}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "answered in {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(eventually(Duration::from_secs(5), async || ready(&server).await == 503).await);
+
+    // Redis returns (empty: it saved nothing); ratekeeper reconnects by itself.
+    redis.restart();
+    let mut back = false;
+    for _ in 0..100 {
+        if let Ok(r) = client.should_rate_limit(charge("fay", 1)).await {
+            assert_eq!(code(&r.into_inner()), Code::Ok);
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "ratekeeper did not reconnect; log:\n{}", server.log());
+    assert!(eventually(Duration::from_secs(5), async || ready(&server).await == 200).await);
+    let status = reqwest::get(format!("http://{}/status", server.http))
+        .await
+        .unwrap();
+    assert!(status.status().is_success(), "the process survived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_before_redis_and_serves_once_it_is_up() {
+    let port = common::redis::free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let server = ratekeeper(&url, &["--storage-timeout", "200"]).await;
+    assert!(eventually(Duration::from_secs(5), async || ready(&server).await == 503).await);
+    let error = server
+        .grpc()
+        .await
+        .should_rate_limit(charge("gus", 1))
+        .await
+        .expect_err("Redis is not up yet");
+    assert_eq!(error.code(), tonic::Code::Unavailable);
+
+    let _redis = RedisProcess::start_on_port(port);
+    assert!(
+        eventually(Duration::from_secs(10), async || ready(&server).await
+            == 200)
+        .await,
+        "never ready; log:\n{}",
+        server.log()
+    );
+    let r = server.should(charge("gus", 1)).await;
+    assert_eq!(code(&r), Code::Ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_storage_error_allow_and_deny() {
+    let url = format!("redis://127.0.0.1:{}", common::redis::free_port());
+    let allow = ratekeeper(
+        &url,
+        &["--storage-timeout", "100", "--on-storage-error", "allow"],
+    )
+    .await;
+    let deny = ratekeeper(
+        &url,
+        &["--storage-timeout", "100", "--on-storage-error", "deny"],
+    )
+    .await;
+    assert_eq!(code(&allow.should(charge("hal", 1)).await), Code::Ok);
+    assert_eq!(code(&deny.should(charge("hal", 1)).await), Code::OverLimit);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_key_has_a_ttl_and_the_documented_layout() {
+    let redis = RedisProcess::start();
+    let server = ratekeeper_with(&redis.url(), &[], &["--key-prefix", "rkttl"]).await;
+    for user in ["ivy", "jo", "kim"] {
+        server.should(charge(user, 5)).await;
+    }
+    let keys = cli(redis.port, &["--scan"]).unwrap();
+    let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    for key in keys {
+        assert!(key.starts_with("rkttl:{llm_tokens}:"), "{key}");
+        let ttl: i64 = cli(redis.port, &["PTTL", key])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(ttl > 0 && ttl <= 60_000, "{key} has PTTL {ttl}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_costs_at_most_the_storage_timeout() {
+    let redis = RedisProcess::start();
+    let server = ratekeeper(&redis.url(), &["--storage-timeout", "150"]).await;
+    let mut client = server.grpc().await;
+    assert_eq!(
+        code(
+            &client
+                .should_rate_limit(charge("lou", 1))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        Code::Ok
+    );
+    // Redis stops answering every client for 3 s.
+    cli(redis.port, &["CLIENT", "PAUSE", "3000", "ALL"]).unwrap();
+    let started = Instant::now();
+    let error = client
+        .should_rate_limit(charge("lou", 1))
+        .await
+        .expect_err("Redis is paused");
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "answered after {:?}",
+        started.elapsed()
+    );
+}
