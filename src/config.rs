@@ -81,6 +81,11 @@ pub struct Cli {
     #[arg(long, env = "ON_STORAGE_ERROR", value_enum, default_value = "error")]
     pub on_storage_error: OnStorageError,
 
+    /// Namespace whose limits the ASM-compatible endpoints (`GET /ratelimit`,
+    /// `POST /update_ratelimit_record`) apply.
+    #[arg(long, env = "ASM_NAMESPACE", default_value = "asm")]
+    pub asm_namespace: String,
+
     #[command(flatten)]
     pub bounds: RequestBounds,
 

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
-use crate::algorithm::{CounterOutcome, FixedWindow, Group, Policy};
+use crate::algorithm::{CounterOutcome, Group, Policy};
 use crate::clock::Clock;
 use crate::config::{OnStorageError, RequestBounds};
 use crate::limits::{Limit, LimitSet, expression};
@@ -237,7 +237,7 @@ impl Limiter {
                     let index = *counter_index.entry(key.clone()).or_insert_with(|| {
                         batch.counters.push(CounterRequest {
                             key,
-                            window: FixedWindow::new(limit.max_value, limit.period_ms()),
+                            algorithm: limit.algorithm,
                         });
                         batch.counters.len() - 1
                     });

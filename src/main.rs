@@ -92,6 +92,7 @@ async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<(
         bounds: cli.bounds,
         limits_file: Some(cli.limits_file.clone()),
         grpc_reflection: cli.grpc_reflection_service,
+        asm_namespace: cli.asm_namespace.clone(),
     };
     let running = server::start(settings, limiter, Arc::new(ServerStatus::default()))
         .await

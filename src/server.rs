@@ -39,6 +39,8 @@ pub struct Settings {
     pub limits_file: Option<PathBuf>,
     /// Serve gRPC reflection (`grpc.reflection.v1`).
     pub grpc_reflection: bool,
+    /// Namespace of the ASM-compatible HTTP endpoints.
+    pub asm_namespace: String,
 }
 
 /// A server that is listening; stop it with [`Running::shutdown`].
@@ -107,7 +109,12 @@ pub async fn start(
         });
     }
 
-    let http = crate::http::router(limiter.clone(), status, settings.bounds);
+    let http = crate::http::router(
+        limiter.clone(),
+        status,
+        settings.bounds,
+        settings.asm_namespace.clone(),
+    );
     let stop_http = wait_for(stopped.clone());
     tasks.spawn(async move {
         axum::serve(http_listener, http)

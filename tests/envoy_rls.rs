@@ -153,7 +153,7 @@ async fn envoy_check_then_charge_sequence(backend: Backend) {
     // The counter holds all 60 tokens.
     let counters = server.limiter.counters("llm_tokens").await.unwrap();
     assert_eq!(counters.len(), 1);
-    assert_eq!(counters[0].1.state.used, 60);
+    assert_eq!(used(&counters[0].1.state), 60);
     // Bob is unaffected.
     let bob = user("bob");
     let r = server

@@ -54,7 +54,7 @@ async fn free_user_is_limited_after_50_tokens_and_gold_keeps_going(backend: Back
     // The report past the limit was counted in full.
     let counters = server.limiter.counters(DOMAIN).await.unwrap();
     assert_eq!(counters.len(), 1);
-    assert_eq!(counters[0].1.state.used, 60);
+    assert_eq!(used(&counters[0].1.state), 60);
 
     // A gold user spends 150 tokens and is still admitted; another free user is unaffected.
     for _ in 0..3 {

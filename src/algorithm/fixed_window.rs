@@ -45,6 +45,18 @@ impl FixedWindow {
         }
     }
 
+    pub fn is_over(&self, window: WindowState) -> bool {
+        window.used > self.max
+    }
+
+    pub fn beyond(&self, window: WindowState) -> u64 {
+        window.used.saturating_sub(self.max)
+    }
+
+    pub fn expires_at_ms(&self, window: WindowState) -> u64 {
+        window.expires_at_ms
+    }
+
     pub fn remaining(&self, window: WindowState) -> u64 {
         self.max.saturating_sub(window.used)
     }

@@ -3,8 +3,187 @@
 //! states it marks as changed, all in one atomic step.
 
 pub mod fixed_window;
+pub mod sliding_window;
+pub mod token_bucket;
 
 pub use fixed_window::{FixedWindow, WindowState};
+pub use sliding_window::{SlidingState, SlidingWindow};
+pub use token_bucket::{BucketState, TokenBucket};
+
+/// A limit's arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    FixedWindow(FixedWindow),
+    TokenBucket(TokenBucket),
+    SlidingWindow(SlidingWindow),
+}
+
+/// A counter's stored state; its kind matches its limit's algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterState {
+    Window(WindowState),
+    Bucket(BucketState),
+    Sliding(SlidingState),
+}
+
+/// Runs `$body` with the algorithm and the state of the same kind; `$otherwise` when they
+/// differ (which [`Algorithm::current`] never produces).
+macro_rules! with_state {
+    ($algorithm:expr, $state:expr, |$a:ident, $s:ident| $body:expr, $otherwise:expr) => {
+        match ($algorithm, $state) {
+            (Algorithm::FixedWindow($a), CounterState::Window($s)) => $body,
+            (Algorithm::TokenBucket($a), CounterState::Bucket($s)) => $body,
+            (Algorithm::SlidingWindow($a), CounterState::Sliding($s)) => $body,
+            _ => $otherwise,
+        }
+    };
+}
+
+impl Algorithm {
+    /// The state in force at `now` (refreshed: expired windows, refills); a missing state, or
+    /// one of another kind, reads as new.
+    pub fn current(&self, stored: Option<CounterState>, now_ms: u64) -> CounterState {
+        match *self {
+            Algorithm::FixedWindow(a) => CounterState::Window(a.current(
+                stored.and_then(|s| match s {
+                    CounterState::Window(w) => Some(w),
+                    _ => None,
+                }),
+                now_ms,
+            )),
+            Algorithm::TokenBucket(a) => CounterState::Bucket(a.current(
+                stored.and_then(|s| match s {
+                    CounterState::Bucket(b) => Some(b),
+                    _ => None,
+                }),
+                now_ms,
+            )),
+            Algorithm::SlidingWindow(a) => CounterState::Sliding(a.current(
+                stored.and_then(|s| match s {
+                    CounterState::Sliding(w) => Some(w),
+                    _ => None,
+                }),
+                now_ms,
+            )),
+        }
+    }
+
+    pub fn admits(&self, state: CounterState, now_ms: u64, cost: u64) -> bool {
+        with_state!(*self, state, |a, s| a.admits_at(s, now_ms, cost), false)
+    }
+
+    pub fn charge(&self, state: CounterState, cost: u64) -> CounterState {
+        with_state!(*self, state, |a, s| a.charge(s, cost).into(), state)
+    }
+
+    /// Usage past the limit (after a charge).
+    pub fn is_over(&self, state: CounterState, now_ms: u64) -> bool {
+        with_state!(*self, state, |a, s| a.is_over_at(s, now_ms), true)
+    }
+
+    /// Whole tokens beyond the limit.
+    pub fn beyond(&self, state: CounterState) -> u64 {
+        with_state!(*self, state, |a, s| a.beyond(s), 0)
+    }
+
+    pub fn remaining(&self, state: CounterState, now_ms: u64) -> u64 {
+        with_state!(*self, state, |a, s| a.remaining_at(s, now_ms), 0)
+    }
+
+    /// Time until the counter is back to its full budget.
+    pub fn reset_in_ms(&self, state: CounterState, now_ms: u64) -> u64 {
+        with_state!(*self, state, |a, s| a.reset_in_ms(s, now_ms), 0)
+    }
+
+    /// Time until `cost` would be admitted; `None` if it never would.
+    pub fn retry_after_ms(&self, state: CounterState, now_ms: u64, cost: u64) -> Option<u64> {
+        with_state!(*self, state, |a, s| a.retry_after_ms(s, now_ms, cost), None)
+    }
+
+    /// When the stored state may be forgotten: from then on, no state means the same.
+    pub fn expires_at_ms(&self, state: CounterState, now_ms: u64) -> u64 {
+        with_state!(*self, state, |a, s| a.expires_at(s, now_ms), now_ms)
+    }
+}
+
+impl From<WindowState> for CounterState {
+    fn from(s: WindowState) -> Self {
+        CounterState::Window(s)
+    }
+}
+
+impl From<BucketState> for CounterState {
+    fn from(s: BucketState) -> Self {
+        CounterState::Bucket(s)
+    }
+}
+
+impl From<SlidingState> for CounterState {
+    fn from(s: SlidingState) -> Self {
+        CounterState::Sliding(s)
+    }
+}
+
+/// Uniform signatures for the macro above, where the algorithms differ in what they need.
+trait Uniform<S> {
+    fn admits_at(&self, s: S, now_ms: u64, cost: u64) -> bool;
+    fn is_over_at(&self, s: S, now_ms: u64) -> bool;
+    fn remaining_at(&self, s: S, now_ms: u64) -> u64;
+    fn expires_at(&self, s: S, now_ms: u64) -> u64;
+}
+
+impl Uniform<WindowState> for FixedWindow {
+    fn admits_at(&self, s: WindowState, _: u64, cost: u64) -> bool {
+        self.admits(s, cost)
+    }
+    fn is_over_at(&self, s: WindowState, _: u64) -> bool {
+        self.is_over(s)
+    }
+    fn remaining_at(&self, s: WindowState, _: u64) -> u64 {
+        self.remaining(s)
+    }
+    fn expires_at(&self, s: WindowState, _: u64) -> u64 {
+        self.expires_at_ms(s)
+    }
+}
+
+impl Uniform<BucketState> for TokenBucket {
+    fn admits_at(&self, s: BucketState, _: u64, cost: u64) -> bool {
+        self.admits(s, cost)
+    }
+    fn is_over_at(&self, s: BucketState, _: u64) -> bool {
+        self.is_over(s)
+    }
+    fn remaining_at(&self, s: BucketState, _: u64) -> u64 {
+        self.remaining(s)
+    }
+    fn expires_at(&self, s: BucketState, now_ms: u64) -> u64 {
+        self.expires_at_ms(s, now_ms)
+    }
+}
+
+impl Uniform<SlidingState> for SlidingWindow {
+    fn admits_at(&self, s: SlidingState, now_ms: u64, cost: u64) -> bool {
+        self.admits(s, now_ms, cost)
+    }
+    fn is_over_at(&self, s: SlidingState, now_ms: u64) -> bool {
+        self.is_over(s, now_ms)
+    }
+    fn remaining_at(&self, s: SlidingState, now_ms: u64) -> u64 {
+        self.remaining(s, now_ms)
+    }
+    fn expires_at(&self, s: SlidingState, now_ms: u64) -> u64 {
+        self.expires_at_ms(s, now_ms)
+    }
+}
+
+pub(crate) fn div_floor(a: u64, b: u64) -> u64 {
+    a / b.max(1)
+}
+
+pub(crate) fn div_ceil(a: u64, b: u64) -> u64 {
+    a.div_ceil(b.max(1))
+}
 
 /// The largest count a counter holds: 2^53 - 1, the largest integer every storage represents
 /// exactly (Redis scripts compute in doubles). Charges saturate here; `max_value` may not exceed it.
@@ -69,8 +248,8 @@ pub struct GroupOutcome {
 /// none). Changed states are written back into `states` and flagged in `dirty`, so a later
 /// group that shares a counter sees the earlier group's charge.
 pub fn evaluate(
-    limits: &[FixedWindow],
-    states: &mut [Option<WindowState>],
+    limits: &[Algorithm],
+    states: &mut [Option<CounterState>],
     dirty: &mut [bool],
     groups: &[Group],
     now_ms: u64,
@@ -82,13 +261,13 @@ pub fn evaluate(
 }
 
 fn evaluate_group(
-    limits: &[FixedWindow],
-    states: &mut [Option<WindowState>],
+    limits: &[Algorithm],
+    states: &mut [Option<CounterState>],
     dirty: &mut [bool],
     group: &Group,
     now_ms: u64,
 ) -> GroupOutcome {
-    let views: Vec<WindowState> = group
+    let views: Vec<CounterState> = group
         .counters
         .iter()
         .map(|&i| limits[i].current(states[i], now_ms))
@@ -101,7 +280,7 @@ fn evaluate_group(
         .counters
         .iter()
         .zip(&views)
-        .map(|(&i, view)| !limits[i].admits(*view, check_cost))
+        .map(|(&i, view)| !limits[i].admits(*view, now_ms, check_cost))
         .collect();
     let admitted = !refusals.iter().any(|&r| r);
 
@@ -125,28 +304,26 @@ fn evaluate_group(
             } else {
                 view
             };
-            let charged = after.used.saturating_sub(view.used);
-            let beyond = |w: WindowState| w.used.saturating_sub(limit.max);
-            let overshoot = beyond(after) - beyond(view);
-            let over = match group.policy {
-                Policy::Charge => after.used > limit.max,
-                _ => refused,
-            };
-            let retry_after_ms = match group.policy {
-                Policy::Charge => Some(if over {
-                    limit.reset_in_ms(after, now_ms)
-                } else {
-                    0
-                }),
-                _ => limit.retry_after_ms(view, now_ms, check_cost),
+            let (over, retry_after_ms) = match group.policy {
+                // The usage happened: over when past the limit; retry when one more fits.
+                Policy::Charge => {
+                    let over = limit.is_over(after, now_ms);
+                    let retry = if over {
+                        limit.retry_after_ms(after, now_ms, 1)
+                    } else {
+                        Some(0)
+                    };
+                    (over, retry)
+                }
+                _ => (refused, limit.retry_after_ms(view, now_ms, check_cost)),
             };
             CounterOutcome {
                 over,
-                remaining: limit.remaining(after),
+                remaining: limit.remaining(after, now_ms),
                 reset_in_ms: limit.reset_in_ms(after, now_ms),
                 retry_after_ms,
-                charged,
-                overshoot,
+                charged: if charge { group.cost.min(MAX_COUNT) } else { 0 },
+                overshoot: limit.beyond(after).saturating_sub(limit.beyond(view)),
             }
         })
         .collect();
@@ -158,6 +335,17 @@ mod tests {
     use super::*;
 
     const MINUTE: u64 = 60_000;
+
+    fn window(max: u64) -> Algorithm {
+        Algorithm::FixedWindow(FixedWindow::new(max, MINUTE))
+    }
+
+    fn used(state: Option<CounterState>) -> Option<u64> {
+        match state {
+            Some(CounterState::Window(w)) => Some(w.used),
+            _ => None,
+        }
+    }
 
     fn one(policy: Policy, cost: u64) -> Vec<Group> {
         vec![Group {
@@ -179,7 +367,7 @@ mod tests {
 
     #[test]
     fn all_or_nothing_charges_every_counter_or_none() {
-        let limits = [FixedWindow::new(5, MINUTE), FixedWindow::new(2, MINUTE)];
+        let limits = [window(5), window(2)];
         let mut states = [None, None];
         let mut dirty = [false, false];
         let groups = vec![Group {
@@ -198,12 +386,12 @@ mod tests {
         assert!(!second[0].counters[0].over, "the 5-limit alone would admit");
         assert!(second[0].counters[1].over);
         assert_eq!(dirty, [false, false], "a refused call charges nothing");
-        assert_eq!(states[0].map(|s| s.used), Some(2));
+        assert_eq!(used(states[0]), Some(2));
     }
 
     #[test]
     fn check_only_treats_zero_as_one_and_never_writes() {
-        let limits = [FixedWindow::new(1, MINUTE)];
+        let limits = [window(1)];
         let mut states = [None];
         let mut dirty = [false];
         let out = evaluate(
@@ -218,10 +406,10 @@ mod tests {
         assert_eq!(out[0].counters[0].reset_in_ms, MINUTE);
         assert_eq!(states[0], None);
 
-        states[0] = Some(WindowState {
+        states[0] = Some(CounterState::Window(WindowState {
             used: 1,
             expires_at_ms: MINUTE,
-        });
+        }));
         let out = evaluate(
             &limits,
             &mut states,
@@ -236,7 +424,7 @@ mod tests {
 
     #[test]
     fn charge_always_counts_and_is_over_only_past_the_limit() {
-        let limits = [FixedWindow::new(50, MINUTE)];
+        let limits = [window(50)];
         let mut states = [None];
         let mut dirty = [false];
         let out = evaluate(
@@ -255,18 +443,14 @@ mod tests {
             5,
         );
         assert!(!out[0].admitted);
-        assert_eq!(
-            states[0].map(|s| s.used),
-            Some(80),
-            "a charge is never lost"
-        );
+        assert_eq!(used(states[0]), Some(80), "a charge is never lost");
         assert_eq!(out[0].counters[0].remaining, 0);
         assert_eq!(out[0].counters[0].retry_after_ms, Some(MINUTE - 5));
     }
 
     #[test]
     fn a_cost_larger_than_the_limit_is_never_admitted() {
-        let limits = [FixedWindow::new(10, MINUTE)];
+        let limits = [window(10)];
         let mut states = [None];
         let mut dirty = [false];
         let out = evaluate(
@@ -282,7 +466,7 @@ mod tests {
 
     #[test]
     fn later_groups_see_earlier_charges() {
-        let limits = [FixedWindow::new(10, MINUTE)];
+        let limits = [window(10)];
         let mut states = [None];
         let mut dirty = [false];
         let groups = vec![

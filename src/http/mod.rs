@@ -14,25 +14,36 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+use crate::algorithm::CounterState;
 use crate::config::RequestBounds;
 use crate::limiter::{Call, Code, Descriptor, Limiter, Request};
-use crate::limits::LimitView;
+use crate::limits::{Limit, LimitView};
 use crate::rls::headers;
 use crate::status::ServerStatus;
-use crate::storage::StorageError;
+use crate::storage::{CounterSnapshot, StorageError};
+
+mod asm;
 
 #[derive(Clone)]
 struct AppState {
     limiter: Arc<Limiter>,
     status: Arc<ServerStatus>,
     bounds: RequestBounds,
+    /// The namespace of the ASM-compatible endpoints.
+    asm_namespace: String,
 }
 
-pub fn router(limiter: Arc<Limiter>, status: Arc<ServerStatus>, bounds: RequestBounds) -> Router {
+pub fn router(
+    limiter: Arc<Limiter>,
+    status: Arc<ServerStatus>,
+    bounds: RequestBounds,
+    asm_namespace: String,
+) -> Router {
     let state = AppState {
         limiter,
         status,
         bounds,
+        asm_namespace,
     };
     Router::new()
         .route("/status", get(get_status))
@@ -44,6 +55,8 @@ pub fn router(limiter: Arc<Limiter>, status: Arc<ServerStatus>, bounds: RequestB
         .route("/check", post(check))
         .route("/report", post(report))
         .route("/check_and_report", post(check_and_report))
+        .route("/ratelimit", get(asm::check))
+        .route("/update_ratelimit_record", post(asm::update))
         .layer(DefaultBodyLimit::max(bounds.max_message_bytes))
         .with_state(state)
 }
@@ -107,11 +120,19 @@ async fn get_counters(State(state): State<AppState>, Path(namespace): Path<Strin
                 .map(|v| v.source())
                 .zip(counter.key.values.iter().map(String::as_str))
                 .collect(),
-            remaining: limit.max_value.saturating_sub(counter.state.used),
-            expires_in_seconds: counter.state.expires_at_ms.saturating_sub(now) / 1000,
+            remaining: limit.algorithm.remaining(current(limit, counter, now), now),
+            expires_in_seconds: limit
+                .algorithm
+                .reset_in_ms(current(limit, counter, now), now)
+                / 1000,
         })
         .collect();
     Json(views).into_response()
+}
+
+/// A counter's state as of now (refills and expiry applied).
+fn current(limit: &Limit, counter: &CounterSnapshot, now_ms: u64) -> CounterState {
+    limit.algorithm.current(Some(counter.state), now_ms)
 }
 
 /// The body of `/check`, `/report` and `/check_and_report`: `values` become `descriptors[0]`.

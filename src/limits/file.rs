@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{Expression, Limit, LimitSet};
+use super::{AlgorithmKind, Expression, Limit, LimitFields, LimitSet};
 use crate::algorithm::MAX_COUNT;
 
 /// Every problem found in one limits file.
@@ -30,8 +30,7 @@ impl fmt::Display for LimitsError {
 
 impl std::error::Error for LimitsError {}
 
-/// The only algorithm this build has; others come with their own values.
-const ALGORITHMS: [&str; 1] = ["fixed_window"];
+const ALGORITHMS: [&str; 3] = ["fixed_window", "token_bucket", "sliding_window"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,6 +48,8 @@ struct RawLimit {
     variables: Option<Vec<String>>,
     #[serde(default)]
     algorithm: Option<String>,
+    #[serde(default)]
+    refill_tokens: Option<u64>,
 }
 
 /// Loads and validates a limits file.
@@ -145,12 +146,50 @@ fn build_limit(entry: serde_yaml::Value) -> Result<Limit, Vec<String>> {
             problems.push(format!("field `{field}` must not be empty when given"));
         }
     }
-    if let Some(algorithm) = &raw.algorithm
-        && !ALGORITHMS.contains(&algorithm.as_str())
+    let kind = match raw.algorithm.as_deref().unwrap_or("fixed_window") {
+        "fixed_window" => AlgorithmKind::FixedWindow,
+        "token_bucket" => AlgorithmKind::TokenBucket {
+            refill_tokens: raw.refill_tokens,
+        },
+        "sliding_window" => AlgorithmKind::SlidingWindow,
+        unknown => {
+            problems.push(format!(
+                "field `algorithm`: unknown algorithm {unknown:?} (known: {})",
+                ALGORITHMS.join(", ")
+            ));
+            AlgorithmKind::FixedWindow
+        }
+    };
+    match (kind, raw.refill_tokens) {
+        (AlgorithmKind::TokenBucket { .. }, Some(tokens))
+            if tokens == 0 || tokens > raw.max_value =>
+        {
+            problems.push(format!(
+                "field `refill_tokens` must be between 1 and max_value ({})",
+                raw.max_value
+            ));
+        }
+        (AlgorithmKind::TokenBucket { .. }, _) | (_, None) => {}
+        (_, Some(_)) => problems
+            .push("field `refill_tokens` only applies to `algorithm: token_bucket`".to_string()),
+    }
+    // Continuous buckets and sliding windows compute in token·ms: keep that exact everywhere.
+    let exact_in_ms = matches!(
+        kind,
+        AlgorithmKind::SlidingWindow
+            | AlgorithmKind::TokenBucket {
+                refill_tokens: None
+            }
+    );
+    if exact_in_ms
+        && raw
+            .max_value
+            .saturating_mul(raw.seconds)
+            .saturating_mul(1000)
+            > MAX_COUNT
     {
         problems.push(format!(
-            "field `algorithm`: unknown algorithm {algorithm:?} (known: {})",
-            ALGORITHMS.join(", ")
+            "max_value × seconds × 1000 must be at most {MAX_COUNT} for this algorithm"
         ));
     }
     let mut compile_all = |field: &str, sources: Option<Vec<String>>| -> Vec<Expression> {
@@ -168,15 +207,15 @@ fn build_limit(entry: serde_yaml::Value) -> Result<Limit, Vec<String>> {
     if !problems.is_empty() {
         return Err(problems);
     }
-    Ok(Limit::new(
-        raw.namespace,
-        raw.max_value,
-        raw.seconds,
-        raw.name,
-        raw.id,
-        conditions,
-        variables,
-    ))
+    let fields = LimitFields {
+        namespace: raw.namespace,
+        max_value: raw.max_value,
+        seconds: raw.seconds,
+        name: raw.name,
+        id: raw.id,
+        kind,
+    };
+    Ok(Limit::new(fields, conditions, variables))
 }
 
 #[cfg(test)]

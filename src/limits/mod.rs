@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cel::Value;
+
+use crate::algorithm::{Algorithm, FixedWindow, SlidingWindow, TokenBucket};
 use serde::Serialize;
 
 pub use expression::{EvalError, Expression};
@@ -28,6 +30,9 @@ pub struct Limit {
     pub seconds: u64,
     pub conditions: Vec<Expression>,
     pub variables: Vec<Expression>,
+    /// What the YAML asked for, and the arithmetic built from it.
+    pub kind: AlgorithmKind,
+    pub algorithm: Algorithm,
     /// Stable fingerprint of the limit's identity; part of every counter key.
     pub key: LimitId,
     /// The CEL value `limit`, built once; `None` when no expression reads it.
@@ -75,7 +80,14 @@ impl Limit {
 
     /// The shape Limitador's HTTP API and `--validate` show.
     pub fn view(&self) -> LimitView<'_> {
+        let (algorithm, refill_tokens) = match self.kind {
+            AlgorithmKind::FixedWindow => (None, None),
+            AlgorithmKind::TokenBucket { refill_tokens } => (Some("token_bucket"), refill_tokens),
+            AlgorithmKind::SlidingWindow => (Some("sliding_window"), None),
+        };
         LimitView {
+            algorithm,
+            refill_tokens,
             id: self.id.as_deref(),
             namespace: &self.namespace,
             max_value: self.max_value,
@@ -96,6 +108,53 @@ pub struct LimitView<'a> {
     pub name: Option<&'a str>,
     pub conditions: Vec<&'a str>,
     pub variables: Vec<&'a str>,
+    /// Absent for the default, Limitador's fixed window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refill_tokens: Option<u64>,
+}
+
+/// The algorithm a limit asks for in its YAML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlgorithmKind {
+    FixedWindow,
+    /// Refilled continuously, or with `refill_tokens` every `seconds` when given.
+    TokenBucket {
+        refill_tokens: Option<u64>,
+    },
+    SlidingWindow,
+}
+
+impl AlgorithmKind {
+    pub fn build(self, max_value: u64, period_ms: u64) -> Algorithm {
+        match self {
+            AlgorithmKind::FixedWindow => {
+                Algorithm::FixedWindow(FixedWindow::new(max_value, period_ms))
+            }
+            AlgorithmKind::TokenBucket {
+                refill_tokens: None,
+            } => Algorithm::TokenBucket(TokenBucket::continuous(max_value, period_ms)),
+            AlgorithmKind::TokenBucket {
+                refill_tokens: Some(tokens),
+            } => Algorithm::TokenBucket(TokenBucket::stepped(max_value, tokens, period_ms)),
+            AlgorithmKind::SlidingWindow => {
+                Algorithm::SlidingWindow(SlidingWindow::new(max_value, period_ms))
+            }
+        }
+    }
+
+    /// Part of a limit's identity, so changing the algorithm starts new counters. Empty for
+    /// fixed windows, so their counters keep the identity they have always had.
+    fn identity(self) -> String {
+        match self {
+            AlgorithmKind::FixedWindow => String::new(),
+            AlgorithmKind::TokenBucket { refill_tokens } => {
+                format!("token_bucket/{}", refill_tokens.unwrap_or(0))
+            }
+            AlgorithmKind::SlidingWindow => "sliding_window".to_string(),
+        }
+    }
 }
 
 /// The loaded limits, indexed by namespace and by identity. Immutable: a reload builds a new one.
@@ -158,19 +217,38 @@ pub(crate) fn fingerprint<'a>(parts: impl IntoIterator<Item = &'a str>) -> u64 {
     hash
 }
 
+/// A limit's plain fields, as read from its YAML entry.
+pub(crate) struct LimitFields {
+    pub namespace: String,
+    pub max_value: u64,
+    pub seconds: u64,
+    pub name: Option<String>,
+    pub id: Option<String>,
+    pub kind: AlgorithmKind,
+}
+
 impl Limit {
     pub(crate) fn new(
-        namespace: String,
-        max_value: u64,
-        seconds: u64,
-        name: Option<String>,
-        id: Option<String>,
+        fields: LimitFields,
         conditions: Vec<Expression>,
         variables: Vec<Expression>,
     ) -> Self {
+        let LimitFields {
+            namespace,
+            max_value,
+            seconds,
+            name,
+            id,
+            kind,
+        } = fields;
         let seconds_text = seconds.to_string();
+        let kind_text = kind.identity();
         let key = match &id {
-            Some(id) => fingerprint(["id", namespace.as_str(), id.as_str()]),
+            Some(id) => fingerprint(
+                ["id", namespace.as_str(), id.as_str()]
+                    .into_iter()
+                    .chain((!kind_text.is_empty()).then_some(kind_text.as_str())),
+            ),
             None => {
                 let mut sorted: Vec<&str> = conditions.iter().map(Expression::source).collect();
                 sorted.sort_unstable();
@@ -178,7 +256,8 @@ impl Limit {
                     .into_iter()
                     .chain(sorted)
                     .chain(["|"])
-                    .chain(variables.iter().map(Expression::source));
+                    .chain(variables.iter().map(Expression::source))
+                    .chain((!kind_text.is_empty()).then_some(kind_text.as_str()));
                 fingerprint(parts)
             }
         };
@@ -195,6 +274,8 @@ impl Limit {
             seconds,
             conditions,
             variables,
+            kind,
+            algorithm: kind.build(max_value, seconds.saturating_mul(1000)),
             key,
             cel_self,
         }

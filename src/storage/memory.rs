@@ -15,12 +15,19 @@ use async_trait::async_trait;
 use parking_lot::{Mutex, MutexGuard};
 
 use super::{Batch, CounterKey, CounterSnapshot, Storage, StorageError};
-use crate::algorithm::{GroupOutcome, WindowState, evaluate};
+use crate::algorithm::{CounterState, GroupOutcome, evaluate};
 use crate::limits::LimitId;
 
 const SHARDS: usize = 64;
 
-type Shard = HashMap<CounterKey, WindowState>;
+type Shard = HashMap<CounterKey, Stored>;
+
+/// A counter's state and when it may be forgotten.
+#[derive(Debug, Clone, Copy)]
+struct Stored {
+    state: CounterState,
+    expires_at_ms: u64,
+}
 
 pub struct MemoryStorage {
     shards: Box<[Mutex<Shard>]>,
@@ -70,13 +77,13 @@ impl MemoryStorage {
         let guard_of =
             |counter: usize| order.binary_search(&shard_ids[counter]).unwrap_or_default();
 
-        let mut states: Vec<Option<WindowState>> = batch
+        let mut states: Vec<Option<CounterState>> = batch
             .counters
             .iter()
             .enumerate()
-            .map(|(i, c)| guards[guard_of(i)].get(&c.key).copied())
+            .map(|(i, c)| guards[guard_of(i)].get(&c.key).map(|s| s.state))
             .collect();
-        let limits: Vec<_> = batch.counters.iter().map(|c| c.window).collect();
+        let limits: Vec<_> = batch.counters.iter().map(|c| c.algorithm).collect();
         let mut dirty = vec![false; batch.counters.len()];
         let outcomes = evaluate(&limits, &mut states, &mut dirty, &batch.groups, now_ms);
 
@@ -93,7 +100,11 @@ impl MemoryStorage {
         }
         for (i, counter) in batch.counters.iter().enumerate() {
             if let (true, Some(state)) = (dirty[i], states[i]) {
-                guards[guard_of(i)].insert(counter.key.clone(), state);
+                let stored = Stored {
+                    state,
+                    expires_at_ms: counter.algorithm.expires_at_ms(state, now_ms),
+                };
+                guards[guard_of(i)].insert(counter.key.clone(), stored);
             }
         }
         Ok(outcomes)
@@ -141,12 +152,12 @@ impl Storage for MemoryStorage {
             found.extend(
                 shard
                     .iter()
-                    .filter(|(key, state)| {
-                        state.expires_at_ms > now_ms && limits.contains(&key.limit)
+                    .filter(|(key, stored)| {
+                        stored.expires_at_ms > now_ms && limits.contains(&key.limit)
                     })
-                    .map(|(key, state)| CounterSnapshot {
+                    .map(|(key, stored)| CounterSnapshot {
                         key: key.clone(),
-                        state: *state,
+                        state: stored.state,
                     }),
             );
         }
@@ -161,7 +172,7 @@ impl Storage for MemoryStorage {
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
             let before = shard.len();
-            shard.retain(|_, window| window.expires_at_ms > now_ms);
+            shard.retain(|_, stored| stored.expires_at_ms > now_ms);
             self.live.fetch_sub(before - shard.len(), Ordering::Relaxed);
         }
     }
@@ -170,7 +181,7 @@ impl Storage for MemoryStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::algorithm::{FixedWindow, Group, Policy};
+    use crate::algorithm::{Algorithm, FixedWindow, Group, Policy};
     use crate::storage::CounterRequest;
     use std::sync::Arc;
 
@@ -182,7 +193,7 @@ mod tests {
                     limit: 1,
                     values: vec![user.to_string()].into(),
                 },
-                window: FixedWindow::new(max, 1_000),
+                algorithm: Algorithm::FixedWindow(FixedWindow::new(max, 1_000)),
             }],
             groups: vec![Group {
                 policy,

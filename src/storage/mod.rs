@@ -9,7 +9,7 @@ use std::fmt;
 
 use async_trait::async_trait;
 
-use crate::algorithm::{FixedWindow, Group, GroupOutcome, WindowState};
+use crate::algorithm::{Algorithm, CounterState, Group, GroupOutcome};
 use crate::limits::LimitId;
 
 pub use memory::MemoryStorage;
@@ -22,11 +22,11 @@ pub struct CounterKey {
     pub values: Box<[String]>,
 }
 
-/// One counter a request touches, with the window arithmetic of its limit.
+/// One counter a request touches, with the arithmetic of its limit.
 #[derive(Debug, Clone)]
 pub struct CounterRequest {
     pub key: CounterKey,
-    pub window: FixedWindow,
+    pub algorithm: Algorithm,
 }
 
 /// Everything one request asks of the storage.
@@ -42,7 +42,7 @@ pub struct Batch {
 #[derive(Debug, Clone)]
 pub struct CounterSnapshot {
     pub key: CounterKey,
-    pub state: WindowState,
+    pub state: CounterState,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -19,7 +19,10 @@ use redis::{Script, Value};
 use tokio::sync::OnceCell;
 
 use super::{Batch, CounterKey, CounterSnapshot, Storage, StorageError};
-use crate::algorithm::{CounterOutcome, GroupOutcome, Policy, WindowState};
+use crate::algorithm::{
+    Algorithm, BucketState, CounterOutcome, CounterState, GroupOutcome, Policy, SlidingState,
+    WindowState,
+};
 use crate::limits::LimitId;
 
 pub struct RedisStorage {
@@ -147,9 +150,12 @@ impl Storage for RedisStorage {
         invocation.arg(now_ms).arg(batch.counters.len());
         for counter in &batch.counters {
             invocation.key(self.key(&namespace_prefix, &counter.key));
-            invocation
-                .arg(counter.window.max)
-                .arg(counter.window.period_ms);
+            let (kind, parameters) = match counter.algorithm {
+                Algorithm::FixedWindow(w) => (0, [w.max, w.period_ms, 0, 0]),
+                Algorithm::TokenBucket(b) => (1, b.parameters()),
+                Algorithm::SlidingWindow(w) => (2, [w.max, w.period_ms, 0, 0]),
+            };
+            invocation.arg(kind).arg(&parameters[..]);
         }
         invocation.arg(batch.groups.len());
         for group in &batch.groups {
@@ -201,7 +207,8 @@ impl Storage for RedisStorage {
             let Some(state) = parse_state(value) else {
                 continue;
             };
-            if state.expires_at_ms > now_ms && limits.contains(&key.limit) {
+            let expired = matches!(state, CounterState::Window(w) if w.expires_at_ms <= now_ms);
+            if limits.contains(&key.limit) && !expired {
                 found.push(CounterSnapshot { key, state });
             }
         }
@@ -264,11 +271,28 @@ fn parse_key(rest: &str) -> Option<CounterKey> {
     })
 }
 
-fn parse_state(value: &str) -> Option<WindowState> {
-    let (used, expires) = value.split_once(' ')?;
-    Some(WindowState {
-        used: used.parse().ok()?,
-        expires_at_ms: expires.parse().ok()?,
+/// A stored value (see decide.lua) back into a state.
+fn parse_state(value: &str) -> Option<CounterState> {
+    let mut fields = value.split(' ');
+    let kind = fields.next()?;
+    let mut number = || fields.next()?.parse::<i64>().ok();
+    let (a, b) = (number()?, number()?);
+    let unsigned = |v: i64| u64::try_from(v).ok();
+    Some(match kind {
+        "w" => CounterState::Window(WindowState {
+            used: unsigned(a)?,
+            expires_at_ms: unsigned(b)?,
+        }),
+        "b" => CounterState::Bucket(BucketState {
+            units: a,
+            refilled_at_ms: unsigned(b)?,
+        }),
+        "s" => CounterState::Sliding(SlidingState {
+            start_ms: unsigned(a)?,
+            current: unsigned(b)?,
+            previous: unsigned(number()?)?,
+        }),
+        _ => return None,
     })
 }
 

@@ -107,6 +107,7 @@ impl TestServer {
             bounds: options.bounds,
             limits_file: Some(path.clone()),
             grpc_reflection: options.grpc_reflection,
+            asm_namespace: "asm".to_string(),
         };
         let running = server::start(settings, limiter.clone(), status.clone())
             .await
@@ -251,4 +252,12 @@ pub fn header<'a>(response: &'a RateLimitResponse, name: &str) -> Option<&'a str
         .iter()
         .find(|h| h.key.eq_ignore_ascii_case(name))
         .map(|h| h.value.as_str())
+}
+
+/// What a fixed-window counter has used (the tests' usual measure).
+pub fn used(state: &ratekeeper::algorithm::CounterState) -> u64 {
+    match state {
+        ratekeeper::algorithm::CounterState::Window(w) => w.used,
+        other => panic!("not a fixed window: {other:?}"),
+    }
 }
