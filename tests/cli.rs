@@ -279,23 +279,8 @@ fn validate_names_file_entry_and_field_of_each_problem() {
 
 #[tokio::test]
 async fn limitador_style_invocation_serves_http_and_grpc() {
-    let (rls_port, http_port) = free_ports();
-    let mut command = command();
-    command.args([
-        "-b",
-        "127.0.0.1",
-        "-p",
-        &rls_port.to_string(),
-        "-B",
-        "127.0.0.1",
-        "-P",
-        &http_port.to_string(),
-        "limits/llm-tiers.yaml",
-        "memory",
-        "-c",
-        "1000",
-    ]);
-    let server = Server::spawn(command, loopback(rls_port), loopback(http_port)).await;
+    let server =
+        Server::start_on_loopback(&["limits/llm-tiers.yaml", "memory", "-c", "1000"]).await;
 
     let status = server.status().await;
     for field in [
@@ -405,23 +390,7 @@ async fn the_command_line_wins_over_the_environment() {
 
 #[tokio::test]
 async fn memory_cache_bounds_the_live_counters() {
-    let (rls_port, http_port) = free_ports();
-    let mut command = command();
-    command.args([
-        "-b",
-        "127.0.0.1",
-        "-p",
-        &rls_port.to_string(),
-        "-B",
-        "127.0.0.1",
-        "-P",
-        &http_port.to_string(),
-        "limits/llm-tiers.yaml",
-        "memory",
-        "-c",
-        "1",
-    ]);
-    let server = Server::spawn(command, loopback(rls_port), loopback(http_port)).await;
+    let server = Server::start_on_loopback(&["limits/llm-tiers.yaml", "memory", "-c", "1"]).await;
     assert_eq!(code(&server.should(llm_tokens("first", 1)).await), Code::Ok);
     // The only slot is taken by a live counter: a second user cannot get one (never an
     // eviction that would reset the first).
@@ -438,20 +407,7 @@ async fn memory_cache_bounds_the_live_counters() {
 
 #[tokio::test]
 async fn sigterm_exits_cleanly() {
-    let (rls_port, http_port) = free_ports();
-    let mut command = command();
-    command.args([
-        "-b",
-        "127.0.0.1",
-        "-p",
-        &rls_port.to_string(),
-        "-B",
-        "127.0.0.1",
-        "-P",
-        &http_port.to_string(),
-        "limits/llm-tiers.yaml",
-    ]);
-    let mut server = Server::spawn(command, loopback(rls_port), loopback(http_port)).await;
+    let mut server = Server::start_on_loopback(&["limits/llm-tiers.yaml"]).await;
     // Serving, with a live gRPC connection open.
     let mut client = server.grpc().await;
     let response = client
@@ -476,27 +432,13 @@ async fn sigterm_exits_cleanly() {
 /// `--shutdown-timeout` bounds it, and the exit is still clean.
 #[tokio::test]
 async fn sigterm_exits_after_the_shutdown_timeout_despite_stalled_clients() {
-    let (rls_port, http_port) = free_ports();
-    let mut command = command();
-    command.args([
-        "-b",
-        "127.0.0.1",
-        "-p",
-        &rls_port.to_string(),
-        "-B",
-        "127.0.0.1",
-        "-P",
-        &http_port.to_string(),
-        "--shutdown-timeout",
-        "1",
-        "limits/llm-tiers.yaml",
-    ]);
-    let mut server = Server::spawn(command, loopback(rls_port), loopback(http_port)).await;
+    let mut server =
+        Server::start_on_loopback(&["--shutdown-timeout", "1", "limits/llm-tiers.yaml"]).await;
 
-    let mut http = std::net::TcpStream::connect(loopback(http_port)).unwrap();
+    let mut http = std::net::TcpStream::connect(server.http).unwrap();
     http.write_all(b"GET /status HTTP/1.1\r\nHost: ratekeeper\r\n")
         .unwrap();
-    let mut grpc = std::net::TcpStream::connect(loopback(rls_port)).unwrap();
+    let mut grpc = std::net::TcpStream::connect(server.rls).unwrap();
     // The HTTP/2 preface and an empty SETTINGS frame; then silence.
     grpc.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
         .unwrap();

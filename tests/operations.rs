@@ -213,8 +213,8 @@ async fn reflection_lists_the_services_when_enabled() {
     }
 }
 
-/// Polls /status until `config_version` reaches `version` (bounded).
-async fn wait_for_version(server: &TestServer, version: u64) -> serde_json::Value {
+/// Polls /status until `field` reaches `value` (bounded).
+async fn wait_for_status(server: &TestServer, field: &str, value: u64) -> serde_json::Value {
     let mut status = serde_json::Value::Null;
     for _ in 0..100 {
         status = reqwest::get(format!("{}/status", server.http_base))
@@ -223,29 +223,20 @@ async fn wait_for_version(server: &TestServer, version: u64) -> serde_json::Valu
             .json()
             .await
             .unwrap();
-        if status["config_version"] == version {
+        if status[field] == value {
             return status;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("config_version never reached {version}: {status}");
+    panic!("{field} never reached {value}: {status}");
+}
+
+async fn wait_for_version(server: &TestServer, version: u64) -> serde_json::Value {
+    wait_for_status(server, "config_version", version).await
 }
 
 async fn wait_for_errors(server: &TestServer, errors: u64) -> serde_json::Value {
-    let mut status = serde_json::Value::Null;
-    for _ in 0..100 {
-        status = reqwest::get(format!("{}/status", server.http_base))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if status["config_err_since"] == errors {
-            return status;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("config_err_since never reached {errors}: {status}");
+    wait_for_status(server, "config_err_since", errors).await
 }
 
 fn limit_yaml(max: u64) -> String {

@@ -10,14 +10,12 @@ use common::{code, descriptor, request};
 use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 
 async fn start(extra: &[&str]) -> Server {
-    let (rls_port, http_port) = free_ports();
-    let mut command = command();
-    command
-        .args(["-b", "127.0.0.1", "-p", &rls_port.to_string()])
-        .args(["-B", "127.0.0.1", "-P", &http_port.to_string()])
-        .args(extra)
-        .arg("limits/llm-tiers.yaml");
-    Server::spawn(command, loopback(rls_port), loopback(http_port)).await
+    let args: Vec<&str> = extra
+        .iter()
+        .copied()
+        .chain(["limits/llm-tiers.yaml"])
+        .collect();
+    Server::start_on_loopback(&args).await
 }
 
 #[tokio::test]

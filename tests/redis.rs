@@ -23,15 +23,13 @@ async fn ratekeeper(redis_url: &str, extra: &[&str]) -> Server {
 
 /// ... and options of the `redis` subcommand.
 async fn ratekeeper_with(redis_url: &str, extra: &[&str], redis_options: &[&str]) -> Server {
-    let (rls_port, http_port) = free_ports();
-    let mut command = command();
-    command
-        .args(["-b", "127.0.0.1", "-p", &rls_port.to_string()])
-        .args(["-B", "127.0.0.1", "-P", &http_port.to_string()])
-        .args(extra)
-        .args([LIMITS, "redis", redis_url])
-        .args(redis_options);
-    Server::spawn(command, loopback(rls_port), loopback(http_port)).await
+    let args: Vec<&str> = extra
+        .iter()
+        .copied()
+        .chain([LIMITS, "redis", redis_url])
+        .chain(redis_options.iter().copied())
+        .collect();
+    Server::start_on_loopback(&args).await
 }
 
 fn charge(user: &str, tokens: u32) -> RateLimitRequest {

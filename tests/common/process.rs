@@ -67,6 +67,17 @@ impl Server {
         server
     }
 
+    /// The binary on free loopback ports (`-b`/`-p`/`-B`/`-P` set), with `args` after them.
+    pub async fn start_on_loopback(args: &[&str]) -> Server {
+        let (rls_port, http_port) = free_ports();
+        let mut command = command();
+        command
+            .args(["-b", "127.0.0.1", "-p", &rls_port.to_string()])
+            .args(["-B", "127.0.0.1", "-P", &http_port.to_string()])
+            .args(args);
+        Server::spawn(command, loopback(rls_port), loopback(http_port)).await
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
