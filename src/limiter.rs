@@ -110,7 +110,11 @@ pub struct DescriptorStatus {
 }
 
 pub struct Decision {
+    /// `OverLimit` when a call was refused or a charge went past a limit.
     pub code: Code,
+    /// A check or an all-or-nothing call was refused (as opposed to a charge for usage that
+    /// already happened going past the limit: that usage was served).
+    pub refused: bool,
     /// One per request descriptor, in order.
     pub statuses: Vec<DescriptorStatus>,
     /// Every limit the call touched, most restrictive first.
@@ -196,6 +200,7 @@ impl Limiter {
         if request.namespace.is_empty() {
             return Ok(Decision {
                 code: Code::Unknown,
+                refused: false,
                 statuses: vec![DescriptorStatus::default(); request.descriptors.len()],
                 limits: Vec::new(),
             });
@@ -272,6 +277,7 @@ impl Limiter {
         let mut statuses = vec![DescriptorStatus::default(); request.descriptors.len()];
         let mut all_limits = Vec::new();
         let mut over_limit = false;
+        let mut refused = false;
         for ((context, outcome), limits) in contexts.iter().zip(outcomes).zip(group_limits) {
             let mut group_statuses: Vec<LimitStatus> = limits
                 .into_iter()
@@ -280,6 +286,7 @@ impl Limiter {
                 .collect();
             group_statuses.sort_by(most_restrictive_first);
             over_limit |= !outcome.admitted;
+            refused |= !outcome.admitted && context.policy != Policy::Charge;
             for &i in &context.descriptors {
                 statuses[i] = DescriptorStatus {
                     over: !outcome.admitted,
@@ -295,6 +302,7 @@ impl Limiter {
             } else {
                 Code::Ok
             },
+            refused,
             statuses,
             limits: all_limits,
         };
@@ -321,6 +329,7 @@ impl Limiter {
         tracing::warn!(%error, mode = ?self.on_storage_error, "storage failed; answering without it");
         Ok(Decision {
             code: if over { Code::OverLimit } else { Code::Ok },
+            refused: over,
             statuses: vec![DescriptorStatus { over, limit: None }; request.descriptors.len()],
             limits: Vec::new(),
         })

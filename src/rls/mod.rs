@@ -84,13 +84,23 @@ impl RateLimitServer {
             .decide(&request, call)
             .await
             .map_err(|e| storage_status(&e))?;
+        let limiting = || {
+            let over = decision.limits.iter().find(|l| l.outcome.over);
+            over.and_then(|l| l.limit.name.as_deref()).unwrap_or("")
+        };
         match decision.code {
-            Code::OverLimit if call != Call::Report => {
-                let limiting = decision.limits.iter().find(|l| l.outcome.over);
+            Code::OverLimit if decision.refused => {
                 tracing::info!(
                     namespace = request.namespace,
-                    limit = limiting.and_then(|l| l.limit.name.as_deref()).unwrap_or(""),
+                    limit = limiting(),
                     "over the limit"
+                );
+            }
+            Code::OverLimit => {
+                tracing::debug!(
+                    namespace = request.namespace,
+                    limit = limiting(),
+                    "charged past the limit"
                 );
             }
             Code::Unknown => tracing::info!("answered UNKNOWN: the request has an empty domain"),
