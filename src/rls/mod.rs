@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use prost_types::Duration;
 use tonic::Status;
-use tracing::Instrument;
 
 use crate::config::{RateLimitHeaders, RequestBounds};
 use crate::limiter::{Call, Code, Decision, Descriptor, Limiter, Request};
@@ -47,17 +46,13 @@ impl RateLimitServer {
     ) -> Result<tonic::Response<RateLimitResponse>, Status> {
         let started = Instant::now();
         let rpc = rpc_name(call);
-        let request_id = request
-            .metadata()
+        let (metadata, _, message) = request.into_parts();
+        // Only the lines logged for this call carry it: no per-call span to pay for.
+        let request_id = metadata
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        let span = tracing::info_span!("rls", rpc, request_id);
-        let result = self
-            .decide(request.into_inner(), call)
-            .instrument(span)
-            .await;
+            .unwrap_or("");
+        let result = self.decide(message, call, rpc, request_id).await;
         let outcome = match &result {
             Ok(response) => match response::Code::try_from(response.overall_code) {
                 Ok(response::Code::Ok) => "ok",
@@ -75,36 +70,39 @@ impl RateLimitServer {
         &self,
         request: RateLimitRequest,
         call: Call,
+        rpc: &str,
+        request_id: &str,
     ) -> Result<RateLimitResponse, Status> {
         let request = to_request(request, &self.bounds).inspect_err(|status| {
-            tracing::info!(reason = status.message(), "rejected a malformed request");
+            let reason = status.message();
+            tracing::info!(rpc, request_id, reason, "rejected a malformed request");
         })?;
-        let decision = self
-            .limiter
-            .decide(&request, call)
-            .await
-            .map_err(|e| storage_status(&e))?;
+        let decision = self.limiter.decide(&request, call).await.map_err(|error| {
+            tracing::warn!(rpc, request_id, %error, "storage refused a decision");
+            storage_status(&error)
+        })?;
+        let namespace = request.namespace.as_str();
         let limiting = || {
             let over = decision.limits.iter().find(|l| l.outcome.over);
             over.and_then(|l| l.limit.name.as_deref()).unwrap_or("")
         };
         match decision.code {
             Code::OverLimit if decision.refused => {
-                tracing::info!(
-                    namespace = request.namespace,
-                    limit = limiting(),
-                    "over the limit"
-                );
+                let limit = limiting();
+                tracing::info!(rpc, request_id, namespace, limit, "over the limit");
             }
             Code::OverLimit => {
-                tracing::debug!(
-                    namespace = request.namespace,
-                    limit = limiting(),
-                    "charged past the limit"
+                let limit = limiting();
+                tracing::debug!(rpc, request_id, namespace, limit, "charged past the limit");
+            }
+            Code::Unknown => {
+                tracing::info!(
+                    rpc,
+                    request_id,
+                    "answered UNKNOWN: the request has an empty domain"
                 );
             }
-            Code::Unknown => tracing::info!("answered UNKNOWN: the request has an empty domain"),
-            _ => {}
+            Code::Ok => {}
         }
         Ok(to_response(&decision, call, self.headers))
     }
@@ -146,8 +144,7 @@ impl kuadrant::rate_limit_service_server::RateLimitService for RateLimitServer {
 }
 
 /// The gRPC status for a storage failure: Envoy's `failure_mode_deny` decides what happens.
-pub fn storage_status(error: &StorageError) -> Status {
-    tracing::warn!(%error, "storage refused a decision");
+fn storage_status(error: &StorageError) -> Status {
     match error {
         StorageError::CapacityExhausted { .. } => Status::resource_exhausted(error.to_string()),
         StorageError::Unavailable(_) => Status::unavailable(error.to_string()),
