@@ -13,6 +13,8 @@ use common::redis::{RedisProcess, cli};
 use common::{code, descriptor, request};
 use ratekeeper::proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const LIMITS: &str = "limits/llm-tiers.yaml";
 
@@ -45,6 +47,24 @@ async fn ready(server: &Server) -> u16 {
         .await
         .map(|r| r.status().as_u16())
         .unwrap_or(0)
+}
+
+/// gRPC health of the rate limit service.
+async fn health(server: &Server) -> ServingStatus {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.rls))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let request = HealthCheckRequest {
+        service: "envoy.service.ratelimit.v3.RateLimitService".to_string(),
+    };
+    HealthClient::new(channel)
+        .check(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
 }
 
 /// Polls until `check` is true, at most `limit`.
@@ -139,6 +159,7 @@ async fn redis_going_away_and_coming_back_while_traffic_flows() {
         );
     }
     assert!(eventually(Duration::from_secs(5), async || ready(&server).await == 503).await);
+    assert_eq!(health(&server).await, ServingStatus::NotServing);
 
     // Redis returns (empty: it saved nothing); ratekeeper reconnects by itself.
     redis.restart();
@@ -153,6 +174,7 @@ async fn redis_going_away_and_coming_back_while_traffic_flows() {
     }
     assert!(back, "ratekeeper did not reconnect; log:\n{}", server.log());
     assert!(eventually(Duration::from_secs(5), async || ready(&server).await == 200).await);
+    assert_eq!(health(&server).await, ServingStatus::Serving);
     let status = reqwest::get(format!("http://{}/status", server.http))
         .await
         .unwrap();
