@@ -157,6 +157,14 @@ impl Metrics {
     }
 }
 
+/// Folds recorded histogram samples into their buckets, so they do not pile up in memory
+/// between scrapes (or forever, without a scraper). Called every second by the server.
+pub fn upkeep() {
+    if let Ok(handle) = install() {
+        handle.run_upkeep();
+    }
+}
+
 pub fn rpc(rpc: &'static str, outcome: &'static str, elapsed: Duration) {
     histogram!("ratekeeper_rpc_duration_seconds", "rpc" => rpc).record(elapsed.as_secs_f64());
     counter!("ratekeeper_rpc_calls", "rpc" => rpc, "outcome" => outcome).increment(1);
