@@ -309,8 +309,9 @@ impl Limiter {
         let cost = contexts
             .iter()
             .fold(0u64, |sum, context| sum.saturating_add(context.cost));
+        let namespace_metrics = limits.namespace_metrics(&request.namespace);
         self.metrics
-            .decision(&request.namespace, call, cost, &decision);
+            .decision(namespace_metrics, call, cost, &decision);
         Ok(decision)
     }
 

@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{Counter, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::limiter::{Call, Code, Decision};
@@ -90,6 +90,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
             }
             gauge!("limitador_up").set(1.0);
             gauge!("datastore_partitioned").set(0.0);
+            let _ = RPC.set(RpcMetrics::new());
             Ok(handle)
         })
         .clone()
@@ -101,59 +102,95 @@ pub struct Metrics {
     pub limit_name_in_labels: bool,
 }
 
-impl Metrics {
-    fn limit_labels(&self, limit: &Limit) -> Vec<(&'static str, String)> {
+/// A namespace's series, resolved once (the hot path then only adds to atomics). Namespaces
+/// that have no limits share the series labelled `""`, so clients cannot create series.
+pub struct NamespaceMetrics {
+    authorized_calls: Counter,
+    authorized_hits: Counter,
+    limited_calls: Counter,
+}
+
+impl NamespaceMetrics {
+    pub fn new(namespace: &str) -> Self {
+        let labels = [(NAMESPACE, namespace.to_string())];
+        Self {
+            authorized_calls: counter!("authorized_calls", &labels),
+            authorized_hits: counter!("authorized_hits", &labels),
+            limited_calls: counter!("limited_calls", &labels),
+        }
+    }
+}
+
+/// A limit's series, resolved once.
+pub struct LimitMetrics {
+    charged: Counter,
+    overshoot: Counter,
+    limited_calls: Counter,
+    cel_errors: Counter,
+}
+
+impl LimitMetrics {
+    pub fn new(limit: &Limit, limit_name_in_labels: bool) -> Self {
         let mut labels = vec![(NAMESPACE, limit.namespace.clone())];
-        if self.limit_name_in_labels {
+        if limit_name_in_labels {
             labels.push((LIMIT_NAME, limit.name.clone().unwrap_or_default()));
         }
-        labels
+        Self {
+            charged: counter!("ratekeeper_tokens_charged", &labels),
+            overshoot: counter!("ratekeeper_tokens_overshoot", &labels),
+            limited_calls: counter!("limited_calls", &labels),
+            cel_errors: counter!("ratekeeper_cel_errors", &labels),
+        }
+    }
+}
+
+impl Metrics {
+    fn of<'a>(&self, limit: &'a Limit) -> &'a LimitMetrics {
+        limit.metrics(self.limit_name_in_labels)
     }
 
     /// Records a decision the way Limitador does (calls and hits per namespace, refusals per
     /// limit) and the tokens charged and overshot per limit. A charge for usage that already
     /// happened counts as authorized even when it goes past the limit (its excess is
     /// `ratekeeper_tokens_overshoot`); only refused checks are `limited_calls`.
-    pub fn decision(&self, namespace: &str, call: Call, cost: u64, decision: &Decision) {
+    pub fn decision(
+        &self,
+        namespace: &NamespaceMetrics,
+        call: Call,
+        cost: u64,
+        decision: &Decision,
+    ) {
         for status in &decision.limits {
             let outcome = &status.outcome;
             if outcome.charged > 0 {
-                counter!(
-                    "ratekeeper_tokens_charged",
-                    &self.limit_labels(&status.limit)
-                )
-                .increment(outcome.charged);
+                self.of(&status.limit).charged.increment(outcome.charged);
             }
             if outcome.overshoot > 0 {
-                counter!(
-                    "ratekeeper_tokens_overshoot",
-                    &self.limit_labels(&status.limit)
-                )
-                .increment(outcome.overshoot);
+                self.of(&status.limit)
+                    .overshoot
+                    .increment(outcome.overshoot);
             }
         }
-        let namespace_label = [(NAMESPACE, namespace.to_string())];
         if decision.code == Code::Unknown {
             return;
         }
         if call == Call::Report {
-            counter!("authorized_hits", &namespace_label).increment(cost);
+            namespace.authorized_hits.increment(cost);
         } else if decision.refused {
-            let labels = match decision.limits.iter().find(|l| l.outcome.over) {
-                Some(limiting) => self.limit_labels(&limiting.limit),
-                None => namespace_label.to_vec(),
-            };
-            counter!("limited_calls", &labels).increment(1);
+            match decision.limits.iter().find(|l| l.outcome.over) {
+                Some(limiting) => self.of(&limiting.limit).limited_calls.increment(1),
+                None => namespace.limited_calls.increment(1),
+            }
         } else {
-            counter!("authorized_calls", &namespace_label).increment(1);
+            namespace.authorized_calls.increment(1);
             if call == Call::ShouldRateLimit {
-                counter!("authorized_hits", &namespace_label).increment(cost);
+                namespace.authorized_hits.increment(cost);
             }
         }
     }
 
     pub fn cel_error(&self, limit: &Limit) {
-        counter!("ratekeeper_cel_errors", &self.limit_labels(limit)).increment(1);
+        self.of(limit).cel_errors.increment(1);
     }
 }
 
@@ -165,13 +202,47 @@ pub fn upkeep() {
     }
 }
 
+/// Per-RPC series, resolved when the recorder is installed.
+struct RpcMetrics {
+    /// [rpc][outcome]
+    calls: [[Counter; OUTCOMES.len()]; RPCS.len()],
+    duration: [Histogram; RPCS.len()],
+    datastore_latency: Histogram,
+}
+
+const RPCS: [&str; 3] = ["ShouldRateLimit", "CheckRateLimit", "Report"];
+const OUTCOMES: [&str; 5] = ["ok", "over_limit", "unknown", "invalid", "error"];
+
+static RPC: OnceLock<RpcMetrics> = OnceLock::new();
+
+impl RpcMetrics {
+    fn new() -> Self {
+        Self {
+            calls: RPCS.map(|rpc| {
+                OUTCOMES.map(
+                    |outcome| counter!("ratekeeper_rpc_calls", "rpc" => rpc, "outcome" => outcome),
+                )
+            }),
+            duration: RPCS.map(|rpc| histogram!("ratekeeper_rpc_duration_seconds", "rpc" => rpc)),
+            datastore_latency: histogram!("datastore_latency"),
+        }
+    }
+}
+
+/// Records one answered call. `rpc` and `outcome` are among [`RPCS`] and [`OUTCOMES`].
 pub fn rpc(rpc: &'static str, outcome: &'static str, elapsed: Duration) {
-    histogram!("ratekeeper_rpc_duration_seconds", "rpc" => rpc).record(elapsed.as_secs_f64());
-    counter!("ratekeeper_rpc_calls", "rpc" => rpc, "outcome" => outcome).increment(1);
+    let Some(metrics) = RPC.get() else { return };
+    let position = |names: &[&str], name: &str| names.iter().position(|n| *n == name);
+    if let (Some(r), Some(o)) = (position(&RPCS, rpc), position(&OUTCOMES, outcome)) {
+        metrics.calls[r][o].increment(1);
+        metrics.duration[r].record(elapsed.as_secs_f64());
+    }
 }
 
 pub fn datastore_latency(elapsed: Duration) {
-    histogram!("datastore_latency").record(elapsed.as_secs_f64());
+    if let Some(metrics) = RPC.get() {
+        metrics.datastore_latency.record(elapsed.as_secs_f64());
+    }
 }
 
 pub fn storage_error(kind: &'static str) {

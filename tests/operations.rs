@@ -144,6 +144,26 @@ async fn a_charge_past_the_limit_is_served_usage_not_a_refusal() {
 }
 
 #[tokio::test]
+async fn clients_cannot_create_metric_series() {
+    let server = TestServer::start(&limits_for("metrics-d")).await;
+    for i in 0..20 {
+        let domain = format!("made-up-{i}");
+        server
+            .should(request(&domain, vec![descriptor(&[("user", "u")])], 1))
+            .await;
+    }
+    let samples = scrape(&server).await;
+    assert!(
+        !samples.iter().any(|s| s
+            .labels
+            .get("limitador_namespace")
+            .is_some_and(|n| n.starts_with("made-up"))),
+        "a series per client-chosen domain"
+    );
+    assert!(value(&samples, "authorized_calls", &[("limitador_namespace", "")]) >= 20.0);
+}
+
+#[tokio::test]
 async fn limit_name_is_only_a_label_when_asked() {
     let server = TestServer::start(&limits_for("metrics-b")).await;
     let r = request("metrics-b", vec![descriptor(&[("user", "bob")])], 11);

@@ -6,11 +6,12 @@ pub mod file;
 pub mod watch;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cel::Value;
 
 use crate::algorithm::{Algorithm, FixedWindow, SlidingWindow, TokenBucket};
+use crate::metrics::{LimitMetrics, NamespaceMetrics};
 use serde::Serialize;
 
 pub use expression::{EvalError, Expression};
@@ -37,6 +38,8 @@ pub struct Limit {
     pub key: LimitId,
     /// The CEL value `limit`, built once; `None` when no expression reads it.
     cel_self: Option<Value>,
+    /// This limit's metric series, resolved on first use (after the recorder is installed).
+    metrics: OnceLock<LimitMetrics>,
 }
 
 impl Limit {
@@ -76,6 +79,11 @@ impl Limit {
             }
         }
         Ok(Some(values))
+    }
+
+    pub fn metrics(&self, limit_name_in_labels: bool) -> &LimitMetrics {
+        self.metrics
+            .get_or_init(|| LimitMetrics::new(self, limit_name_in_labels))
     }
 
     /// The shape Limitador's HTTP API and `--validate` show.
@@ -160,8 +168,16 @@ impl AlgorithmKind {
 /// The loaded limits, indexed by namespace and by identity. Immutable: a reload builds a new one.
 #[derive(Default)]
 pub struct LimitSet {
-    by_namespace: HashMap<String, Vec<Arc<Limit>>>,
+    by_namespace: HashMap<String, Namespace>,
     by_key: HashMap<LimitId, Arc<Limit>>,
+    /// The series of every namespace that has no limits.
+    other_metrics: OnceLock<NamespaceMetrics>,
+}
+
+#[derive(Default)]
+struct Namespace {
+    limits: Vec<Arc<Limit>>,
+    metrics: OnceLock<NamespaceMetrics>,
 }
 
 impl LimitSet {
@@ -172,6 +188,7 @@ impl LimitSet {
             set.by_namespace
                 .entry(limit.namespace.clone())
                 .or_default()
+                .limits
                 .push(limit);
         }
         set
@@ -180,8 +197,16 @@ impl LimitSet {
     pub fn namespace(&self, namespace: &str) -> &[Arc<Limit>] {
         self.by_namespace
             .get(namespace)
-            .map(Vec::as_slice)
+            .map(|n| n.limits.as_slice())
             .unwrap_or_default()
+    }
+
+    /// The namespace's metric series; namespaces without limits share those labelled `""`.
+    pub fn namespace_metrics(&self, namespace: &str) -> &NamespaceMetrics {
+        match self.by_namespace.get_key_value(namespace) {
+            Some((name, n)) => n.metrics.get_or_init(|| NamespaceMetrics::new(name)),
+            None => self.other_metrics.get_or_init(|| NamespaceMetrics::new("")),
+        }
     }
 
     pub fn by_key(&self, key: LimitId) -> Option<&Arc<Limit>> {
@@ -200,7 +225,7 @@ impl LimitSet {
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Limit>> {
         let mut namespaces: Vec<_> = self.by_namespace.iter().collect();
         namespaces.sort_by(|a, b| a.0.cmp(b.0));
-        namespaces.into_iter().flat_map(|(_, limits)| limits.iter())
+        namespaces.into_iter().flat_map(|(_, n)| n.limits.iter())
     }
 }
 
@@ -278,6 +303,7 @@ impl Limit {
             algorithm: kind.build(max_value, seconds.saturating_mul(1000)),
             key,
             cel_self,
+            metrics: OnceLock::new(),
         }
     }
 }
