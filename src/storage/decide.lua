@@ -32,35 +32,45 @@ end
 -- Per counter: kind, parameters p1..p4, state s1..s3.
 local kind, p1, p2, p3, p4, s1, s2, s3, dirty = {}, {}, {}, {}, {}, {}, {}, {}, {}
 
+-- The numbers of a stored value "<tag> <a> <b>[ <c>]" whose tag is `tag`; nil otherwise.
+local function fields(stored, tag)
+  if not stored or string.sub(stored, 1, 2) ~= tag .. ' ' then return nil end
+  local space = string.find(stored, ' ', 3, true)
+  if not space then return nil end
+  local a = tonumber(string.sub(stored, 3, space - 1))
+  local rest = string.sub(stored, space + 1)
+  local second = string.find(rest, ' ', 1, true)
+  if second then
+    return a, tonumber(string.sub(rest, 1, second - 1)), tonumber(string.sub(rest, second + 1))
+  end
+  return a, tonumber(rest), nil
+end
+
 -- The state in force now (expired windows dropped, refills added); a missing state is new.
 local function load(i, stored)
-  local fields = {}
-  if stored then
-    for word in string.gmatch(stored, '%S+') do fields[#fields + 1] = word end
-  end
   local k = kind[i]
   if k == 0 then
-    local used, ends = tonumber(fields[2]), tonumber(fields[3])
-    if fields[1] == 'w' and used and ends and ends > now then
+    local used, ends = fields(stored, 'w')
+    if used and ends and ends > now then
       s1[i], s2[i] = used, ends
     else
       s1[i], s2[i] = 0, now + p2[i]
     end
   elseif k == 1 then
-    local units, at = tonumber(fields[2]), tonumber(fields[3])
-    if fields[1] == 'b' and units and at then
+    local units, at = fields(stored, 'b')
+    if units and at then
       local steps = 0
       if now > at then steps = math.floor((now - at) / p4[i]) end
       s1[i] = units + math.min(steps * p3[i], 2 * MAX_COUNT)
       s2[i] = at + steps * p4[i]
     end
     -- Full again is the same as new: refill steps start over at the next charge.
-    if not (fields[1] == 'b' and units and at) or s1[i] >= p1[i] then
+    if not (units and at) or s1[i] >= p1[i] then
       s1[i], s2[i] = p1[i], now
     end
   else
-    local start, current, previous = tonumber(fields[2]), tonumber(fields[3]), tonumber(fields[4])
-    if fields[1] == 's' and start and current and previous then
+    local start, current, previous = fields(stored, 's')
+    if start and current and previous then
       local windows = 0
       if now > start then windows = math.floor((now - start) / p2[i]) end
       if windows == 0 then
