@@ -235,10 +235,7 @@ impl Limiter {
                     let Some(values) = self.evaluate(limit, &request.namespace, &cel) else {
                         continue;
                     };
-                    let key = CounterKey {
-                        limit: limit.key,
-                        values: values.into(),
-                    };
+                    let key = CounterKey::new(limit.key, &values);
                     let index = *counter_index.entry(key.clone()).or_insert_with(|| {
                         batch.counters.push(CounterRequest {
                             key,

@@ -48,10 +48,7 @@ fn random_batch(rng: &mut Rng, algorithms: &[Algorithm]) -> Batch {
     for _ in 0..count {
         let limit = rng.below(algorithms.len() as u64);
         let user = rng.below(2);
-        let key = CounterKey {
-            limit,
-            values: vec![format!("user{user}")].into(),
-        };
+        let key = CounterKey::new(limit, [format!("user{user}")]);
         if counters.iter().any(|c: &CounterRequest| c.key == key) {
             continue;
         }

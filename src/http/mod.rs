@@ -118,7 +118,7 @@ async fn get_counters(State(state): State<AppState>, Path(namespace): Path<Strin
                 .variables
                 .iter()
                 .map(|v| v.source())
-                .zip(counter.key.values.iter().map(String::as_str))
+                .zip(counter.key.values())
                 .collect(),
             remaining: limit.algorithm.remaining(current(limit, counter, now), now),
             expires_in_seconds: limit

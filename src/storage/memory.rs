@@ -189,10 +189,7 @@ mod tests {
         Batch {
             namespace: "ns".to_string(),
             counters: vec![CounterRequest {
-                key: CounterKey {
-                    limit: 1,
-                    values: vec![user.to_string()].into(),
-                },
+                key: CounterKey::new(1, [user]),
                 algorithm: Algorithm::FixedWindow(FixedWindow::new(max, 1_000)),
             }],
             groups: vec![Group {

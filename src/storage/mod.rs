@@ -19,7 +19,57 @@ pub use redis::RedisStorage;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CounterKey {
     pub limit: LimitId,
-    pub values: Box<[String]>,
+    /// The values, each as `<byte length>:<value>`, one after the other: one allocation per
+    /// counter (memory per counter matters at millions of counters), unambiguous whatever the
+    /// values contain, and the tail of the counter's Redis key.
+    encoded: Box<str>,
+}
+
+impl CounterKey {
+    pub fn new<S: AsRef<str>>(limit: LimitId, values: impl IntoIterator<Item = S>) -> Self {
+        let mut encoded = String::new();
+        for value in values {
+            let value = value.as_ref();
+            encoded.push_str(&value.len().to_string());
+            encoded.push(':');
+            encoded.push_str(value);
+        }
+        Self {
+            limit,
+            encoded: encoded.into_boxed_str(),
+        }
+    }
+
+    /// A key from its encoded values; `None` if they are not well formed.
+    pub fn from_encoded(limit: LimitId, encoded: &str) -> Option<Self> {
+        let key = Self {
+            limit,
+            encoded: encoded.into(),
+        };
+        let well_formed = key.decode().is_some();
+        well_formed.then_some(key)
+    }
+
+    pub fn encoded(&self) -> &str {
+        &self.encoded
+    }
+
+    /// The values, in the order of the limit's variables.
+    pub fn values(&self) -> Vec<&str> {
+        self.decode().unwrap_or_default()
+    }
+
+    fn decode(&self) -> Option<Vec<&str>> {
+        let mut values = Vec::new();
+        let mut rest: &str = &self.encoded;
+        while !rest.is_empty() {
+            let (len, tail) = rest.split_once(':')?;
+            let len: usize = len.parse().ok()?;
+            values.push(tail.get(..len)?);
+            rest = tail.get(len..)?;
+        }
+        Some(values)
+    }
 }
 
 /// One counter a request touches, with the arithmetic of its limit.

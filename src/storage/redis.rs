@@ -102,13 +102,7 @@ impl RedisStorage {
     }
 
     fn key(&self, namespace_prefix: &str, key: &CounterKey) -> String {
-        let mut text = format!("{namespace_prefix}{:016x}:", key.limit);
-        for value in key.values.iter() {
-            text.push_str(&value.len().to_string());
-            text.push(':');
-            text.push_str(value);
-        }
-        text
+        format!("{namespace_prefix}{:016x}:{}", key.limit, key.encoded())
     }
 
     /// Runs `invocation` on the connection, within the timeout.
@@ -256,19 +250,8 @@ fn parse_outcomes(reply: &Value, batch: &Batch) -> Option<Vec<GroupOutcome>> {
 
 /// `<limit hex>:<len>:<value>...` back into a key.
 fn parse_key(rest: &str) -> Option<CounterKey> {
-    let (limit, mut values_text) = rest.split_once(':')?;
-    let limit = u64::from_str_radix(limit, 16).ok()?;
-    let mut values = Vec::new();
-    while !values_text.is_empty() {
-        let (len, tail) = values_text.split_once(':')?;
-        let len: usize = len.parse().ok()?;
-        values.push(tail.get(..len)?.to_string());
-        values_text = tail.get(len..)?;
-    }
-    Some(CounterKey {
-        limit,
-        values: values.into(),
-    })
+    let (limit, values) = rest.split_once(':')?;
+    CounterKey::from_encoded(u64::from_str_radix(limit, 16).ok()?, values)
 }
 
 /// A stored value (see decide.lua) back into a state.
@@ -361,10 +344,8 @@ mod tests {
     async fn keys_round_trip() {
         let storage =
             RedisStorage::open("redis://127.0.0.1:1", "rk", Duration::from_millis(5)).unwrap();
-        let key = CounterKey {
-            limit: 0xabc,
-            values: vec!["alice:1".to_string(), String::new(), "ünï".to_string()].into(),
-        };
+        let key = CounterKey::new(0xabc, ["alice:1", "", "ünï"]);
+        assert_eq!(key.values(), ["alice:1", "", "ünï"]);
         let prefix = storage.namespace_prefix("llm/route");
         let text = storage.key(&prefix, &key);
         assert_eq!(text, "rk:{llm/route}:0000000000000abc:7:alice:10:5:ünï");
