@@ -2,16 +2,18 @@
 //!
 //! Data flows one way, each module one concept:
 //!
-//! - [`rls`] and [`http`] — adapters: Envoy's and Kuadrant's gRPC services, Limitador's HTTP
-//!   API. They translate requests into [`limiter`] calls and decisions into answers.
+//! - [`rls`] and [`http`] — adapters: Envoy's and Kuadrant's gRPC services, Limitador's and
+//!   ASM's HTTP APIs. They translate requests into [`limiter`] calls and decisions into answers.
 //! - [`limiter`] — the engine: which limits apply (CEL over descriptors), which counters that
 //!   means, what each call costs, and one storage call per request.
-//! - [`storage`] — where counters live ([`storage::memory`]); each decides a whole request in
-//!   one atomic step.
-//! - [`algorithm`] — the arithmetic (fixed windows), pure functions shared by every storage.
+//! - [`storage`] — where counters live ([`storage::memory`], [`storage::redis`] with its Lua
+//!   twin of the arithmetic); each decides a whole request in one atomic step.
+//! - [`algorithm`] — the arithmetic (fixed windows, token buckets, sliding windows), pure
+//!   integer functions shared by every storage.
 //! - [`limits`] — the limit model, YAML loading and validation, compiled CEL.
-//! - [`server`] binds and runs the listeners; [`config`] is the CLI; [`clock`] is time behind
-//!   a trait tests can drive; [`status`] feeds `/status`; [`proto`] is the generated gRPC code.
+//! - [`metrics`] holds the Prometheus series; [`server`] binds and runs the listeners;
+//!   [`config`] is the CLI; [`clock`] is time behind a trait tests can drive; [`status`] feeds
+//!   `/status`; [`proto`] is the generated gRPC code.
 
 pub mod algorithm;
 pub mod clock;

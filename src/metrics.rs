@@ -229,7 +229,8 @@ impl RpcMetrics {
     }
 }
 
-/// Records one answered call. `rpc` and `outcome` are among [`RPCS`] and [`OUTCOMES`].
+/// Records one answered call. `rpc` is one of the three RPC names and `outcome` one of `ok`,
+/// `over_limit`, `unknown`, `invalid`, `error`.
 pub fn rpc(rpc: &'static str, outcome: &'static str, elapsed: Duration) {
     let Some(metrics) = RPC.get() else { return };
     let position = |names: &[&str], name: &str| names.iter().position(|n| *n == name);
