@@ -29,6 +29,19 @@ pub enum Call {
     Report,
 }
 
+impl Call {
+    pub const ALL: [Call; 3] = [Call::ShouldRateLimit, Call::CheckRateLimit, Call::Report];
+
+    /// The gRPC method's name, for logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Call::ShouldRateLimit => "ShouldRateLimit",
+            Call::CheckRateLimit => "CheckRateLimit",
+            Call::Report => "Report",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Descriptor {
     pub entries: Vec<(String, String)>,

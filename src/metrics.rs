@@ -202,42 +202,67 @@ pub fn upkeep() {
     }
 }
 
-/// Per-RPC series, resolved when the recorder is installed.
-struct RpcMetrics {
-    /// [rpc][outcome]
-    calls: [[Counter; OUTCOMES.len()]; RPCS.len()],
-    duration: [Histogram; RPCS.len()],
-    datastore_latency: Histogram,
+/// How a call was answered, as the `outcome` label says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    OverLimit,
+    Unknown,
+    Invalid,
+    Error,
 }
 
-const RPCS: [&str; 3] = ["ShouldRateLimit", "CheckRateLimit", "Report"];
-const OUTCOMES: [&str; 5] = ["ok", "over_limit", "unknown", "invalid", "error"];
+impl Outcome {
+    const ALL: [Outcome; 5] = [
+        Outcome::Ok,
+        Outcome::OverLimit,
+        Outcome::Unknown,
+        Outcome::Invalid,
+        Outcome::Error,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::OverLimit => "over_limit",
+            Outcome::Unknown => "unknown",
+            Outcome::Invalid => "invalid",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// Per-RPC series, resolved when the recorder is installed; indexed by `Call` and `Outcome`
+/// in the order of their `ALL`.
+struct RpcMetrics {
+    calls: [[Counter; Outcome::ALL.len()]; Call::ALL.len()],
+    duration: [Histogram; Call::ALL.len()],
+    datastore_latency: Histogram,
+}
 
 static RPC: OnceLock<RpcMetrics> = OnceLock::new();
 
 impl RpcMetrics {
     fn new() -> Self {
         Self {
-            calls: RPCS.map(|rpc| {
-                OUTCOMES.map(
-                    |outcome| counter!("ratekeeper_rpc_calls", "rpc" => rpc, "outcome" => outcome),
-                )
+            calls: Call::ALL.map(|call| {
+                Outcome::ALL.map(|outcome| {
+                    counter!("ratekeeper_rpc_calls", "rpc" => call.name(), "outcome" => outcome.name())
+                })
             }),
-            duration: RPCS.map(|rpc| histogram!("ratekeeper_rpc_duration_seconds", "rpc" => rpc)),
+            duration: Call::ALL
+                .map(|call| histogram!("ratekeeper_rpc_duration_seconds", "rpc" => call.name())),
             datastore_latency: histogram!("datastore_latency"),
         }
     }
 }
 
-/// Records one answered call. `rpc` is one of the three RPC names and `outcome` one of `ok`,
-/// `over_limit`, `unknown`, `invalid`, `error`.
-pub fn rpc(rpc: &'static str, outcome: &'static str, elapsed: Duration) {
+/// Records one answered call.
+pub fn rpc(call: Call, outcome: Outcome, elapsed: Duration) {
     let Some(metrics) = RPC.get() else { return };
-    let position = |names: &[&str], name: &str| names.iter().position(|n| *n == name);
-    if let (Some(r), Some(o)) = (position(&RPCS, rpc), position(&OUTCOMES, outcome)) {
-        metrics.calls[r][o].increment(1);
-        metrics.duration[r].record(elapsed.as_secs_f64());
-    }
+    let c = call as usize;
+    metrics.calls[c][outcome as usize].increment(1);
+    metrics.duration[c].record(elapsed.as_secs_f64());
 }
 
 pub fn datastore_latency(elapsed: Duration) {
@@ -269,5 +294,20 @@ pub fn limits_reload(ok: bool) {
     counter!("ratekeeper_limits_reloads", "result" => result).increment(1);
     if !ok {
         gauge!("ratekeeper_limits_config_error").set(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_are_indexed_in_declaration_order() {
+        for (i, call) in Call::ALL.into_iter().enumerate() {
+            assert_eq!(call as usize, i, "{call:?}");
+        }
+        for (i, outcome) in Outcome::ALL.into_iter().enumerate() {
+            assert_eq!(outcome as usize, i, "{outcome:?}");
+        }
     }
 }

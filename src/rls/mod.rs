@@ -11,7 +11,7 @@ use tonic::Status;
 
 use crate::config::{RateLimitHeaders, RequestBounds};
 use crate::limiter::{Call, Code, Decision, Descriptor, Limiter, Request};
-use crate::metrics;
+use crate::metrics::{self, Outcome};
 use crate::proto::envoy::config::core::v3::HeaderValue;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{
     self as response, DescriptorStatus, RateLimit,
@@ -45,7 +45,7 @@ impl RateLimitServer {
         call: Call,
     ) -> Result<tonic::Response<RateLimitResponse>, Status> {
         let started = Instant::now();
-        let rpc = rpc_name(call);
+        let rpc = call.name();
         let (metadata, _, message) = request.into_parts();
         // Only the lines logged for this call carry it: no per-call span to pay for.
         let request_id = metadata
@@ -55,14 +55,14 @@ impl RateLimitServer {
         let result = self.decide(message, call, rpc, request_id).await;
         let outcome = match &result {
             Ok(response) => match response::Code::try_from(response.overall_code) {
-                Ok(response::Code::Ok) => "ok",
-                Ok(response::Code::OverLimit) => "over_limit",
-                _ => "unknown",
+                Ok(response::Code::Ok) => Outcome::Ok,
+                Ok(response::Code::OverLimit) => Outcome::OverLimit,
+                _ => Outcome::Unknown,
             },
-            Err(status) if status.code() == tonic::Code::InvalidArgument => "invalid",
-            Err(_) => "error",
+            Err(status) if status.code() == tonic::Code::InvalidArgument => Outcome::Invalid,
+            Err(_) => Outcome::Error,
         };
-        metrics::rpc(rpc, outcome, started.elapsed());
+        metrics::rpc(call, outcome, started.elapsed());
         result.map(tonic::Response::new)
     }
 
@@ -105,14 +105,6 @@ impl RateLimitServer {
             Code::Ok => {}
         }
         Ok(to_response(&decision, call, self.headers))
-    }
-}
-
-fn rpc_name(call: Call) -> &'static str {
-    match call {
-        Call::ShouldRateLimit => "ShouldRateLimit",
-        Call::CheckRateLimit => "CheckRateLimit",
-        Call::Report => "Report",
     }
 }
 
