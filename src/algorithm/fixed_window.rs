@@ -34,7 +34,7 @@ impl FixedWindow {
         }
     }
 
-    pub fn admits(&self, window: WindowState, cost: u64) -> bool {
+    pub fn admits(&self, window: WindowState, _now_ms: u64, cost: u64) -> bool {
         admits(window.used, 0, cost, self.max)
     }
 
@@ -45,7 +45,7 @@ impl FixedWindow {
         }
     }
 
-    pub fn is_over(&self, window: WindowState) -> bool {
+    pub fn is_over(&self, window: WindowState, _now_ms: u64) -> bool {
         window.used > self.max
     }
 
@@ -53,11 +53,11 @@ impl FixedWindow {
         window.used.saturating_sub(self.max)
     }
 
-    pub fn expires_at_ms(&self, window: WindowState) -> u64 {
+    pub fn expires_at_ms(&self, window: WindowState, _now_ms: u64) -> u64 {
         window.expires_at_ms
     }
 
-    pub fn remaining(&self, window: WindowState) -> u64 {
+    pub fn remaining(&self, window: WindowState, _now_ms: u64) -> u64 {
         self.max.saturating_sub(window.used)
     }
 
@@ -68,7 +68,7 @@ impl FixedWindow {
     /// Milliseconds until `cost` would be admitted: 0 if it is now, the rest of the window if
     /// it fits in a fresh one, `None` if it never fits.
     pub fn retry_after_ms(&self, window: WindowState, now_ms: u64, cost: u64) -> Option<u64> {
-        if self.admits(window, cost) {
+        if self.admits(window, now_ms, cost) {
             Some(0)
         } else if cost <= self.max {
             Some(self.reset_in_ms(window, now_ms))
@@ -88,7 +88,7 @@ mod tests {
         let t0 = 5_000;
         let w = limit.charge(limit.current(None, t0), 2);
         assert_eq!(w.expires_at_ms, 6_000);
-        assert_eq!(limit.remaining(w), 1);
+        assert_eq!(limit.remaining(w, t0), 1);
 
         let later = limit.current(Some(w), 5_999);
         assert_eq!(later.used, 2, "still the same window 1 ms before its end");

@@ -69,7 +69,7 @@ impl Algorithm {
     }
 
     pub fn admits(&self, state: CounterState, now_ms: u64, cost: u64) -> bool {
-        with_state!(*self, state, |a, s| a.admits_at(s, now_ms, cost), false)
+        with_state!(*self, state, |a, s| a.admits(s, now_ms, cost), false)
     }
 
     pub fn charge(&self, state: CounterState, cost: u64) -> CounterState {
@@ -78,7 +78,7 @@ impl Algorithm {
 
     /// Usage past the limit (after a charge).
     pub fn is_over(&self, state: CounterState, now_ms: u64) -> bool {
-        with_state!(*self, state, |a, s| a.is_over_at(s, now_ms), true)
+        with_state!(*self, state, |a, s| a.is_over(s, now_ms), true)
     }
 
     /// Whole tokens beyond the limit.
@@ -87,7 +87,7 @@ impl Algorithm {
     }
 
     pub fn remaining(&self, state: CounterState, now_ms: u64) -> u64 {
-        with_state!(*self, state, |a, s| a.remaining_at(s, now_ms), 0)
+        with_state!(*self, state, |a, s| a.remaining(s, now_ms), 0)
     }
 
     /// Time until the counter is back to its full budget.
@@ -102,7 +102,7 @@ impl Algorithm {
 
     /// When the stored state may be forgotten: from then on, no state means the same.
     pub fn expires_at_ms(&self, state: CounterState, now_ms: u64) -> u64 {
-        with_state!(*self, state, |a, s| a.expires_at(s, now_ms), now_ms)
+        with_state!(*self, state, |a, s| a.expires_at_ms(s, now_ms), now_ms)
     }
 }
 
@@ -121,59 +121,6 @@ impl From<BucketState> for CounterState {
 impl From<SlidingState> for CounterState {
     fn from(s: SlidingState) -> Self {
         CounterState::Sliding(s)
-    }
-}
-
-/// Uniform signatures for the macro above, where the algorithms differ in what they need.
-trait Uniform<S> {
-    fn admits_at(&self, s: S, now_ms: u64, cost: u64) -> bool;
-    fn is_over_at(&self, s: S, now_ms: u64) -> bool;
-    fn remaining_at(&self, s: S, now_ms: u64) -> u64;
-    fn expires_at(&self, s: S, now_ms: u64) -> u64;
-}
-
-impl Uniform<WindowState> for FixedWindow {
-    fn admits_at(&self, s: WindowState, _: u64, cost: u64) -> bool {
-        self.admits(s, cost)
-    }
-    fn is_over_at(&self, s: WindowState, _: u64) -> bool {
-        self.is_over(s)
-    }
-    fn remaining_at(&self, s: WindowState, _: u64) -> u64 {
-        self.remaining(s)
-    }
-    fn expires_at(&self, s: WindowState, _: u64) -> u64 {
-        self.expires_at_ms(s)
-    }
-}
-
-impl Uniform<BucketState> for TokenBucket {
-    fn admits_at(&self, s: BucketState, _: u64, cost: u64) -> bool {
-        self.admits(s, cost)
-    }
-    fn is_over_at(&self, s: BucketState, _: u64) -> bool {
-        self.is_over(s)
-    }
-    fn remaining_at(&self, s: BucketState, _: u64) -> u64 {
-        self.remaining(s)
-    }
-    fn expires_at(&self, s: BucketState, now_ms: u64) -> u64 {
-        self.expires_at_ms(s, now_ms)
-    }
-}
-
-impl Uniform<SlidingState> for SlidingWindow {
-    fn admits_at(&self, s: SlidingState, now_ms: u64, cost: u64) -> bool {
-        self.admits(s, now_ms, cost)
-    }
-    fn is_over_at(&self, s: SlidingState, now_ms: u64) -> bool {
-        self.is_over(s, now_ms)
-    }
-    fn remaining_at(&self, s: SlidingState, now_ms: u64) -> u64 {
-        self.remaining(s, now_ms)
-    }
-    fn expires_at(&self, s: SlidingState, now_ms: u64) -> u64 {
-        self.expires_at_ms(s, now_ms)
     }
 }
 

@@ -86,7 +86,7 @@ impl TokenBucket {
         (i128::from(self.capacity) - i128::from(state.units)).clamp(0, i128::from(u64::MAX)) as u64
     }
 
-    pub fn admits(&self, state: BucketState, cost: u64) -> bool {
+    pub fn admits(&self, state: BucketState, _now_ms: u64, cost: u64) -> bool {
         admits(
             self.used(state),
             0,
@@ -109,7 +109,7 @@ impl TokenBucket {
         i128::from(self.capacity) - i128::from(MAX_COUNT)
     }
 
-    pub fn is_over(&self, state: BucketState) -> bool {
+    pub fn is_over(&self, state: BucketState, _now_ms: u64) -> bool {
         state.units < 0
     }
 
@@ -118,7 +118,7 @@ impl TokenBucket {
         div_floor((-state.units).max(0) as u64, self.scale)
     }
 
-    pub fn remaining(&self, state: BucketState) -> u64 {
+    pub fn remaining(&self, state: BucketState, _now_ms: u64) -> u64 {
         div_floor(state.units.max(0) as u64, self.scale)
     }
 
@@ -160,9 +160,9 @@ mod tests {
     fn a_new_bucket_starts_full() {
         let bucket = TokenBucket::stepped(200, 50, 30_000);
         let state = bucket.current(None, 1_000);
-        assert_eq!(bucket.remaining(state), 200);
-        assert!(bucket.admits(state, 200));
-        assert!(!bucket.admits(state, 201));
+        assert_eq!(bucket.remaining(state, 0), 200);
+        assert!(bucket.admits(state, 0, 200));
+        assert!(!bucket.admits(state, 0, 201));
         assert_eq!(bucket.reset_in_ms(state, 1_000), 0);
     }
 
@@ -171,15 +171,15 @@ mod tests {
         let bucket = TokenBucket::stepped(200, 50, 30_000);
         let empty = bucket.charge(bucket.current(None, 0), 200);
         // 29.999 s: nothing yet; 30 s: one step; 95 s: three steps, and the next at 120 s.
-        assert_eq!(bucket.remaining(bucket.current(Some(empty), 29_999)), 0);
-        assert_eq!(bucket.remaining(bucket.current(Some(empty), 30_000)), 50);
+        assert_eq!(bucket.remaining(bucket.current(Some(empty), 29_999), 0), 0);
+        assert_eq!(bucket.remaining(bucket.current(Some(empty), 30_000), 0), 50);
         let later = bucket.current(Some(empty), 95_000);
         // Full again at 120 s: from then on it is a new bucket.
         assert_eq!(
             bucket.current(Some(empty), 130_000),
             bucket.current(None, 130_000)
         );
-        assert_eq!(bucket.remaining(later), 150);
+        assert_eq!(bucket.remaining(later, 0), 150);
         assert_eq!(later.refilled_at_ms, 90_000);
         assert_eq!(bucket.reset_in_ms(later, 95_000), 25_000);
         // Reading it often changes nothing.
@@ -195,8 +195,8 @@ mod tests {
         // 60 tokens a minute: one token per second, in 1/60000-token units.
         let bucket = TokenBucket::continuous(60, 60_000);
         let state = bucket.charge(bucket.current(None, 0), 60);
-        assert_eq!(bucket.remaining(bucket.current(Some(state), 999)), 0);
-        assert_eq!(bucket.remaining(bucket.current(Some(state), 1_000)), 1);
+        assert_eq!(bucket.remaining(bucket.current(Some(state), 999), 0), 0);
+        assert_eq!(bucket.remaining(bucket.current(Some(state), 1_000), 0), 1);
         assert_eq!(bucket.retry_after_ms(state, 0, 3), Some(3_000));
         assert_eq!(bucket.reset_in_ms(state, 0), 60_000);
     }
@@ -205,12 +205,12 @@ mod tests {
     fn debt_delays_admission_until_repaid() {
         let bucket = TokenBucket::stepped(200, 50, 30_000);
         let state = bucket.charge(bucket.current(None, 0), 290);
-        assert!(bucket.is_over(state));
+        assert!(bucket.is_over(state, 0));
         assert_eq!(bucket.beyond(state), 90);
-        assert_eq!(bucket.remaining(state), 0);
+        assert_eq!(bucket.remaining(state, 0), 0);
         // -90 + 50 = -40 after one step; +10 after two.
-        assert!(!bucket.admits(bucket.current(Some(state), 30_000), 1));
-        assert!(bucket.admits(bucket.current(Some(state), 60_000), 10));
+        assert!(!bucket.admits(bucket.current(Some(state), 30_000), 0, 1));
+        assert!(bucket.admits(bucket.current(Some(state), 60_000), 0, 10));
         assert_eq!(bucket.retry_after_ms(state, 0, 1), Some(60_000));
         assert_eq!(
             bucket.reset_in_ms(state, 0),
@@ -230,6 +230,6 @@ mod tests {
             "owes at most MAX_COUNT units"
         );
         assert_eq!(bucket.reset_in_ms(state, 0), MAX_COUNT.div_ceil(10));
-        assert!(!bucket.admits(state, u64::MAX));
+        assert!(!bucket.admits(state, 0, u64::MAX));
     }
 }
