@@ -83,12 +83,14 @@ impl MemoryStorage {
             .enumerate()
             .map(|(i, c)| guards[guard_of(i)].get(&c.key).map(|s| s.state))
             .collect();
+        // Which counters exist already (their entries are updated in place, without a new key).
+        let present: Vec<bool> = states.iter().map(Option::is_some).collect();
         let limits: Vec<_> = batch.counters.iter().map(|c| c.algorithm).collect();
         let mut dirty = vec![false; batch.counters.len()];
         let outcomes = evaluate(&limits, &mut states, &mut dirty, &batch.groups, now_ms);
 
         let new_counters = (0..batch.counters.len())
-            .filter(|&i| dirty[i] && !guards[guard_of(i)].contains_key(&batch.counters[i].key))
+            .filter(|&i| dirty[i] && !present[i])
             .count();
         if new_counters > 0 {
             // Reserve the room first, so concurrent requests on other shards cannot overshoot.
@@ -104,7 +106,13 @@ impl MemoryStorage {
                     state,
                     expires_at_ms: counter.algorithm.expires_at_ms(state, now_ms),
                 };
-                guards[guard_of(i)].insert(counter.key.clone(), stored);
+                let shard = &mut guards[guard_of(i)];
+                match shard.get_mut(&counter.key) {
+                    Some(slot) => *slot = stored,
+                    None => {
+                        shard.insert(counter.key.clone(), stored);
+                    }
+                }
             }
         }
         Ok(outcomes)
