@@ -14,10 +14,10 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::process::{Server, command, free_ports, loopback, manifest_dir};
+use common::process::{Server, command, free_ports, loopback, manifest_dir, spawn_logged};
 use serde_json::{Value, json};
 
 /// How long Envoy or the mock upstream gets to start listening.
@@ -78,14 +78,10 @@ struct Process {
 }
 
 impl Process {
-    fn spawn(name: &'static str, mut command: Command, hint: &str) -> Process {
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.as_file().try_clone().unwrap()))
-            .stderr(Stdio::from(log.as_file().try_clone().unwrap()))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({command:?}): {e}. {hint}"));
+    fn spawn(name: &'static str, command: Command, hint: &str) -> Process {
+        let shown = format!("{command:?}");
+        let (child, log) = spawn_logged(command)
+            .unwrap_or_else(|e| panic!("cannot start {name} ({shown}): {e}. {hint}"));
         Process { name, child, log }
     }
 

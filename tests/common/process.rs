@@ -46,17 +46,22 @@ pub struct Server {
     pub http: SocketAddr,
 }
 
+/// Spawns `command` with no stdin and its stdout and stderr in a new log file.
+pub fn spawn_logged(mut command: Command) -> std::io::Result<(Child, tempfile::NamedTempFile)> {
+    let log = tempfile::NamedTempFile::new()?;
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.as_file().try_clone()?))
+        .stderr(Stdio::from(log.as_file().try_clone()?))
+        .spawn()?;
+    Ok((child, log))
+}
+
 impl Server {
     /// Spawns `command` that should listen on `rls` (gRPC) and `http`, and waits until both
     /// answer.
-    pub async fn spawn(mut command: Command, rls: SocketAddr, http: SocketAddr) -> Server {
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.as_file().try_clone().unwrap()))
-            .stderr(Stdio::from(log.as_file().try_clone().unwrap()))
-            .spawn()
-            .unwrap();
+    pub async fn spawn(command: Command, rls: SocketAddr, http: SocketAddr) -> Server {
+        let (child, log) = spawn_logged(command).unwrap();
         let mut server = Server {
             child: Some(child),
             log,
