@@ -14,6 +14,9 @@ use ratekeeper::server::{self, Settings};
 use ratekeeper::status::ServerStatus;
 use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
