@@ -4,6 +4,7 @@
 //!
 //! - [`rls`] and [`http`] — adapters: Envoy's and Kuadrant's gRPC services, Limitador's and
 //!   ASM's HTTP APIs. They translate requests into [`limiter`] calls and decisions into answers.
+//! - [`request`] — what a client asks (namespace, descriptors, costs) and its bounds.
 //! - [`limiter`] — the engine: which limits apply (CEL over descriptors), which counters that
 //!   means, what each call costs, and one storage call per request.
 //! - [`storage`] — where counters live ([`storage::memory`], [`storage::redis`] with its Lua
@@ -23,6 +24,7 @@ pub mod limiter;
 pub mod limits;
 pub mod metrics;
 pub mod proto;
+pub mod request;
 pub mod rls;
 pub mod server;
 pub mod status;

@@ -4,7 +4,9 @@
 //! How a request is split into groups and what each costs is decided here and nowhere else
 //! (DESIGN.md "Hits"); the admission arithmetic itself is in [`crate::algorithm`].
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -13,9 +15,10 @@ use arc_swap::ArcSwap;
 
 use crate::algorithm::{CounterOutcome, Group, Policy};
 use crate::clock::Clock;
-use crate::config::{OnStorageError, RequestBounds};
-use crate::limits::{Limit, LimitSet, expression};
+use crate::config::OnStorageError;
+use crate::limits::{Input, Limit, LimitSet};
 use crate::metrics::{self, Metrics};
+pub use crate::request::{Descriptor, Request};
 use crate::storage::{Batch, CounterKey, CounterRequest, CounterSnapshot, Storage, StorageError};
 
 /// Which RPC is asking; it decides what the cost does.
@@ -39,63 +42,6 @@ impl Call {
             Call::CheckRateLimit => "CheckRateLimit",
             Call::Report => "Report",
         }
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct Descriptor {
-    pub entries: Vec<(String, String)>,
-    /// The descriptor's own cost, when the client sent one (even 0).
-    pub hits: Option<u64>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct Request {
-    pub namespace: String,
-    pub descriptors: Vec<Descriptor>,
-    /// The request-level cost; 0 means 1.
-    pub hits: u64,
-}
-
-impl Request {
-    /// Refuses requests larger than the configured bounds, saying which bound and by how much.
-    pub fn check_bounds(&self, bounds: &RequestBounds) -> Result<(), String> {
-        if self.descriptors.len() > bounds.max_descriptors {
-            return Err(format!(
-                "{} descriptors in one request; at most {} are allowed",
-                self.descriptors.len(),
-                bounds.max_descriptors
-            ));
-        }
-        let too_long = |what: &str, text: &str| {
-            (text.len() > bounds.max_entry_bytes).then(|| {
-                format!(
-                    "{what} of {} bytes; at most {} are allowed",
-                    text.len(),
-                    bounds.max_entry_bytes
-                )
-            })
-        };
-        if let Some(error) = too_long("namespace", &self.namespace) {
-            return Err(error);
-        }
-        for (i, descriptor) in self.descriptors.iter().enumerate() {
-            if descriptor.entries.len() > bounds.max_descriptor_entries {
-                return Err(format!(
-                    "descriptor {i} has {} entries; at most {} are allowed",
-                    descriptor.entries.len(),
-                    bounds.max_descriptor_entries
-                ));
-            }
-            for (key, value) in &descriptor.entries {
-                if let Some(error) =
-                    too_long("descriptor key", key).or_else(|| too_long("descriptor value", value))
-                {
-                    return Err(format!("descriptor {i}: {error}"));
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -224,44 +170,52 @@ impl Limiter {
 
         let mut batch = Batch {
             namespace: request.namespace.clone(),
-            ..Batch::default()
+            counters: Vec::new(),
+            groups: Vec::with_capacity(contexts.len()),
         };
-        let mut counter_index: HashMap<CounterKey, usize> = HashMap::new();
-        let mut group_limits: Vec<Vec<Arc<Limit>>> = Vec::with_capacity(contexts.len());
+        // Within one group every limit has its own counter; only several groups (Envoy's
+        // per-descriptor costs) can name the same counter twice, and then it is one counter.
+        let mut shared: Option<HashMap<CounterKey, usize>> =
+            (contexts.len() > 1).then(HashMap::new);
+        // The limit of each group's counter, group after group.
+        let mut applied: Vec<Arc<Limit>> = Vec::new();
+        let mut values = Vec::new();
         for context in &contexts {
             let mut group = Group {
                 policy: context.policy,
                 cost: context.cost,
                 counters: Vec::new(),
             };
-            let mut applied = Vec::new();
             if !candidates.is_empty() {
-                let cel = expression::context_for(expression::descriptors_value(
-                    context.descriptors.iter().map(|&i| {
-                        request.descriptors[i]
-                            .entries
-                            .iter()
-                            .map(|(k, v)| (k.as_str(), v.as_str()))
-                    }),
-                ));
+                let input = Input::new(&request.descriptors[context.descriptors.clone()]);
                 for limit in candidates {
-                    let Some(values) = self.evaluate(limit, &request.namespace, &cel) else {
+                    if !self.evaluate(limit, &request.namespace, &input, &mut values) {
                         continue;
-                    };
+                    }
                     let key = CounterKey::new(limit.key, &values);
-                    let index = *counter_index.entry(key.clone()).or_insert_with(|| {
-                        batch.counters.push(CounterRequest {
-                            key,
-                            algorithm: limit.algorithm,
-                        });
-                        batch.counters.len() - 1
-                    });
+                    let counter = |key| CounterRequest {
+                        key,
+                        algorithm: limit.algorithm,
+                    };
+                    let index = match shared.as_mut() {
+                        Some(shared) => match shared.get(&key) {
+                            Some(&index) => index,
+                            None => {
+                                batch.counters.push(counter(key.clone()));
+                                shared.insert(key, batch.counters.len() - 1);
+                                batch.counters.len() - 1
+                            }
+                        },
+                        None => {
+                            batch.counters.push(counter(key));
+                            batch.counters.len() - 1
+                        }
+                    };
                     group.counters.push(index);
                     applied.push(limit.clone());
                 }
             }
             batch.groups.push(group);
-            group_limits.push(applied);
         }
 
         let outcomes = if batch.counters.is_empty() {
@@ -288,16 +242,18 @@ impl Limiter {
         let mut all_limits = Vec::new();
         let mut over_limit = false;
         let mut refused = false;
-        for ((context, outcome), limits) in contexts.iter().zip(outcomes).zip(group_limits) {
-            let mut group_statuses: Vec<LimitStatus> = limits
-                .into_iter()
+        let mut applied = applied.into_iter();
+        for ((context, outcome), group) in contexts.iter().zip(outcomes).zip(&batch.groups) {
+            let mut group_statuses: Vec<LimitStatus> = applied
+                .by_ref()
+                .take(group.counters.len())
                 .zip(outcome.counters)
                 .map(|(limit, outcome)| LimitStatus { limit, outcome })
                 .collect();
             group_statuses.sort_by(most_restrictive_first);
             over_limit |= !outcome.admitted;
             refused |= !outcome.admitted && context.policy != Policy::Charge;
-            for &i in &context.descriptors {
+            for i in context.descriptors.clone() {
                 statuses[i] = DescriptorStatus {
                     over: !outcome.admitted,
                     limit: group_statuses.first().cloned(),
@@ -366,9 +322,17 @@ impl Limiter {
             .collect())
     }
 
-    fn evaluate(&self, limit: &Limit, namespace: &str, cel: &cel::Context) -> Option<Vec<String>> {
-        match limit.applies(cel) {
-            Ok(values) => values,
+    /// Whether `limit` applies, its counter's values in `values`; a failed evaluation is
+    /// logged and counted, and the limit skipped.
+    fn evaluate<'a>(
+        &self,
+        limit: &Limit,
+        namespace: &str,
+        input: &Input<'a>,
+        values: &mut Vec<Cow<'a, str>>,
+    ) -> bool {
+        match limit.applies(input, values) {
+            Ok(applies) => applies,
             Err(error) => {
                 self.evaluation_errors.fetch_add(1, Ordering::Relaxed);
                 self.metrics.cel_error(limit);
@@ -378,7 +342,7 @@ impl Limiter {
                     ?error,
                     "limit skipped: its CEL expression failed on this request"
                 );
-                None
+                false
             }
         }
     }
@@ -386,7 +350,7 @@ impl Limiter {
 
 /// One evaluation context: the descriptors CEL sees as `descriptors`, and its cost and policy.
 struct Context {
-    descriptors: Vec<usize>,
+    descriptors: Range<usize>,
     cost: u64,
     policy: Policy,
 }
@@ -403,7 +367,7 @@ fn contexts(request: &Request, call: Call) -> Vec<Context> {
             Call::Report => Policy::Charge,
         };
         return vec![Context {
-            descriptors: (0..request.descriptors.len()).collect(),
+            descriptors: 0..request.descriptors.len(),
             cost: request_cost,
             policy,
         }];
@@ -422,7 +386,7 @@ fn contexts(request: &Request, call: Call) -> Vec<Context> {
                 Call::Report => (Policy::Charge, cost.max(1)),
             };
             Context {
-                descriptors: vec![i],
+                descriptors: i..i + 1,
                 cost,
                 policy,
             }

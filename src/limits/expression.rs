@@ -2,13 +2,20 @@
 //!
 //! The context is Limitador's: `descriptors` is a list of string→string maps (one per request
 //! descriptor, so `descriptors[0]['user_id']` and `descriptors[0].user_id` both work), and
-//! `limit` is `{name, id}` of the limit being evaluated.
+//! `limit` is `{name, id}` of the limit being evaluated. Expressions of the common shapes also
+//! get a [`Native`] form that gives the same answers without a CEL context; the context is
+//! built for a request only when an expression without one needs it.
 
+use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 use cel::objects::{Key, Map};
 use cel::{Context, Env, ExecutionError, Program, Value};
+
+use super::native::{self, Native};
+use crate::request::Descriptor;
 
 /// The variables an expression may use.
 pub const VARIABLES: [&str; 2] = ["descriptors", "limit"];
@@ -19,6 +26,33 @@ static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| Arc::new(Env::stdlib()));
 pub struct Expression {
     source: String,
     program: Program,
+    native: Option<Native>,
+}
+
+/// What expressions read for one evaluation: the descriptors, and the CEL context made of them,
+/// built on first need.
+pub struct Input<'a> {
+    descriptors: &'a [Descriptor],
+    cel: OnceCell<Context<'static, 'static>>,
+}
+
+impl<'a> Input<'a> {
+    pub fn new(descriptors: &'a [Descriptor]) -> Self {
+        Self {
+            descriptors,
+            cel: OnceCell::new(),
+        }
+    }
+
+    fn cel(&self) -> &Context<'static, 'static> {
+        self.cel.get_or_init(|| {
+            context_for(descriptors_value(
+                self.descriptors
+                    .iter()
+                    .map(|d| d.entries.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+            ))
+        })
+    }
 }
 
 /// Why an expression could not be used.
@@ -65,6 +99,7 @@ impl Expression {
         }
         Ok(Self {
             source: source.to_string(),
+            native: Native::compile(program.expression()),
             program,
         })
     }
@@ -77,9 +112,21 @@ impl Expression {
         self.program.references().has_variable(name)
     }
 
-    /// Evaluates a condition: only a boolean answer is accepted.
-    pub fn is_true(&self, context: &Context) -> Result<bool, EvalError> {
-        match self.execute(context)? {
+    /// Whether the expression evaluates without CEL (for tests and benchmarks).
+    pub fn is_native(&self) -> bool {
+        self.native.is_some()
+    }
+
+    /// Evaluates a condition: only a boolean answer is accepted. `limit` is the CEL value of
+    /// the limit being evaluated, when the expression reads it.
+    pub fn is_true(&self, input: &Input, limit: Option<&Value>) -> Result<bool, EvalError> {
+        match self.native.as_ref().map(|n| n.eval(input.descriptors)) {
+            Some(Ok(native::Value::Bool(b))) => return Ok(b),
+            Some(Err(native::Missing)) => return Err(EvalError::Missing),
+            // A string where a boolean is needed: CEL's evaluation words the error.
+            Some(Ok(native::Value::Str(_))) | None => {}
+        }
+        match self.execute(input, limit)? {
             Value::Bool(b) => Ok(b),
             other => Err(EvalError::Failed(format!(
                 "condition `{}` gave {:?}, not a boolean",
@@ -90,14 +137,24 @@ impl Expression {
     }
 
     /// Evaluates a variable to the string that names its counter.
-    pub fn to_key_part(&self, context: &Context) -> Result<String, EvalError> {
-        match self.execute(context)? {
-            Value::String(s) => Ok(s.as_str().to_string()),
-            Value::Int(i) => Ok(i.to_string()),
-            Value::UInt(u) => Ok(u.to_string()),
-            Value::Float(f) => Ok(f.to_string()),
-            Value::Bool(b) => Ok(b.to_string()),
-            Value::Null => Ok("null".to_string()),
+    pub fn to_key_part<'a>(
+        &self,
+        input: &Input<'a>,
+        limit: Option<&Value>,
+    ) -> Result<Cow<'a, str>, EvalError> {
+        match self.native.as_ref().map(|n| n.eval(input.descriptors)) {
+            Some(Ok(native::Value::Str(s))) => return Ok(Cow::Borrowed(s)),
+            Some(Ok(native::Value::Bool(b))) => return Ok(Cow::Owned(b.to_string())),
+            Some(Err(native::Missing)) => return Err(EvalError::Missing),
+            None => {}
+        }
+        match self.execute(input, limit)? {
+            Value::String(s) => Ok(Cow::Owned(s.as_str().to_string())),
+            Value::Int(i) => Ok(Cow::Owned(i.to_string())),
+            Value::UInt(u) => Ok(Cow::Owned(u.to_string())),
+            Value::Float(f) => Ok(Cow::Owned(f.to_string())),
+            Value::Bool(b) => Ok(Cow::Owned(b.to_string())),
+            Value::Null => Ok(Cow::Borrowed("null")),
             other => Err(EvalError::Failed(format!(
                 "variable `{}` gave {:?}, which cannot name a counter",
                 self.source,
@@ -106,8 +163,17 @@ impl Expression {
         }
     }
 
-    fn execute(&self, context: &Context) -> Result<Value, EvalError> {
-        self.program.execute(context).map_err(|e| match e {
+    fn execute(&self, input: &Input, limit: Option<&Value>) -> Result<Value, EvalError> {
+        let context = input.cel();
+        let result = match limit {
+            Some(limit) => {
+                let mut scope = context.new_inner_scope();
+                scope.add_variable_from_value("limit", limit.clone());
+                self.program.execute(&scope)
+            }
+            None => self.program.execute(context),
+        };
+        result.map_err(|e| match e {
             ExecutionError::NoSuchKey(_) | ExecutionError::IndexOutOfBounds(_) => {
                 EvalError::Missing
             }
@@ -232,43 +298,61 @@ pub fn context_for(descriptors: Value) -> Context<'static, 'static> {
 mod tests {
     use super::*;
 
-    fn ctx(entries: &[(&'static str, &'static str)]) -> Context<'static, 'static> {
-        context_for(descriptors_value([entries.iter().copied()]))
+    fn descriptors(entries: &[(&str, &str)]) -> Vec<Descriptor> {
+        vec![Descriptor {
+            entries: entries
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            hits: None,
+        }]
     }
 
     #[test]
     fn reads_descriptors_by_index_and_by_field() {
-        let c = ctx(&[("user_id", "alice"), ("tokenlimit.free__065bb34d", "1")]);
+        let d = descriptors(&[("user_id", "alice"), ("tokenlimit.free__065bb34d", "1")]);
+        let c = Input::new(&d);
         let by_index = Expression::compile("descriptors[0]['user_id']").unwrap();
         let by_field = Expression::compile("descriptors[0].user_id").unwrap();
-        assert_eq!(by_index.to_key_part(&c), Ok("alice".into()));
-        assert_eq!(by_field.to_key_part(&c), Ok("alice".into()));
+        assert_eq!(by_index.to_key_part(&c, None), Ok("alice".into()));
+        assert_eq!(by_field.to_key_part(&c, None), Ok("alice".into()));
         let dotted =
             Expression::compile(r#"descriptors[0]["tokenlimit.free__065bb34d"] == "1""#).unwrap();
-        assert_eq!(dotted.is_true(&c), Ok(true));
+        assert_eq!(dotted.is_true(&c, None), Ok(true));
     }
 
     #[test]
     fn missing_keys_and_descriptors_are_missing_not_failures() {
-        let c = ctx(&[("a", "1")]);
+        let d = descriptors(&[("a", "1")]);
+        let c = Input::new(&d);
         for source in [
             "descriptors[0]['nope'] == '1'",
             "descriptors[1]['a'] == '1'",
         ] {
             let e = Expression::compile(source).unwrap();
-            assert_eq!(e.is_true(&c), Err(EvalError::Missing), "{source}");
+            assert_eq!(e.is_true(&c, None), Err(EvalError::Missing), "{source}");
         }
     }
 
     #[test]
     fn type_errors_fail_without_panicking() {
-        let c = ctx(&[("a", "1")]);
+        let d = descriptors(&[("a", "1")]);
+        let c = Input::new(&d);
         let not_bool = Expression::compile("descriptors[0]['a']").unwrap();
-        assert!(matches!(not_bool.is_true(&c), Err(EvalError::Failed(_))));
+        assert!(matches!(
+            not_bool.is_true(&c, None),
+            Err(EvalError::Failed(_))
+        ));
         let bad_compare = Expression::compile("descriptors[0]['a'] > 3").unwrap();
-        assert!(matches!(bad_compare.is_true(&c), Err(EvalError::Failed(_))));
+        assert!(matches!(
+            bad_compare.is_true(&c, None),
+            Err(EvalError::Failed(_))
+        ));
         let list = Expression::compile("descriptors").unwrap();
-        assert!(matches!(list.to_key_part(&c), Err(EvalError::Failed(_))));
+        assert!(matches!(
+            list.to_key_part(&c, None),
+            Err(EvalError::Failed(_))
+        ));
     }
 
     #[test]
@@ -290,12 +374,134 @@ mod tests {
         let err = Expression::compile("request.path == '/'").err().unwrap();
         assert!(err.contains("unknown variable `request`"), "{err}");
         // Variables bound by macros are not unknown.
-        let c = ctx(&[("user", "alice")]);
+        let d = descriptors(&[("user", "alice")]);
+        let c = Input::new(&d);
         let exists = Expression::compile("descriptors.exists(d, d.user == 'alice')").unwrap();
-        assert_eq!(exists.is_true(&c), Ok(true));
+        assert_eq!(exists.is_true(&c, None), Ok(true));
         let unbound = Expression::compile("descriptors.exists(d, e.user == 'x')")
             .err()
             .unwrap();
         assert!(unbound.contains("`e`"), "{unbound}");
+    }
+
+    /// xorshift64*: deterministic, so a failure names its seed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+        }
+
+        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+            items[self.below(items.len())]
+        }
+    }
+
+    fn random_lookup(rng: &mut Rng) -> String {
+        let (i, k) = (rng.below(3), rng.pick(&["a", "b", "c"]));
+        match rng.below(3) {
+            0 => format!("descriptors[{i}].{k}"),
+            1 => format!("descriptors[{i}]['{k}']"),
+            _ => format!("descriptors[{i}][\"{k}\"]"),
+        }
+    }
+
+    fn random_condition(rng: &mut Rng, depth: usize) -> String {
+        let value = rng.pick(&["x", "y", ""]);
+        let leaf = depth == 0 || rng.below(3) == 0;
+        if leaf {
+            return match rng.below(5) {
+                0 => format!("{} == '{value}'", random_lookup(rng)),
+                1 => format!("'{value}' == {}", random_lookup(rng)),
+                2 => format!("{} != '{value}'", random_lookup(rng)),
+                3 => format!(
+                    "'{}' in descriptors[{}]",
+                    rng.pick(&["a", "b"]),
+                    rng.below(3)
+                ),
+                _ => format!(
+                    "has(descriptors[{}].{})",
+                    rng.below(3),
+                    rng.pick(&["a", "b"])
+                ),
+            };
+        }
+        match rng.below(3) {
+            0 => format!("!({})", random_condition(rng, depth - 1)),
+            1 => format!(
+                "({}) && ({})",
+                random_condition(rng, depth - 1),
+                random_condition(rng, depth - 1)
+            ),
+            _ => format!(
+                "({}) || ({})",
+                random_condition(rng, depth - 1),
+                random_condition(rng, depth - 1)
+            ),
+        }
+    }
+
+    fn random_descriptors(rng: &mut Rng) -> Vec<Descriptor> {
+        (0..rng.below(3))
+            .map(|_| Descriptor {
+                entries: (0..rng.below(4))
+                    .map(|_| {
+                        let key = rng.pick(&["a", "b", "c"]);
+                        (key.to_string(), rng.pick(&["x", "y", ""]).to_string())
+                    })
+                    .collect(),
+                hits: None,
+            })
+            .collect()
+    }
+
+    /// The native form and CEL give the same answers, errors included, on generated
+    /// expressions and requests (missing keys and descriptors, repeated keys, &&/|| with
+    /// errors on either side, type mismatches).
+    #[test]
+    fn native_evaluation_answers_as_cel_does() {
+        for seed in 1..=3000u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let source = match rng.below(4) {
+                0 => random_lookup(&mut rng),
+                _ => random_condition(&mut rng, 3),
+            };
+            let native = Expression::compile(&source).unwrap();
+            assert!(native.is_native(), "{source} should have a native form");
+            let mut cel = Expression::compile(&source).unwrap();
+            cel.native = None;
+            for _ in 0..8 {
+                let d = random_descriptors(&mut rng);
+                let input = Input::new(&d);
+                assert_eq!(
+                    native.is_true(&input, None),
+                    cel.is_true(&input, None),
+                    "seed {seed}: `{source}` as a condition over {d:?}"
+                );
+                assert_eq!(
+                    native.to_key_part(&input, None),
+                    cel.to_key_part(&input, None),
+                    "seed {seed}: `{source}` as a variable over {d:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn other_shapes_stay_cel() {
+        for source in [
+            "descriptors[0].a + 'x' == 'xx'",
+            "descriptors[0].a == 1",
+            "descriptors.exists(d, d.a == 'x')",
+            "descriptors[0].a.startsWith('x')",
+            "limit.name == 'x'",
+            "size(descriptors) == 1",
+        ] {
+            let e = Expression::compile(source).unwrap();
+            assert!(!e.is_native(), "{source}");
+        }
     }
 }

@@ -3,8 +3,10 @@
 
 pub mod expression;
 pub mod file;
+pub mod native;
 pub mod watch;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
@@ -14,7 +16,7 @@ use crate::algorithm::{Algorithm, FixedWindow, SlidingWindow, TokenBucket};
 use crate::metrics::{LimitMetrics, NamespaceMetrics};
 use serde::Serialize;
 
-pub use expression::{EvalError, Expression};
+pub use expression::{EvalError, Expression, Input};
 pub use file::{LimitsError, load_file, parse_limits};
 
 /// Identifies a limit's counters. Built from what makes two limits "the same" in Limitador
@@ -47,38 +49,31 @@ impl Limit {
         self.seconds.saturating_mul(1000)
     }
 
-    /// Does this limit apply to the request in `context`? `Ok(Some(values))` gives the
-    /// variables' values that name its counter; `Ok(None)` means it does not apply (a condition
-    /// is false or reads a key the request lacks).
-    pub fn applies(&self, context: &cel::Context) -> Result<Option<Vec<String>>, EvalError> {
-        let scoped;
-        let context = match &self.cel_self {
-            Some(value) => {
-                scoped = {
-                    let mut scope = context.new_inner_scope();
-                    scope.add_variable_from_value("limit", value.clone());
-                    scope
-                };
-                &scoped
-            }
-            None => context,
-        };
+    /// Does this limit apply to the request in `input`? When it does, `values` holds the
+    /// variables' values that name its counter (it is cleared first); `Ok(false)` means it
+    /// does not apply (a condition is false or reads a key the request lacks).
+    pub fn applies<'a>(
+        &self,
+        input: &Input<'a>,
+        values: &mut Vec<Cow<'a, str>>,
+    ) -> Result<bool, EvalError> {
+        values.clear();
+        let limit = self.cel_self.as_ref();
         for condition in &self.conditions {
-            match condition.is_true(context) {
+            match condition.is_true(input, limit) {
                 Ok(true) => {}
-                Ok(false) | Err(EvalError::Missing) => return Ok(None),
+                Ok(false) | Err(EvalError::Missing) => return Ok(false),
                 Err(e) => return Err(e),
             }
         }
-        let mut values = Vec::with_capacity(self.variables.len());
         for variable in &self.variables {
-            match variable.to_key_part(context) {
+            match variable.to_key_part(input, limit) {
                 Ok(v) => values.push(v),
-                Err(EvalError::Missing) => return Ok(None),
+                Err(EvalError::Missing) => return Ok(false),
                 Err(e) => return Err(e),
             }
         }
-        Ok(Some(values))
+        Ok(true)
     }
 
     pub fn metrics(&self, limit_name_in_labels: bool) -> &LimitMetrics {

@@ -26,13 +26,23 @@ pub struct CounterKey {
 }
 
 impl CounterKey {
-    pub fn new<S: AsRef<str>>(limit: LimitId, values: impl IntoIterator<Item = S>) -> Self {
-        let mut encoded = String::new();
+    pub fn new<S, I>(limit: LimitId, values: I) -> Self
+    where
+        S: AsRef<str>,
+        I: IntoIterator<Item = S, IntoIter: Clone>,
+    {
+        use std::fmt::Write;
+        let values = values.into_iter();
+        // Sized exactly up front: the box below then takes the string without copying it.
+        let digits = |len: usize| len.checked_ilog10().unwrap_or(0) as usize + 1;
+        let size = values
+            .clone()
+            .map(|v| v.as_ref().len() + digits(v.as_ref().len()) + 1)
+            .sum::<usize>();
+        let mut encoded = String::with_capacity(size);
         for value in values {
             let value = value.as_ref();
-            encoded.push_str(&value.len().to_string());
-            encoded.push(':');
-            encoded.push_str(value);
+            let _ = write!(encoded, "{}:{value}", value.len());
         }
         Self {
             limit,

@@ -1,0 +1,61 @@
+//! What a client asks: a namespace, descriptors (lists of key/value entries, each with an
+//! optional cost of its own) and a request-level cost, as every adapter hands it to the limiter.
+
+use crate::config::RequestBounds;
+
+#[derive(Debug, Clone, Default)]
+pub struct Descriptor {
+    pub entries: Vec<(String, String)>,
+    /// The descriptor's own cost, when the client sent one (even 0).
+    pub hits: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub namespace: String,
+    pub descriptors: Vec<Descriptor>,
+    /// The request-level cost; 0 means 1.
+    pub hits: u64,
+}
+
+impl Request {
+    /// Refuses requests larger than the configured bounds, saying which bound and by how much.
+    pub fn check_bounds(&self, bounds: &RequestBounds) -> Result<(), String> {
+        if self.descriptors.len() > bounds.max_descriptors {
+            return Err(format!(
+                "{} descriptors in one request; at most {} are allowed",
+                self.descriptors.len(),
+                bounds.max_descriptors
+            ));
+        }
+        let too_long = |what: &str, text: &str| {
+            (text.len() > bounds.max_entry_bytes).then(|| {
+                format!(
+                    "{what} of {} bytes; at most {} are allowed",
+                    text.len(),
+                    bounds.max_entry_bytes
+                )
+            })
+        };
+        if let Some(error) = too_long("namespace", &self.namespace) {
+            return Err(error);
+        }
+        for (i, descriptor) in self.descriptors.iter().enumerate() {
+            if descriptor.entries.len() > bounds.max_descriptor_entries {
+                return Err(format!(
+                    "descriptor {i} has {} entries; at most {} are allowed",
+                    descriptor.entries.len(),
+                    bounds.max_descriptor_entries
+                ));
+            }
+            for (key, value) in &descriptor.entries {
+                if let Some(error) =
+                    too_long("descriptor key", key).or_else(|| too_long("descriptor value", value))
+                {
+                    return Err(format!("descriptor {i}: {error}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
