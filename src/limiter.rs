@@ -4,7 +4,6 @@
 //! How a request is split into groups and what each costs is decided here and nowhere else
 //! (DESIGN.md "Hits"); the admission arithmetic itself is in [`crate::algorithm`].
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -12,11 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use smallvec::SmallVec;
 
 use crate::algorithm::{CounterOutcome, Group, Policy};
 use crate::clock::Clock;
 use crate::config::OnStorageError;
-use crate::limits::{Input, Limit, LimitSet};
+use crate::limits::{Input, KeyValues, Limit, LimitSet};
 use crate::metrics::{self, Metrics};
 pub use crate::request::{Descriptor, Request};
 use crate::storage::{Batch, CounterKey, CounterRequest, CounterSnapshot, Storage, StorageError};
@@ -165,7 +165,7 @@ impl Limiter {
             });
         }
         let limits = self.limits.load();
-        let candidates = limits.namespace(&request.namespace);
+        let (candidates, namespace_metrics) = limits.namespace_and_metrics(&request.namespace);
         let contexts = contexts(request, call);
 
         let mut batch = Batch {
@@ -178,8 +178,8 @@ impl Limiter {
         let mut shared: Option<HashMap<CounterKey, usize>> =
             (contexts.len() > 1).then(HashMap::new);
         // The limit of each group's counter, group after group.
-        let mut applied: Vec<Arc<Limit>> = Vec::new();
-        let mut values = Vec::new();
+        let mut applied: SmallVec<[Arc<Limit>; 4]> = SmallVec::new();
+        let mut values = KeyValues::new();
         for context in &contexts {
             let mut group = Group {
                 policy: context.policy,
@@ -244,7 +244,7 @@ impl Limiter {
         let mut refused = false;
         let mut applied = applied.into_iter();
         for ((context, outcome), group) in contexts.iter().zip(outcomes).zip(&batch.groups) {
-            let mut group_statuses: Vec<LimitStatus> = applied
+            let mut group_statuses: SmallVec<[LimitStatus; 4]> = applied
                 .by_ref()
                 .take(group.counters.len())
                 .zip(outcome.counters)
@@ -275,7 +275,6 @@ impl Limiter {
         let cost = contexts
             .iter()
             .fold(0u64, |sum, context| sum.saturating_add(context.cost));
-        let namespace_metrics = limits.namespace_metrics(&request.namespace);
         self.metrics
             .decision(namespace_metrics, call, cost, &decision);
         Ok(decision)
@@ -329,7 +328,7 @@ impl Limiter {
         limit: &Limit,
         namespace: &str,
         input: &Input<'a>,
-        values: &mut Vec<Cow<'a, str>>,
+        values: &mut KeyValues<'a>,
     ) -> bool {
         match limit.applies(input, values) {
             Ok(applies) => applies,
@@ -357,7 +356,7 @@ struct Context {
 
 /// Splits a request into contexts (DESIGN.md "Hits"). When no descriptor carries its own cost,
 /// the whole request is one context (Limitador); otherwise each descriptor is its own (Envoy).
-fn contexts(request: &Request, call: Call) -> Vec<Context> {
+fn contexts(request: &Request, call: Call) -> SmallVec<[Context; 1]> {
     let request_cost = request.hits.max(1);
     let per_descriptor = request.descriptors.iter().any(|d| d.hits.is_some());
     if !per_descriptor {
@@ -366,7 +365,7 @@ fn contexts(request: &Request, call: Call) -> Vec<Context> {
             Call::CheckRateLimit => Policy::CheckOnly,
             Call::Report => Policy::Charge,
         };
-        return vec![Context {
+        return smallvec::smallvec![Context {
             descriptors: 0..request.descriptors.len(),
             cost: request_cost,
             policy,

@@ -6,6 +6,8 @@ pub mod fixed_window;
 pub mod sliding_window;
 pub mod token_bucket;
 
+use smallvec::SmallVec;
+
 pub use fixed_window::{FixedWindow, WindowState};
 pub use sliding_window::{SlidingState, SlidingWindow};
 pub use token_bucket::{BucketState, TokenBucket};
@@ -214,7 +216,7 @@ fn evaluate_group(
     group: &Group,
     now_ms: u64,
 ) -> GroupOutcome {
-    let views: Vec<CounterState> = group
+    let views: SmallVec<[CounterState; 4]> = group
         .counters
         .iter()
         .map(|&i| limits[i].current(states[i], now_ms))
@@ -223,7 +225,7 @@ fn evaluate_group(
         Policy::CheckOnly => group.cost.max(1),
         _ => group.cost,
     };
-    let refusals: Vec<bool> = group
+    let refusals: SmallVec<[bool; 4]> = group
         .counters
         .iter()
         .zip(&views)

@@ -24,6 +24,9 @@ pub use file::{LimitsError, load_file, parse_limits};
 /// `max_value` or `name` keeps the counters.
 pub type LimitId = u64;
 
+/// The values of a limit's variables for one request; most limits have one or two.
+pub type KeyValues<'a> = smallvec::SmallVec<[Cow<'a, str>; 4]>;
+
 /// One limit, ready to evaluate.
 pub struct Limit {
     pub id: Option<String>,
@@ -55,7 +58,7 @@ impl Limit {
     pub fn applies<'a>(
         &self,
         input: &Input<'a>,
-        values: &mut Vec<Cow<'a, str>>,
+        values: &mut KeyValues<'a>,
     ) -> Result<bool, EvalError> {
         values.clear();
         let limit = self.cel_self.as_ref();
@@ -196,11 +199,18 @@ impl LimitSet {
             .unwrap_or_default()
     }
 
-    /// The namespace's metric series; namespaces without limits share those labelled `""`.
-    pub fn namespace_metrics(&self, namespace: &str) -> &NamespaceMetrics {
+    /// The namespace's limits and metric series (one lookup); namespaces without limits share
+    /// the series labelled `""`.
+    pub fn namespace_and_metrics(&self, namespace: &str) -> (&[Arc<Limit>], &NamespaceMetrics) {
         match self.by_namespace.get_key_value(namespace) {
-            Some((name, n)) => n.metrics.get_or_init(|| NamespaceMetrics::new(name)),
-            None => self.other_metrics.get_or_init(|| NamespaceMetrics::new("")),
+            Some((name, n)) => (
+                &n.limits,
+                n.metrics.get_or_init(|| NamespaceMetrics::new(name)),
+            ),
+            None => (
+                &[],
+                self.other_metrics.get_or_init(|| NamespaceMetrics::new("")),
+            ),
         }
     }
 

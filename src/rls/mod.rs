@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use prost_types::Duration;
 use tonic::Status;
+use tonic::metadata::MetadataMap;
 
 use crate::config::{RateLimitHeaders, RequestBounds};
 use crate::limiter::{Call, Code, Decision, Descriptor, Limiter, Request};
@@ -47,12 +48,7 @@ impl RateLimitServer {
         let started = Instant::now();
         let rpc = call.name();
         let (metadata, _, message) = request.into_parts();
-        // Only the lines logged for this call carry it: no per-call span to pay for.
-        let request_id = metadata
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let result = self.decide(message, call, rpc, request_id).await;
+        let result = self.decide(message, call, rpc, &metadata).await;
         let outcome = match &result {
             Ok(response) => match response::Code::try_from(response.overall_code) {
                 Ok(response::Code::Ok) => Outcome::Ok,
@@ -71,14 +67,27 @@ impl RateLimitServer {
         request: RateLimitRequest,
         call: Call,
         rpc: &str,
-        request_id: &str,
+        metadata: &MetadataMap,
     ) -> Result<RateLimitResponse, Status> {
+        // Only the lines logged for this call carry it (no per-call span to pay for), and it
+        // is read only when a line is logged.
+        let request_id = || {
+            metadata
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+        };
         let request = to_request(request, &self.bounds).inspect_err(|status| {
             let reason = status.message();
-            tracing::info!(rpc, request_id, reason, "rejected a malformed request");
+            tracing::info!(
+                rpc,
+                request_id = request_id(),
+                reason,
+                "rejected a malformed request"
+            );
         })?;
         let decision = self.limiter.decide(&request, call).await.map_err(|error| {
-            tracing::warn!(rpc, request_id, %error, "storage refused a decision");
+            tracing::warn!(rpc, request_id = request_id(), %error, "storage refused a decision");
             storage_status(&error)
         })?;
         let namespace = request.namespace.as_str();
@@ -89,16 +98,28 @@ impl RateLimitServer {
         match decision.code {
             Code::OverLimit if decision.refused => {
                 let limit = limiting();
-                tracing::info!(rpc, request_id, namespace, limit, "over the limit");
+                tracing::info!(
+                    rpc,
+                    request_id = request_id(),
+                    namespace,
+                    limit,
+                    "over the limit"
+                );
             }
             Code::OverLimit => {
                 let limit = limiting();
-                tracing::debug!(rpc, request_id, namespace, limit, "charged past the limit");
+                tracing::debug!(
+                    rpc,
+                    request_id = request_id(),
+                    namespace,
+                    limit,
+                    "charged past the limit"
+                );
             }
             Code::Unknown => {
                 tracing::info!(
                     rpc,
-                    request_id,
+                    request_id = request_id(),
                     "answered UNKNOWN: the request has an empty domain"
                 );
             }

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use parking_lot::{Mutex, MutexGuard};
+use smallvec::SmallVec;
 
 use super::{Batch, CounterKey, CounterSnapshot, Storage, StorageError};
 use crate::algorithm::{CounterState, GroupOutcome, evaluate};
@@ -64,7 +65,8 @@ impl MemoryStorage {
     /// Decides `batch` under the locks of its shards. `Err(NoRoom)` when it would need new
     /// counters beyond the capacity; then nothing was written.
     fn try_apply(&self, batch: &Batch, now_ms: u64) -> Result<Vec<GroupOutcome>, NoRoom> {
-        let shard_ids: Vec<usize> = batch
+        // Requests touch a few counters: their bookkeeping stays on the stack.
+        let shard_ids: SmallVec<[usize; 4]> = batch
             .counters
             .iter()
             .map(|c| self.shard_of(&c.key))
@@ -72,21 +74,21 @@ impl MemoryStorage {
         let mut order = shard_ids.clone();
         order.sort_unstable();
         order.dedup();
-        let mut guards: Vec<MutexGuard<'_, Shard>> =
+        let mut guards: SmallVec<[MutexGuard<'_, Shard>; 4]> =
             order.iter().map(|&i| self.shards[i].lock()).collect();
         let guard_of =
             |counter: usize| order.binary_search(&shard_ids[counter]).unwrap_or_default();
 
-        let mut states: Vec<Option<CounterState>> = batch
+        let mut states: SmallVec<[Option<CounterState>; 4]> = batch
             .counters
             .iter()
             .enumerate()
             .map(|(i, c)| guards[guard_of(i)].get(&c.key).map(|s| s.state))
             .collect();
         // Which counters exist already (their entries are updated in place, without a new key).
-        let present: Vec<bool> = states.iter().map(Option::is_some).collect();
-        let limits: Vec<_> = batch.counters.iter().map(|c| c.algorithm).collect();
-        let mut dirty = vec![false; batch.counters.len()];
+        let present: SmallVec<[bool; 4]> = states.iter().map(Option::is_some).collect();
+        let limits: SmallVec<[_; 4]> = batch.counters.iter().map(|c| c.algorithm).collect();
+        let mut dirty: SmallVec<[bool; 4]> = smallvec::smallvec![false; batch.counters.len()];
         let outcomes = evaluate(&limits, &mut states, &mut dirty, &batch.groups, now_ms);
 
         let new_counters = (0..batch.counters.len())

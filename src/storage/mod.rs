@@ -31,7 +31,6 @@ impl CounterKey {
         S: AsRef<str>,
         I: IntoIterator<Item = S, IntoIter: Clone>,
     {
-        use std::fmt::Write;
         let values = values.into_iter();
         // Sized exactly up front: the box below then takes the string without copying it.
         let digits = |len: usize| len.checked_ilog10().unwrap_or(0) as usize + 1;
@@ -42,7 +41,9 @@ impl CounterKey {
         let mut encoded = String::with_capacity(size);
         for value in values {
             let value = value.as_ref();
-            let _ = write!(encoded, "{}:{value}", value.len());
+            push_decimal(&mut encoded, value.len());
+            encoded.push(':');
+            encoded.push_str(value);
         }
         Self {
             limit,
@@ -80,6 +81,22 @@ impl CounterKey {
         }
         Some(values)
     }
+}
+
+/// Appends `n` in decimal (what `to_string` would give, without its allocation).
+fn push_decimal(out: &mut String, n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend(digits[at..].iter().map(|&d| char::from(d)));
 }
 
 /// One counter a request touches, with the arithmetic of its limit.
@@ -164,5 +181,22 @@ pub trait Storage: Send + Sync + 'static {
     /// Whether the storage can be reached now (for health and readiness).
     async fn ping(&self) -> Result<(), StorageError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_keys_encode_lengths_and_decode_back() {
+        let long = "x".repeat(123);
+        let values = ["", "abcdefghi", "abcdefghij", long.as_str(), "1:2"];
+        let key = CounterKey::new(7, values);
+        assert_eq!(
+            key.encoded(),
+            format!("0:9:abcdefghi10:abcdefghij123:{long}3:1:2")
+        );
+        assert_eq!(key.values(), values);
     }
 }
