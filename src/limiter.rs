@@ -165,7 +165,7 @@ impl Limiter {
             });
         }
         let limits = self.limits.load();
-        let (candidates, namespace_metrics) = limits.namespace_and_metrics(&request.namespace);
+        let (namespace, namespace_metrics) = limits.namespace_and_metrics(&request.namespace);
         let contexts = contexts(request, call);
 
         let mut batch = Batch {
@@ -186,9 +186,10 @@ impl Limiter {
                 cost: context.cost,
                 counters: Vec::new(),
             };
-            if !candidates.is_empty() {
-                let input = Input::new(&request.descriptors[context.descriptors.clone()]);
-                for limit in candidates {
+            if let Some(namespace) = namespace {
+                let descriptors = &request.descriptors[context.descriptors.clone()];
+                let input = Input::new(descriptors);
+                for limit in namespace.candidates(descriptors) {
                     if !self.evaluate(limit, &request.namespace, &input, &mut values) {
                         continue;
                     }

@@ -117,6 +117,10 @@ impl Expression {
         self.native.is_some()
     }
 
+    pub(crate) fn native(&self) -> Option<&Native> {
+        self.native.as_ref()
+    }
+
     /// Evaluates a condition: only a boolean answer is accepted. `limit` is the CEL value of
     /// the limit being evaluated, when the expression reads it.
     pub fn is_true(&self, input: &Input, limit: Option<&Value>) -> Result<bool, EvalError> {

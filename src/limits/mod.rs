@@ -3,6 +3,7 @@
 
 pub mod expression;
 pub mod file;
+pub mod index;
 pub mod native;
 pub mod watch;
 
@@ -14,6 +15,8 @@ use cel::Value;
 
 use crate::algorithm::{Algorithm, FixedWindow, SlidingWindow, TokenBucket};
 use crate::metrics::{LimitMetrics, NamespaceMetrics};
+use crate::request::Descriptor;
+use index::LimitIndex;
 use serde::Serialize;
 
 pub use expression::{EvalError, Expression, Input};
@@ -172,10 +175,24 @@ pub struct LimitSet {
     other_metrics: OnceLock<NamespaceMetrics>,
 }
 
+/// The limits of one namespace, in file order, indexed by what they require.
 #[derive(Default)]
-struct Namespace {
+pub struct Namespace {
     limits: Vec<Arc<Limit>>,
+    index: LimitIndex,
     metrics: OnceLock<NamespaceMetrics>,
+}
+
+impl Namespace {
+    /// The limits that may apply to `descriptors` (the others certainly do not), in file
+    /// order.
+    pub fn candidates<'a>(
+        &'a self,
+        descriptors: &[Descriptor],
+    ) -> impl Iterator<Item = &'a Arc<Limit>> + 'a {
+        let positions = self.index.candidates(descriptors);
+        positions.into_iter().map(|i| &self.limits[i])
+    }
 }
 
 impl LimitSet {
@@ -189,6 +206,9 @@ impl LimitSet {
                 .limits
                 .push(limit);
         }
+        for namespace in set.by_namespace.values_mut() {
+            namespace.index = LimitIndex::new(namespace.limits.iter().map(|l| &**l));
+        }
         set
     }
 
@@ -199,16 +219,19 @@ impl LimitSet {
             .unwrap_or_default()
     }
 
-    /// The namespace's limits and metric series (one lookup); namespaces without limits share
-    /// the series labelled `""`.
-    pub fn namespace_and_metrics(&self, namespace: &str) -> (&[Arc<Limit>], &NamespaceMetrics) {
+    /// The namespace (if it has limits) and its metric series, in one lookup; namespaces
+    /// without limits share the series labelled `""`.
+    pub fn namespace_and_metrics(
+        &self,
+        namespace: &str,
+    ) -> (Option<&Namespace>, &NamespaceMetrics) {
         match self.by_namespace.get_key_value(namespace) {
             Some((name, n)) => (
-                &n.limits,
+                Some(n),
                 n.metrics.get_or_init(|| NamespaceMetrics::new(name)),
             ),
             None => (
-                &[],
+                None,
                 self.other_metrics.get_or_init(|| NamespaceMetrics::new("")),
             ),
         }

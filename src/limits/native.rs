@@ -62,7 +62,7 @@ impl Lookup {
     }
 
     /// The entry's value; the last one wins when a key repeats (as in CEL's map of them).
-    fn read<'a>(&self, descriptors: &'a [Descriptor]) -> Result<Option<&'a str>, Missing> {
+    pub fn read<'a>(&self, descriptors: &'a [Descriptor]) -> Result<Option<&'a str>, Missing> {
         let entries = self.entries(descriptors)?;
         let value = entries.iter().rev().find(|(k, _)| **k == *self.key);
         Ok(value.map(|(_, v)| v.as_str()))
@@ -112,6 +112,18 @@ impl Native {
                     _ => None,
                 }
             }
+            _ => None,
+        }
+    }
+
+    /// `(lookup, literal)` when this is `lookup == literal`: a condition that must hold.
+    pub fn required_equality(&self) -> Option<(&Lookup, &str)> {
+        match self {
+            Native::Equals {
+                lookup,
+                literal,
+                negated: false,
+            } => Some((lookup, literal)),
             _ => None,
         }
     }
