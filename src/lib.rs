@@ -11,7 +11,8 @@
 //!   twin of the arithmetic); each decides a whole request in one atomic step.
 //! - [`algorithm`] — the arithmetic (fixed windows, token buckets, sliding windows), pure
 //!   integer functions shared by every storage.
-//! - [`limits`] — the limit model, YAML loading and validation, compiled CEL.
+//! - [`limits`] — the limit model, YAML loading and validation, compiled CEL (with a native
+//!   form for the common shapes) and a per-namespace index of what each limit requires.
 //! - [`metrics`] holds the Prometheus series; [`server`] binds and runs the listeners;
 //!   [`config`] is the CLI; [`clock`] is time behind a trait tests can drive; [`status`] feeds
 //!   `/status`; [`proto`] is the generated gRPC code.
