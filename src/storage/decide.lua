@@ -12,8 +12,9 @@
 --          parameters (0 fixed window: max, period_ms; 1 token bucket: capacity, scale, quantum,
 --          step_ms; 2 sliding window: max, period_ms), then for each group: policy
 --          (0 all-or-nothing, 1 check only, 2 charge), cost, k, and k counter indices (1-based).
--- Returns  for each group: admitted (0/1), then for each of its counters:
---          over (0/1), remaining, reset_in_ms, retry_after_ms (-1: never), charged, overshoot.
+-- Returns  for each group, for each of its counters, packed as '<Bddddd': flags (1: over, 2: the
+--          group is admitted), remaining, reset_in_ms, retry_after_ms (-1: never), charged,
+--          overshoot; all concatenated. (A group without counters is admitted.)
 local MAX_COUNT = 9007199254740991
 local unpack, min, max = struct.unpack, math.min, math.max
 local num = {unpack(ARGV[1], ARGV[2])}
@@ -55,6 +56,7 @@ if only_windows then
     end
   end
   local out, o, refused = {}, 0, {}
+  local pack = struct.pack
   a = groups_at
   while a <= last do
     local policy, cost, k = num[a], num[a + 1], num[a + 2]
@@ -69,8 +71,7 @@ if only_windows then
       refused[j] = r
       if r then admitted = false end
     end
-    o = o + 1
-    out[o] = admitted and 1 or 0
+    local group_flag = admitted and 2 or 0
     local charge = (policy == 0 and admitted) or policy == 2
     for j = 1, k do
       local i = num[first + j - 1]
@@ -92,13 +93,9 @@ if only_windows then
           if 1 <= limit then retry = reset else retry = -1 end
         end
       end
-      out[o + 1] = over and 1 or 0
-      out[o + 2] = max(limit - u, 0)
-      out[o + 3] = reset
-      out[o + 4] = retry
-      out[o + 5] = charged
-      out[o + 6] = max(max(u - limit, 0) - beyond_before, 0)
-      o = o + 6
+      o = o + 1
+      out[o] = pack('<Bddddd', group_flag + (over and 1 or 0), max(limit - u, 0), reset, retry,
+        charged, max(max(u - limit, 0) - beyond_before, 0))
     end
   end
   for i = 1, n do
@@ -108,7 +105,8 @@ if only_windows then
       redis.call('SET', KEYS[i], struct.pack('<Bdd', 1, used[i], ends[i]), 'PX', ttl)
     end
   end
-  return out
+  if o == 1 then return out[1] end
+  return table.concat(out)
 end
 
 -- The generic path: any mix of algorithms.
@@ -305,7 +303,7 @@ while a <= last do
     refused[j] = not admits(i, check)
     if refused[j] then admitted = false end
   end
-  out[#out + 1] = admitted and 1 or 0
+  local group_flag = admitted and 2 or 0
   for j = 1, k do
     local i = members[j]
     local beyond_before = beyond(i)
@@ -320,12 +318,8 @@ while a <= last do
       over = is_over(i)
       if over then retry = retry_after(i, 1) end
     end
-    out[#out + 1] = over and 1 or 0
-    out[#out + 1] = remaining(i)
-    out[#out + 1] = reset_in(i)
-    out[#out + 1] = retry
-    out[#out + 1] = charged
-    out[#out + 1] = math.max(beyond(i) - beyond_before, 0)
+    out[#out + 1] = struct.pack('<Bddddd', group_flag + (over and 1 or 0), remaining(i),
+      reset_in(i), retry, charged, math.max(beyond(i) - beyond_before, 0))
   end
 end
 
@@ -336,4 +330,4 @@ for i = 1, n do
     redis.call('SET', KEYS[i], encode(i), 'PX', math.max(ttl, 1))
   end
 end
-return out
+return table.concat(out)

@@ -270,36 +270,43 @@ impl Storage for RedisStorage {
     }
 }
 
+/// decide.lua's reply: for each group, for each of its counters, a flags byte (1: over, 2: the
+/// group is admitted) and five little-endian doubles.
 fn parse_outcomes(reply: &Value, batch: &Batch) -> Option<Vec<GroupOutcome>> {
-    let Value::Array(items) = reply else {
+    const RECORD: usize = 1 + 5 * 8;
+    let Value::BulkString(bytes) = reply else {
         return None;
     };
-    let mut numbers = items.iter().map(|item| match item {
-        Value::Int(i) => Some(*i),
-        _ => None,
-    });
-    let mut next = || numbers.next().flatten();
+    let mut records = bytes.chunks_exact(RECORD);
+    if !records.remainder().is_empty() {
+        return None;
+    }
     let mut outcomes = Vec::with_capacity(batch.groups.len());
     for group in &batch.groups {
-        let admitted = next()? == 1;
+        // A group without counters is admitted.
+        let mut admitted = true;
         let mut counters = Vec::with_capacity(group.counters.len());
         for _ in &group.counters {
-            let over = next()? == 1;
-            let remaining = u64::try_from(next()?).ok()?;
-            let reset_in_ms = u64::try_from(next()?).ok()?;
-            let retry = next()?;
+            let (&flags, numbers) = records.next()?.split_first()?;
+            let number = |i: usize| -> Option<i64> {
+                let bytes = numbers.get(8 * i..8 * i + 8)?;
+                let x = f64::from_le_bytes(bytes.try_into().ok()?);
+                // Integers, as the script computes them (`as` would saturate anything else).
+                (x.fract() == 0.0 && x.abs() < 2f64.powi(63)).then_some(x as i64)
+            };
+            admitted = flags & 2 != 0;
             counters.push(CounterOutcome {
-                over,
-                remaining,
-                reset_in_ms,
-                retry_after_ms: u64::try_from(retry).ok(),
-                charged: u64::try_from(next()?).ok()?,
-                overshoot: u64::try_from(next()?).ok()?,
+                over: flags & 1 != 0,
+                remaining: u64::try_from(number(0)?).ok()?,
+                reset_in_ms: u64::try_from(number(1)?).ok()?,
+                retry_after_ms: u64::try_from(number(2)?).ok(),
+                charged: u64::try_from(number(3)?).ok()?,
+                overshoot: u64::try_from(number(4)?).ok()?,
             });
         }
         outcomes.push(GroupOutcome { admitted, counters });
     }
-    Some(outcomes)
+    records.next().is_none().then_some(outcomes)
 }
 
 /// `<limit hex>:<len>:<value>...` back into a key.
