@@ -27,8 +27,60 @@ local last = #num
 local now = num[1]
 local n = #KEYS
 
--- Where each counter's kind sits in `num` (its parameters follow), and whether all counters are
--- fixed windows (the common case, decided below without the generic machinery).
+if n == 1 and num[2] == 0 then
+  -- One fixed window, the most common call: the rules of the fixed-window path below, with the
+  -- state in locals. Every group holds the counter or nothing.
+  local limit, period = num[3], num[4]
+  local stored = redis.call('GET', KEYS[1])
+  local tag, u, e
+  if stored and #stored == 17 then tag, u, e = unpack('<Bdd', stored) end
+  if not (tag == 1 and u >= 0 and e > now) then u, e = 0, now + period end
+  local reset = max(e - now, 0)
+  local dirty, out, o = false, nil, 0
+  local a = 5
+  while a <= last do
+    local policy, cost, k = num[a], num[a + 1], num[a + 2]
+    a = a + 3 + k
+    if k == 1 then
+      local check = cost
+      if policy == 1 and check < 1 then check = 1 end
+      local over = u + check > limit
+      local group_flag = over and 0 or 2
+      local beyond_before = max(u - limit, 0)
+      local retry = 0
+      if policy ~= 2 and over then
+        if check <= limit then retry = reset else retry = -1 end
+      end
+      local charged = 0
+      if (policy == 0 and not over) or policy == 2 then
+        u = min(u + cost, MAX_COUNT)
+        dirty = true
+        charged = min(cost, MAX_COUNT)
+      end
+      if policy == 2 then
+        over = u > limit
+        if over then
+          if 1 <= limit then retry = reset else retry = -1 end
+        end
+      end
+      local record = struct.pack('<Bddddd', group_flag + (over and 1 or 0), max(limit - u, 0),
+        reset, retry, charged, max(max(u - limit, 0) - beyond_before, 0))
+      o = o + 1
+      if o == 1 then out = record elseif o == 2 then out = {out, record} else out[o] = record end
+    end
+  end
+  if dirty then
+    local ttl = e - now
+    if ttl < 1 then ttl = 1 end
+    redis.call('SET', KEYS[1], struct.pack('<Bdd', 1, u, e), 'PX', ttl)
+  end
+  if o == 0 then return '' end
+  if o == 1 then return out end
+  return table.concat(out)
+end
+
+-- Several counters: where each counter's kind sits in `num` (its parameters follow), and
+-- whether all are fixed windows (decided below without the generic machinery).
 local at, only_windows = {}, true
 local a = 2
 for i = 1, n do
