@@ -111,9 +111,19 @@ impl RedisStorage {
         format!("{}:{{{namespace}}}:", self.prefix)
     }
 
+    /// A counter's key, as `apply` writes it into the command.
     #[cfg(test)]
-    fn key(&self, namespace_prefix: &str, key: &CounterKey) -> String {
-        format!("{namespace_prefix}{:016x}:{}", key.limit, key.encoded())
+    fn key(&self, namespace: &str, key: &CounterKey) -> Vec<u8> {
+        let mut cmd = Cmd::new();
+        cmd.arg(CounterKeyArg {
+            prefix: &self.prefix,
+            namespace,
+            key,
+        });
+        match cmd.args_iter().next() {
+            Some(redis::Arg::Simple(bytes)) => bytes.to_vec(),
+            _ => Vec::new(),
+        }
     }
 
     /// Runs `cmd` (an `EVALSHA` of `script`) on the connection, within the timeout. A server
@@ -362,16 +372,23 @@ struct CounterKeyArg<'a> {
 
 impl ToRedisArgs for CounterKeyArg<'_> {
     fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        let mut hex = [0u8; 16];
+        for (i, digit) in hex.iter_mut().enumerate() {
+            *digit = b"0123456789abcdef"[(self.key.limit >> (60 - 4 * i)) as usize & 0xf];
+        }
         let mut writer = out.writer_for_next_arg();
-        // Writing into memory cannot fail.
-        let _ = write!(
-            writer,
-            "{}:{{{}}}:{:016x}:{}",
-            self.prefix,
-            self.namespace,
-            self.key.limit,
-            self.key.encoded()
-        );
+        for part in [
+            self.prefix.as_bytes(),
+            b":{",
+            self.namespace.as_bytes(),
+            b"}:",
+            &hex,
+            b":",
+            self.key.encoded().as_bytes(),
+        ] {
+            // Writing into memory cannot fail.
+            let _ = writer.write_all(part);
+        }
     }
 }
 
@@ -443,9 +460,12 @@ mod tests {
         let key = CounterKey::new(0xabc, ["alice:1", "", "ünï"]);
         assert_eq!(key.values(), ["alice:1", "", "ünï"]);
         let prefix = storage.namespace_prefix("llm/route");
-        let text = storage.key(&prefix, &key);
+        let text = String::from_utf8(storage.key("llm/route", &key)).unwrap();
         assert_eq!(text, "rk:{llm/route}:0000000000000abc:7:alice:10:5:ünï");
         assert_eq!(parse_key(text.strip_prefix(&prefix).unwrap()), Some(key));
+        let top = CounterKey::new(u64::MAX - 1, ["x"]);
+        let text = String::from_utf8(storage.key("n", &top)).unwrap();
+        assert_eq!(text, "rk:{n}:fffffffffffffffe:1:x");
     }
 
     #[test]
