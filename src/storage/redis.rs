@@ -7,29 +7,38 @@
 //! Key layout: `<prefix>:{<namespace>}:<limit id, 16 hex>:<values>`, where `<values>` is each
 //! variable value as `<byte length>:<value>`. The `{namespace}` hash tag puts every counter of a
 //! namespace in one cluster slot, so one script can touch all of a request's counters. The
-//! value is `<used> <window end, ms>` and the key expires with its window: nothing grows forever.
+//! value is the counter's state, packed (see decide.lua), and the key expires when the state no
+//! longer matters: nothing grows forever.
 
+use std::io::Write;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use redis::aio::ConnectionLike;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{Script, Value};
+use redis::{Cmd, ErrorKind, RedisWrite, Script, ServerErrorKind, ToRedisArgs, Value};
 use tokio::sync::OnceCell;
 
 use super::{Batch, CounterKey, CounterSnapshot, Storage, StorageError};
 use crate::algorithm::{
-    Algorithm, BucketState, CounterOutcome, CounterState, GroupOutcome, Policy, SlidingState,
-    WindowState,
+    Algorithm, BucketState, CounterOutcome, CounterState, GroupOutcome, MAX_COUNT, Policy,
+    SlidingState, WindowState,
 };
 use crate::limits::LimitId;
+
+/// Numbers per argument of decide.lua: well below the 8000 values one Lua `struct.unpack` may
+/// return.
+const CHUNK: usize = 4000;
 
 pub struct RedisStorage {
     connection: Connection,
     decide: Script,
     list: Script,
     ping: Script,
+    /// `<` and `CHUNK` `d`s: the `struct` formats of decide.lua's arguments are its prefixes.
+    format: String,
     prefix: String,
     timeout: Duration,
     /// The URL with any password masked, for logs and errors.
@@ -87,6 +96,7 @@ impl RedisStorage {
             decide: Script::new(include_str!("decide.lua")),
             list: Script::new(include_str!("list.lua")),
             ping: Script::new("return redis.call('PING')"),
+            format: format!("<{}", "d".repeat(CHUNK)),
             prefix: prefix.to_string(),
             timeout,
             display_url,
@@ -101,23 +111,34 @@ impl RedisStorage {
         format!("{}:{{{namespace}}}:", self.prefix)
     }
 
-    fn key(&self, namespace_prefix: &str, key: &CounterKey) -> String {
-        format!("{namespace_prefix}{:016x}:{}", key.limit, key.encoded())
+    /// A counter's key, as `apply` writes it into the command.
+    #[cfg(test)]
+    fn key(&self, namespace: &str, key: &CounterKey) -> Vec<u8> {
+        let mut cmd = Cmd::new();
+        cmd.arg(CounterKeyArg {
+            prefix: &self.prefix,
+            namespace,
+            key,
+        });
+        match cmd.args_iter().next() {
+            Some(redis::Arg::Simple(bytes)) => bytes.to_vec(),
+            _ => Vec::new(),
+        }
     }
 
-    /// Runs `invocation` on the connection, within the timeout.
-    async fn run(&self, invocation: redis::ScriptInvocation<'_>) -> Result<Value, StorageError> {
+    /// Runs `cmd` (an `EVALSHA` of `script`) on the connection, within the timeout. A server
+    /// that does not know the script yet (`NOSCRIPT`: new, restarted, failed over) is given it,
+    /// and the command is sent again.
+    async fn run(&self, cmd: &Cmd, script: &Script) -> Result<Value, StorageError> {
         let call = async {
             match &self.connection {
-                Connection::Standalone(manager) => {
-                    invocation.invoke_async(&mut manager.clone()).await
-                }
+                Connection::Standalone(manager) => evalsha(&mut manager.clone(), cmd, script).await,
                 Connection::Cluster(cluster) => {
                     let (client, connection) = cluster.as_ref();
                     let connection = connection
                         .get_or_try_init(|| client.get_async_connection())
                         .await?;
-                    invocation.invoke_async(&mut connection.clone()).await
+                    evalsha(&mut connection.clone(), cmd, script).await
                 }
             }
         };
@@ -136,37 +157,82 @@ impl RedisStorage {
     }
 }
 
+/// `EVALSHA` of `script`, loading it first when the server answers `NOSCRIPT`.
+async fn evalsha(
+    connection: &mut impl ConnectionLike,
+    cmd: &Cmd,
+    script: &Script,
+) -> redis::RedisResult<Value> {
+    let reply = connection.req_packed_command(cmd).await;
+    match reply.and_then(Value::extract_error) {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            script.load_async(connection).await?;
+            connection.req_packed_command(cmd).await?.extract_error()
+        }
+        other => other,
+    }
+}
+
+/// The start of an `EVALSHA` of `script` on `keys` keys.
+fn evalsha_cmd(script: &Script, keys: usize, capacity: usize) -> Cmd {
+    let mut cmd = Cmd::with_capacity(3 + keys + 2, capacity);
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
+    cmd
+}
+
 #[async_trait]
 impl Storage for RedisStorage {
     async fn apply(&self, batch: &Batch, now_ms: u64) -> Result<Vec<GroupOutcome>, StorageError> {
-        let namespace_prefix = self.namespace_prefix(&batch.namespace);
-        let mut invocation = self.decide.prepare_invoke();
-        invocation.arg(now_ms).arg(batch.counters.len());
+        // The numbers, as decide.lua reads them: little-endian doubles (exact below 2^53; a
+        // larger one rounds as Lua's `tonumber` of its decimal form would).
+        let mut numbers = Vec::with_capacity(8 * (1 + 5 * batch.counters.len() + 8));
+        let mut push = |x: u64| numbers.extend_from_slice(&(x as f64).to_le_bytes());
+        push(now_ms);
         for counter in &batch.counters {
-            invocation.key(self.key(&namespace_prefix, &counter.key));
-            let (kind, parameters) = match counter.algorithm {
-                Algorithm::FixedWindow(w) => (0, [w.max, w.period_ms, 0, 0]),
-                Algorithm::TokenBucket(b) => (1, b.parameters()),
-                Algorithm::SlidingWindow(w) => (2, [w.max, w.period_ms, 0, 0]),
-            };
-            invocation.arg(kind).arg(&parameters[..]);
+            match counter.algorithm {
+                Algorithm::FixedWindow(w) => {
+                    [0, w.max, w.period_ms].into_iter().for_each(&mut push)
+                }
+                Algorithm::TokenBucket(b) => {
+                    push(1);
+                    b.parameters().into_iter().for_each(&mut push);
+                }
+                Algorithm::SlidingWindow(w) => {
+                    [2, w.max, w.period_ms].into_iter().for_each(&mut push)
+                }
+            }
         }
-        invocation.arg(batch.groups.len());
         for group in &batch.groups {
             let policy = match group.policy {
                 Policy::AllOrNothing => 0,
                 Policy::CheckOnly => 1,
                 Policy::Charge => 2,
             };
-            invocation
-                .arg(policy)
-                .arg(group.cost)
-                .arg(group.counters.len());
+            push(policy);
+            push(group.cost);
+            push(group.counters.len() as u64);
             for &index in &group.counters {
-                invocation.arg(index + 1);
+                push(index as u64 + 1);
             }
         }
-        let reply = self.run(invocation).await?;
+
+        let key_bytes = batch.counters.len() * (self.prefix.len() + batch.namespace.len() + 64);
+        let mut cmd = evalsha_cmd(
+            &self.decide,
+            batch.counters.len(),
+            64 + key_bytes + numbers.len() * 9 / 8,
+        );
+        for counter in &batch.counters {
+            cmd.arg(CounterKeyArg {
+                prefix: &self.prefix,
+                namespace: &batch.namespace,
+                key: &counter.key,
+            });
+        }
+        for chunk in numbers.chunks(8 * CHUNK) {
+            cmd.arg(&self.format[..1 + chunk.len() / 8]).arg(chunk);
+        }
+        let reply = self.run(&cmd, &self.decide).await?;
         parse_outcomes(&reply, batch)
             .ok_or_else(|| StorageError::Unavailable("unexpected reply from Redis".to_string()))
     }
@@ -178,11 +244,10 @@ impl Storage for RedisStorage {
         now_ms: u64,
     ) -> Result<Vec<CounterSnapshot>, StorageError> {
         let namespace_prefix = self.namespace_prefix(namespace);
-        let mut invocation = self.list.prepare_invoke();
-        invocation
-            .key(&namespace_prefix)
+        let mut cmd = evalsha_cmd(&self.list, 1, 0);
+        cmd.arg(&namespace_prefix)
             .arg(format!("{}*", glob_escape(&namespace_prefix)));
-        let reply = self.run(invocation).await?;
+        let reply = self.run(&cmd, &self.list).await?;
         let Value::Array(items) = reply else {
             return Ok(Vec::new());
         };
@@ -191,8 +256,7 @@ impl Storage for RedisStorage {
             let [Value::BulkString(key), Value::BulkString(value)] = pair else {
                 continue;
             };
-            let (Ok(key), Ok(value)) = (std::str::from_utf8(key), std::str::from_utf8(value))
-            else {
+            let Ok(key) = std::str::from_utf8(key) else {
                 continue;
             };
             let Some(key) = key.strip_prefix(&namespace_prefix).and_then(parse_key) else {
@@ -210,42 +274,49 @@ impl Storage for RedisStorage {
     }
 
     async fn ping(&self) -> Result<(), StorageError> {
-        let mut ping = self.ping.prepare_invoke();
-        ping.key(format!("{}:ping", self.prefix));
-        self.run(ping).await.map(|_| ())
+        let mut cmd = evalsha_cmd(&self.ping, 1, 0);
+        cmd.arg(format!("{}:ping", self.prefix));
+        self.run(&cmd, &self.ping).await.map(|_| ())
     }
 }
 
+/// decide.lua's reply: for each group, for each of its counters, a flags byte (1: over, 2: the
+/// group is admitted) and five little-endian doubles.
 fn parse_outcomes(reply: &Value, batch: &Batch) -> Option<Vec<GroupOutcome>> {
-    let Value::Array(items) = reply else {
+    const RECORD: usize = 1 + 5 * 8;
+    let Value::BulkString(bytes) = reply else {
         return None;
     };
-    let mut numbers = items.iter().map(|item| match item {
-        Value::Int(i) => Some(*i),
-        _ => None,
-    });
-    let mut next = || numbers.next().flatten();
+    let mut records = bytes.chunks_exact(RECORD);
+    if !records.remainder().is_empty() {
+        return None;
+    }
     let mut outcomes = Vec::with_capacity(batch.groups.len());
     for group in &batch.groups {
-        let admitted = next()? == 1;
+        // A group without counters is admitted.
+        let mut admitted = true;
         let mut counters = Vec::with_capacity(group.counters.len());
         for _ in &group.counters {
-            let over = next()? == 1;
-            let remaining = u64::try_from(next()?).ok()?;
-            let reset_in_ms = u64::try_from(next()?).ok()?;
-            let retry = next()?;
+            let (&flags, numbers) = records.next()?.split_first()?;
+            let number = |i: usize| -> Option<i64> {
+                let bytes = numbers.get(8 * i..8 * i + 8)?;
+                let x = f64::from_le_bytes(bytes.try_into().ok()?);
+                // Integers, as the script computes them (`as` would saturate anything else).
+                (x.fract() == 0.0 && x.abs() < 2f64.powi(63)).then_some(x as i64)
+            };
+            admitted = flags & 2 != 0;
             counters.push(CounterOutcome {
-                over,
-                remaining,
-                reset_in_ms,
-                retry_after_ms: u64::try_from(retry).ok(),
-                charged: u64::try_from(next()?).ok()?,
-                overshoot: u64::try_from(next()?).ok()?,
+                over: flags & 1 != 0,
+                remaining: u64::try_from(number(0)?).ok()?,
+                reset_in_ms: u64::try_from(number(1)?).ok()?,
+                retry_after_ms: u64::try_from(number(2)?).ok(),
+                charged: u64::try_from(number(3)?).ok()?,
+                overshoot: u64::try_from(number(4)?).ok()?,
             });
         }
         outcomes.push(GroupOutcome { admitted, counters });
     }
-    Some(outcomes)
+    records.next().is_none().then_some(outcomes)
 }
 
 /// `<limit hex>:<len>:<value>...` back into a key.
@@ -254,29 +325,71 @@ fn parse_key(rest: &str) -> Option<CounterKey> {
     CounterKey::from_encoded(u64::from_str_radix(limit, 16).ok()?, values)
 }
 
-/// A stored value (see decide.lua) back into a state.
-fn parse_state(value: &str) -> Option<CounterState> {
-    let mut fields = value.split(' ');
-    let kind = fields.next()?;
-    let mut number = || fields.next()?.parse::<i64>().ok();
-    let (a, b) = (number()?, number()?);
-    let unsigned = |v: i64| u64::try_from(v).ok();
-    Some(match kind {
-        "w" => CounterState::Window(WindowState {
-            used: unsigned(a)?,
-            expires_at_ms: unsigned(b)?,
-        }),
-        "b" => CounterState::Bucket(BucketState {
-            units: a,
-            refilled_at_ms: unsigned(b)?,
-        }),
-        "s" => CounterState::Sliding(SlidingState {
-            start_ms: unsigned(a)?,
-            current: unsigned(b)?,
-            previous: unsigned(number()?)?,
-        }),
+/// A stored value (see decide.lua: a tag byte, then little-endian doubles) back into a state.
+fn parse_state(value: &[u8]) -> Option<CounterState> {
+    let (&tag, rest) = value.split_first()?;
+    let number = |i: usize| -> Option<f64> {
+        let bytes = rest.get(8 * i..8 * i + 8)?;
+        Some(f64::from_le_bytes(bytes.try_into().ok()?))
+    };
+    // Integers below 2^53, as the script stores them; anything else is not a state.
+    let signed = |i: usize| {
+        let x = number(i)?;
+        (x.fract() == 0.0 && x.abs() <= MAX_COUNT as f64 * 2.0).then_some(x as i64)
+    };
+    let unsigned = |i: usize| u64::try_from(signed(i)?).ok();
+    let fields = match tag {
+        1 | 2 => 2,
+        3 => 3,
         _ => return None,
+    };
+    if rest.len() != 8 * fields {
+        return None;
+    }
+    Some(match tag {
+        1 => CounterState::Window(WindowState {
+            used: unsigned(0)?,
+            expires_at_ms: unsigned(1)?,
+        }),
+        2 => CounterState::Bucket(BucketState {
+            units: signed(0)?,
+            refilled_at_ms: unsigned(1)?,
+        }),
+        _ => CounterState::Sliding(SlidingState {
+            start_ms: unsigned(0)?,
+            current: unsigned(1)?,
+            previous: unsigned(2)?,
+        }),
     })
+}
+
+/// A counter's Redis key, written straight into the command.
+struct CounterKeyArg<'a> {
+    prefix: &'a str,
+    namespace: &'a str,
+    key: &'a CounterKey,
+}
+
+impl ToRedisArgs for CounterKeyArg<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        let mut hex = [0u8; 16];
+        for (i, digit) in hex.iter_mut().enumerate() {
+            *digit = b"0123456789abcdef"[(self.key.limit >> (60 - 4 * i)) as usize & 0xf];
+        }
+        let mut writer = out.writer_for_next_arg();
+        for part in [
+            self.prefix.as_bytes(),
+            b":{",
+            self.namespace.as_bytes(),
+            b"}:",
+            &hex,
+            b":",
+            self.key.encoded().as_bytes(),
+        ] {
+            // Writing into memory cannot fail.
+            let _ = writer.write_all(part);
+        }
+    }
 }
 
 fn cluster_scheme(url: &str) -> Option<(&'static str, &str)> {
@@ -347,9 +460,58 @@ mod tests {
         let key = CounterKey::new(0xabc, ["alice:1", "", "ünï"]);
         assert_eq!(key.values(), ["alice:1", "", "ünï"]);
         let prefix = storage.namespace_prefix("llm/route");
-        let text = storage.key(&prefix, &key);
+        let text = String::from_utf8(storage.key("llm/route", &key)).unwrap();
         assert_eq!(text, "rk:{llm/route}:0000000000000abc:7:alice:10:5:ünï");
         assert_eq!(parse_key(text.strip_prefix(&prefix).unwrap()), Some(key));
+        let top = CounterKey::new(u64::MAX - 1, ["x"]);
+        let text = String::from_utf8(storage.key("n", &top)).unwrap();
+        assert_eq!(text, "rk:{n}:fffffffffffffffe:1:x");
+    }
+
+    #[test]
+    fn stored_states_are_read_back() {
+        let packed = |tag: u8, numbers: &[f64]| {
+            let mut value = vec![tag];
+            for x in numbers {
+                value.extend_from_slice(&x.to_le_bytes());
+            }
+            value
+        };
+        assert_eq!(
+            parse_state(&packed(1, &[3.0, 1e12])),
+            Some(CounterState::Window(WindowState {
+                used: 3,
+                expires_at_ms: 1_000_000_000_000
+            }))
+        );
+        assert_eq!(
+            parse_state(&packed(2, &[-(MAX_COUNT as f64), 7.0])),
+            Some(CounterState::Bucket(BucketState {
+                units: -(MAX_COUNT as i64),
+                refilled_at_ms: 7
+            }))
+        );
+        assert_eq!(
+            parse_state(&packed(3, &[5.0, 0.0, MAX_COUNT as f64])),
+            Some(CounterState::Sliding(SlidingState {
+                start_ms: 5,
+                current: 0,
+                previous: MAX_COUNT
+            }))
+        );
+        for garbage in [
+            packed(1, &[3.0]),
+            packed(1, &[3.0, 4.0, 5.0]),
+            packed(3, &[3.0, 4.0]),
+            packed(1, &[-1.0, 4.0]),
+            packed(1, &[0.5, 4.0]),
+            packed(2, &[f64::NAN, 4.0]),
+            packed(9, &[3.0, 4.0]),
+            b"w 3 1000".to_vec(),
+            Vec::new(),
+        ] {
+            assert_eq!(parse_state(&garbage), None, "{garbage:?}");
+        }
     }
 
     #[test]
