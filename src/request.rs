@@ -10,6 +10,19 @@ pub struct Descriptor {
     pub hits: Option<u64>,
 }
 
+impl Descriptor {
+    /// A descriptor of these entries, without a cost of its own.
+    pub fn of(entries: &[(&str, &str)]) -> Self {
+        Self {
+            entries: entries
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            hits: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Request {
     pub namespace: String,

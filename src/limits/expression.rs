@@ -303,13 +303,7 @@ mod tests {
     use super::*;
 
     fn descriptors(entries: &[(&str, &str)]) -> Vec<Descriptor> {
-        vec![Descriptor {
-            entries: entries
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            hits: None,
-        }]
+        vec![Descriptor::of(entries)]
     }
 
     #[test]

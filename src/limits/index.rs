@@ -88,16 +88,6 @@ mod tests {
 - {namespace: n, max_value: 1, seconds: 2, conditions: ["descriptors[0].route == 'a'"], variables: ["descriptors[0].user"]}
 "#;
 
-    fn descriptor(entries: &[(&str, &str)]) -> Descriptor {
-        Descriptor {
-            entries: entries
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            hits: None,
-        }
-    }
-
     /// Evaluating only the candidates applies exactly the limits that evaluating every limit
     /// does, and the index does skip limits.
     #[test]
@@ -106,18 +96,18 @@ mod tests {
         let index = LimitIndex::new(&limits);
         let requests = [
             vec![],
-            vec![descriptor(&[("route", "a"), ("user", "u")])],
-            vec![descriptor(&[("route", "b"), ("user", "x")])],
-            vec![descriptor(&[("route", "b"), ("user", "y")])],
-            vec![descriptor(&[("route", "a"), ("route", "c")])],
-            vec![descriptor(&[("route", "c"), ("route", "a")])],
+            vec![Descriptor::of(&[("route", "a"), ("user", "u")])],
+            vec![Descriptor::of(&[("route", "b"), ("user", "x")])],
+            vec![Descriptor::of(&[("route", "b"), ("user", "y")])],
+            vec![Descriptor::of(&[("route", "a"), ("route", "c")])],
+            vec![Descriptor::of(&[("route", "c"), ("route", "a")])],
             vec![
-                descriptor(&[("user", "u")]),
-                descriptor(&[("tier", "gold")]),
+                Descriptor::of(&[("user", "u")]),
+                Descriptor::of(&[("tier", "gold")]),
             ],
             vec![
-                descriptor(&[("route", "a")]),
-                descriptor(&[("tier", "free")]),
+                Descriptor::of(&[("route", "a")]),
+                Descriptor::of(&[("tier", "free")]),
             ],
         ];
         let mut skipped = 0;
