@@ -11,12 +11,13 @@ WORKDIR /src
 
 # Only what the build reads: the protobuf files are compiled by build.rs in pure Rust, so no
 # protoc is needed; Redis TLS uses rustls, so no OpenSSL headers either.
-# (If Cargo.toml ever declares [[bench]] or [[example]] targets by path, copy those too.)
+# Cargo reads every target the manifest declares, so the benchmark comes along (it is not built).
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
 COPY src ./src
+COPY benches ./benches
 
-RUN cargo build --release --locked \
+RUN cargo build --release --locked --bin ratekeeper \
     && cp target/release/ratekeeper /usr/local/bin/ratekeeper
 
 # ---- run -----------------------------------------------------------------------------------
