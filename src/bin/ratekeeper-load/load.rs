@@ -350,6 +350,9 @@ pub fn run(options: RunOptions) -> Result<(), String> {
                     if let Some(started) = plan.started.lock().ok().and_then(|s| *s) {
                         break started;
                     }
+                    if plan.finished.load(Ordering::Relaxed) {
+                        return; // the clients gave up before the load started
+                    }
                     std::thread::sleep(Duration::from_millis(5));
                 };
                 let (from, until) = (started + plan.warmup, started + plan.warmup + plan.duration);
@@ -528,15 +531,21 @@ fn client_thread(
             .map_err(|e| format!("invalid --target {target}: {e}"))?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5));
-        let mut channels = Vec::with_capacity(connections);
-        for _ in 0..connections {
-            let channel = endpoint
-                .connect()
-                .await
-                .map_err(|e| format!("cannot connect to {target}: {e:?}"))?;
-            channels.push(channel);
+        let connected = async {
+            let mut channels = Vec::with_capacity(connections);
+            for _ in 0..connections {
+                let channel = endpoint
+                    .connect()
+                    .await
+                    .map_err(|e| format!("cannot connect to {target}: {e:?}"))?;
+                channels.push(channel);
+            }
+            Ok::<_, String>(channels)
         }
+        .await;
+        // Every thread reaches the barrier, connected or not, so none waits there forever.
         barrier.wait();
+        let channels = connected?;
         let started = {
             let mut started = plan.started.lock().map_err(|_| "poisoned")?;
             *started.get_or_insert_with(Instant::now)
