@@ -160,7 +160,7 @@ pub struct RedisOptions {
     pub url: String,
 
     /// Prefix of every key ratekeeper writes (lets several deployments share one Redis).
-    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "ratekeeper")]
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = DEFAULT_KEY_PREFIX)]
     pub key_prefix: String,
 }
 
@@ -201,6 +201,9 @@ impl Default for MemoryOptions {
     }
 }
 
+/// The default `--key-prefix` of Redis keys.
+const DEFAULT_KEY_PREFIX: &str = "ratekeeper";
+
 impl Cli {
     /// The storage to use: the subcommand, else Redis when REDIS_URL is set (as Limitador
     /// does), else memory.
@@ -212,7 +215,7 @@ impl Cli {
             Ok(url) if !url.is_empty() => StorageCommand::Redis(RedisOptions {
                 url,
                 key_prefix: std::env::var("REDIS_KEY_PREFIX")
-                    .unwrap_or_else(|_| "ratekeeper".to_string()),
+                    .unwrap_or_else(|_| DEFAULT_KEY_PREFIX.to_string()),
             }),
             _ => StorageCommand::Memory(MemoryOptions::default()),
         }

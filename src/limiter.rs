@@ -81,6 +81,11 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// The limit that refused the call or was charged past, the most restrictive first.
+    pub fn limiting(&self) -> Option<&LimitStatus> {
+        self.limits.iter().find(|l| l.outcome.over)
+    }
+
     /// Milliseconds until this call's cost would be admitted: the longest wait among the limits
     /// that refused it. `None` when it is admitted now or never would be.
     pub fn retry_after_ms(&self) -> Option<u64> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use metrics::{Counter, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::limiter::{Call, Code, Decision};
+use crate::limiter::{Call, Decision};
 use crate::limits::Limit;
 
 pub const NAMESPACE: &str = "limitador_namespace";
@@ -171,13 +171,10 @@ impl Metrics {
                     .increment(outcome.overshoot);
             }
         }
-        if decision.code == Code::Unknown {
-            return;
-        }
         if call == Call::Report {
             namespace.authorized_hits.increment(cost);
         } else if decision.refused {
-            match decision.limits.iter().find(|l| l.outcome.over) {
+            match decision.limiting() {
                 Some(limiting) => self.of(&limiting.limit).limited_calls.increment(1),
                 None => namespace.limited_calls.increment(1),
             }

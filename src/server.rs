@@ -205,8 +205,8 @@ async fn check_health(
 
 /// The services health reports on, by their full gRPC names.
 const SERVICES: [&str; 2] = [
-    "envoy.service.ratelimit.v3.RateLimitService",
-    "kuadrant.service.ratelimit.v1.RateLimitService",
+    crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::SERVICE_NAME,
+    crate::proto::kuadrant::service::ratelimit::v1::rate_limit_service_server::SERVICE_NAME,
 ];
 
 async fn wait_for(mut stopped: watch::Receiver<bool>) {

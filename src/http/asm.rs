@@ -46,11 +46,9 @@ pub(super) async fn check(
         Ok(decision) => decision,
         Err(e) => return storage_error(&e),
     };
-    let description = match limited_key(&keys, &decision) {
-        Some(text) => text,
-        None => "allowed".to_string(),
-    };
-    let allow = decision.statuses.iter().all(|s| !s.over);
+    let limited = limited_key(&keys, &decision);
+    let allow = limited.is_none();
+    let description = limited.unwrap_or_else(|| "allowed".to_string());
     Json(json!({"allow": allow, "description": description})).into_response()
 }
 

@@ -14,13 +14,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::algorithm::CounterState;
 use crate::config::RequestBounds;
 use crate::limiter::{Call, Code, Descriptor, Limiter, Request};
-use crate::limits::{Limit, LimitView};
+use crate::limits::LimitView;
 use crate::rls::headers;
 use crate::status::ServerStatus;
-use crate::storage::{CounterSnapshot, StorageError};
+use crate::storage::StorageError;
 
 mod asm;
 
@@ -112,29 +111,25 @@ async fn get_counters(State(state): State<AppState>, Path(namespace): Path<Strin
     let now = state.limiter.now_ms();
     let views: Vec<CounterView<'_>> = counters
         .iter()
-        .map(|(limit, counter)| CounterView {
-            limit: limit.view(),
-            set_variables: limit
-                .variables
-                .iter()
-                .map(|v| v.source())
-                .zip(counter.key.values())
-                .collect(),
-            remaining: limit.algorithm.remaining(current(limit, counter, now), now),
-            expires_in_seconds: limit
-                .algorithm
-                .reset_in_ms(current(limit, counter, now), now)
-                / 1000,
+        .map(|(limit, counter)| {
+            let state = limit.algorithm.current(Some(counter.state), now);
+            CounterView {
+                limit: limit.view(),
+                set_variables: limit
+                    .variables
+                    .iter()
+                    .map(|v| v.source())
+                    .zip(counter.key.values())
+                    .collect(),
+                remaining: limit.algorithm.remaining(state, now),
+                expires_in_seconds: limit.algorithm.reset_in_ms(state, now) / 1000,
+            }
         })
         .collect();
     Json(views).into_response()
 }
 
 /// A counter's state as of now (refills and expiry applied).
-fn current(limit: &Limit, counter: &CounterSnapshot, now_ms: u64) -> CounterState {
-    limit.algorithm.current(Some(counter.state), now_ms)
-}
-
 /// The body of `/check`, `/report` and `/check_and_report`: `values` become `descriptors[0]`.
 #[derive(Deserialize)]
 struct CheckAndReportInfo {

@@ -261,7 +261,7 @@ fn depth_walk(program: &Program, mut visit: impl FnMut(&cel::common::ast::IdedEx
 }
 
 /// The CEL value of a request's descriptors: a list of string→string maps.
-pub fn descriptors_value<'a, D, E>(descriptors: D) -> Value
+fn descriptors_value<'a, D, E>(descriptors: D) -> Value
 where
     D: IntoIterator<Item = E>,
     E: IntoIterator<Item = (&'a str, &'a str)>,
@@ -292,7 +292,7 @@ pub fn limit_value(name: Option<&str>, id: Option<&str>) -> Value {
 }
 
 /// A root context binding `descriptors`.
-pub fn context_for(descriptors: Value) -> Context<'static, 'static> {
+fn context_for(descriptors: Value) -> Context<'static, 'static> {
     let mut context = Context::with_env(ENV.clone());
     context.add_variable_from_value("descriptors", descriptors);
     context

@@ -51,10 +51,6 @@ pub struct Limit {
 }
 
 impl Limit {
-    pub fn period_ms(&self) -> u64 {
-        self.seconds.saturating_mul(1000)
-    }
-
     /// Does this limit apply to the request in `input`? When it does, `values` holds the
     /// variables' values that name its counter (it is cleared first); `Ok(false)` means it
     /// does not apply (a condition is false or reads a key the request lacks).

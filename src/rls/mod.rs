@@ -46,9 +46,8 @@ impl RateLimitServer {
         call: Call,
     ) -> Result<tonic::Response<RateLimitResponse>, Status> {
         let started = Instant::now();
-        let rpc = call.name();
         let (metadata, _, message) = request.into_parts();
-        let result = self.decide(message, call, rpc, &metadata).await;
+        let result = self.decide(message, call, &metadata).await;
         let outcome = match &result {
             Ok(response) => match response::Code::try_from(response.overall_code) {
                 Ok(response::Code::Ok) => Outcome::Ok,
@@ -66,9 +65,9 @@ impl RateLimitServer {
         &self,
         request: RateLimitRequest,
         call: Call,
-        rpc: &str,
         metadata: &MetadataMap,
     ) -> Result<RateLimitResponse, Status> {
+        let rpc = call.name();
         // Only the lines logged for this call carry it (no per-call span to pay for), and it
         // is read only when a line is logged.
         let request_id = || {
@@ -92,8 +91,8 @@ impl RateLimitServer {
         })?;
         let namespace = request.namespace.as_str();
         let limiting = || {
-            let over = decision.limits.iter().find(|l| l.outcome.over);
-            over.and_then(|l| l.limit.name.as_deref()).unwrap_or("")
+            let limiting = decision.limiting();
+            limiting.and_then(|l| l.limit.name.as_deref()).unwrap_or("")
         };
         match decision.code {
             Code::OverLimit if decision.refused => {
