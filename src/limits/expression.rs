@@ -27,6 +27,8 @@ pub struct Expression {
     source: String,
     program: Program,
     native: Option<Native>,
+    /// Whether it reads the `limit` variable (only then is a scope with it built).
+    reads_limit: bool,
 }
 
 /// What expressions read for one evaluation: the descriptors, and the CEL context made of them,
@@ -100,6 +102,7 @@ impl Expression {
         Ok(Self {
             source: source.to_string(),
             native: Native::compile(program.expression()),
+            reads_limit: program.references().has_variable("limit"),
             program,
         })
     }
@@ -108,8 +111,8 @@ impl Expression {
         &self.source
     }
 
-    pub fn uses_variable(&self, name: &str) -> bool {
-        self.program.references().has_variable(name)
+    pub fn reads_limit(&self) -> bool {
+        self.reads_limit
     }
 
     /// Whether the expression evaluates without CEL (for tests and benchmarks).
@@ -169,7 +172,7 @@ impl Expression {
 
     fn execute(&self, input: &Input, limit: Option<&Value>) -> Result<Value, EvalError> {
         let context = input.cel();
-        let result = match limit {
+        let result = match limit.filter(|_| self.reads_limit) {
             Some(limit) => {
                 let mut scope = context.new_inner_scope();
                 scope.add_variable_from_value("limit", limit.clone());

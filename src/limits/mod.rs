@@ -310,10 +310,7 @@ impl Limit {
                 fingerprint(parts)
             }
         };
-        let uses_limit = conditions
-            .iter()
-            .chain(&variables)
-            .any(|e| e.uses_variable("limit"));
+        let uses_limit = conditions.iter().chain(&variables).any(|e| e.reads_limit());
         let cel_self = uses_limit.then(|| expression::limit_value(name.as_deref(), id.as_deref()));
         Self {
             id,
@@ -329,5 +326,32 @@ impl Limit {
             cel_self,
             metrics: OnceLock::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `limit` is the evaluated limit's own `{name, id}`, beside `descriptors`.
+    #[test]
+    fn expressions_read_the_limit_they_belong_to() {
+        let limits = file::parse_limits(
+            "test",
+            r#"
+- {name: gold, namespace: n, max_value: 1, seconds: 1, conditions: ["limit.name == 'gold'"], variables: ["descriptors[0].user"]}
+- {name: free, namespace: n, max_value: 1, seconds: 1, conditions: ["limit.name == 'gold'"], variables: []}
+- {id: fixed, namespace: n, max_value: 1, seconds: 1, conditions: [], variables: ["limit.id", "limit.name"]}
+"#,
+        )
+        .unwrap();
+        let descriptors = [Descriptor::of(&[("user", "alice")])];
+        let input = Input::new(&descriptors);
+        let mut values = KeyValues::new();
+        assert_eq!(limits[0].applies(&input, &mut values), Ok(true));
+        assert_eq!(values.as_slice(), ["alice"]);
+        assert_eq!(limits[1].applies(&input, &mut values), Ok(false));
+        assert_eq!(limits[2].applies(&input, &mut values), Ok(true));
+        assert_eq!(values.as_slice(), ["fixed", "null"]);
     }
 }
