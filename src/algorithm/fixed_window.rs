@@ -53,10 +53,6 @@ impl FixedWindow {
         window.used.saturating_sub(self.max)
     }
 
-    pub fn expires_at_ms(&self, window: WindowState, _now_ms: u64) -> u64 {
-        window.expires_at_ms
-    }
-
     pub fn remaining(&self, window: WindowState, _now_ms: u64) -> u64 {
         self.max.saturating_sub(window.used)
     }

@@ -102,9 +102,10 @@ impl Algorithm {
         with_state!(*self, state, |a, s| a.retry_after_ms(s, now_ms, cost), None)
     }
 
-    /// When the stored state may be forgotten: from then on, no state means the same.
+    /// When the stored state may be forgotten: once it is back to its full budget, no state
+    /// means the same.
     pub fn expires_at_ms(&self, state: CounterState, now_ms: u64) -> u64 {
-        with_state!(*self, state, |a, s| a.expires_at_ms(s, now_ms), now_ms)
+        now_ms.saturating_add(self.reset_in_ms(state, now_ms))
     }
 }
 

@@ -138,10 +138,6 @@ impl SlidingWindow {
         let next = fits_from(state.current, 0)?;
         Some((p - elapsed) + next)
     }
-
-    pub fn expires_at_ms(&self, state: SlidingState, now_ms: u64) -> u64 {
-        now_ms.saturating_add(self.reset_in_ms(state, now_ms))
-    }
 }
 
 #[cfg(test)]

@@ -145,11 +145,6 @@ impl TokenBucket {
         let needed = cost.checked_mul(self.scale)?;
         (needed <= self.capacity).then(|| self.time_to(state, needed, now_ms))
     }
-
-    /// A full bucket is the same as no bucket: the state may be forgotten then.
-    pub fn expires_at_ms(&self, state: BucketState, now_ms: u64) -> u64 {
-        now_ms.saturating_add(self.reset_in_ms(state, now_ms))
-    }
 }
 
 #[cfg(test)]

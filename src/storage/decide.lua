@@ -377,9 +377,7 @@ end
 
 for i = 1, n do
   if dirty[i] then
-    local ttl
-    if kind[i] == 0 then ttl = s2[i] - now else ttl = reset_in(i) end
-    redis.call('SET', KEYS[i], encode(i), 'PX', math.max(ttl, 1))
+    redis.call('SET', KEYS[i], encode(i), 'PX', math.max(reset_in(i), 1))
   end
 end
 return table.concat(out)
