@@ -54,17 +54,14 @@ fn limiter(limits: LimitSet, storage: Arc<dyn Storage>) -> Limiter {
 }
 
 fn request(user: usize) -> Request {
-    let entries = [("route", "r0".to_string()), ("tier", "free".to_string())]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .chain([("user".to_string(), format!("user-{user}"))])
-        .collect();
+    let user = format!("user-{user}");
     Request {
         namespace: "bench".to_string(),
-        descriptors: vec![Descriptor {
-            entries,
-            hits: None,
-        }],
+        descriptors: vec![Descriptor::of(&[
+            ("route", "r0"),
+            ("tier", "free"),
+            ("user", &user),
+        ])],
         hits: 1,
     }
 }
