@@ -174,7 +174,7 @@ impl Limiter {
         let contexts = contexts(request, call);
 
         let mut batch = Batch {
-            namespace: request.namespace.clone(),
+            namespace: &request.namespace,
             counters: Vec::new(),
             groups: Vec::with_capacity(contexts.len()),
         };

@@ -41,7 +41,7 @@ fn algorithms() -> Vec<Algorithm> {
     ]
 }
 
-fn random_batch(rng: &mut Rng, algorithms: &[Algorithm]) -> Batch {
+fn random_batch(rng: &mut Rng, algorithms: &[Algorithm]) -> Batch<'static> {
     // Up to 3 counters (each an algorithm with one of two users), in up to 3 groups.
     let count = 1 + rng.below(3) as usize;
     let mut counters = Vec::new();
@@ -79,7 +79,7 @@ fn random_batch(rng: &mut Rng, algorithms: &[Algorithm]) -> Batch {
         })
         .collect();
     Batch {
-        namespace: "diff".to_string(),
+        namespace: "diff",
         counters,
         groups,
     }

@@ -146,7 +146,11 @@ struct NoRoom;
 
 #[async_trait]
 impl Storage for MemoryStorage {
-    async fn apply(&self, batch: &Batch, now_ms: u64) -> Result<Vec<GroupOutcome>, StorageError> {
+    async fn apply(
+        &self,
+        batch: &Batch<'_>,
+        now_ms: u64,
+    ) -> Result<Vec<GroupOutcome>, StorageError> {
         self.apply_now(batch, now_ms)
     }
 
@@ -195,9 +199,9 @@ mod tests {
     use crate::storage::CounterRequest;
     use std::sync::Arc;
 
-    fn batch(user: &str, max: u64, policy: Policy, cost: u64) -> Batch {
+    fn batch(user: &str, max: u64, policy: Policy, cost: u64) -> Batch<'static> {
         Batch {
-            namespace: "ns".to_string(),
+            namespace: "ns",
             counters: vec![CounterRequest {
                 key: CounterKey::new(1, [user]),
                 algorithm: Algorithm::FixedWindow(FixedWindow::new(max, 1_000)),

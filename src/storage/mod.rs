@@ -108,9 +108,9 @@ pub struct CounterRequest {
 
 /// Everything one request asks of the storage.
 #[derive(Debug, Clone, Default)]
-pub struct Batch {
-    /// All counters of one request belong to one namespace.
-    pub namespace: String,
+pub struct Batch<'a> {
+    /// All counters of one request belong to one namespace (the request's own).
+    pub namespace: &'a str,
     pub counters: Vec<CounterRequest>,
     pub groups: Vec<Group>,
 }
@@ -160,7 +160,11 @@ impl std::error::Error for StorageError {}
 pub trait Storage: Send + Sync + 'static {
     /// Decides `batch` at `now_ms` atomically: every group is evaluated in order and all the
     /// resulting changes are stored, or (on error) none are.
-    async fn apply(&self, batch: &Batch, now_ms: u64) -> Result<Vec<GroupOutcome>, StorageError>;
+    async fn apply(
+        &self,
+        batch: &Batch<'_>,
+        now_ms: u64,
+    ) -> Result<Vec<GroupOutcome>, StorageError>;
 
     /// The live (unexpired) counters of the given limits, all of `namespace`.
     async fn counters(

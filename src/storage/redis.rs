@@ -182,7 +182,11 @@ fn evalsha_cmd(script: &Script, keys: usize, capacity: usize) -> Cmd {
 
 #[async_trait]
 impl Storage for RedisStorage {
-    async fn apply(&self, batch: &Batch, now_ms: u64) -> Result<Vec<GroupOutcome>, StorageError> {
+    async fn apply(
+        &self,
+        batch: &Batch<'_>,
+        now_ms: u64,
+    ) -> Result<Vec<GroupOutcome>, StorageError> {
         // The numbers, as decide.lua reads them: little-endian doubles (exact below 2^53; a
         // larger one rounds as Lua's `tonumber` of its decimal form would).
         let mut numbers = Vec::with_capacity(8 * (1 + 5 * batch.counters.len() + 8));
@@ -225,7 +229,7 @@ impl Storage for RedisStorage {
         for counter in &batch.counters {
             cmd.arg(CounterKeyArg {
                 prefix: &self.prefix,
-                namespace: &batch.namespace,
+                namespace: batch.namespace,
                 key: &counter.key,
             });
         }
