@@ -400,6 +400,19 @@ async fn every_kind_of_edit_is_reloaded_while_traffic_flows() {
 }
 
 #[cfg(unix)]
+/// An edit that lands between loading the file and starting to watch it is applied: the
+/// watcher starts from the version in force, not from what it finds on disk.
+#[tokio::test]
+async fn an_edit_made_while_starting_is_applied() {
+    let options = Options {
+        edited_while_starting: Some(limit_yaml(7)),
+        ..Options::default()
+    };
+    let server = TestServer::start_with(&limit_yaml(5), options).await;
+    wait_for_version(&server, 1).await;
+    assert_eq!(remaining_for(&server, "alice").await, 7);
+}
+
 #[tokio::test]
 async fn a_configmap_symlink_swap_is_reloaded() {
     use std::os::unix::fs::symlink;

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
 
 use serde::Deserialize;
@@ -54,12 +55,30 @@ struct RawLimit {
 
 /// Loads and validates a limits file.
 pub fn load_file(path: &Path) -> Result<LimitSet, LimitsError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| LimitsError {
-        file: file.clone(),
+    let bytes = std::fs::read(path).map_err(|e| LimitsError {
+        file: path.display().to_string(),
         problems: vec![format!("cannot read it: {e}")],
     })?;
-    parse_limits(&file, &text).map(LimitSet::new)
+    load_bytes(path, &bytes)
+}
+
+/// Limits from the bytes read from `path`. The set remembers their digest, so the watcher
+/// knows which version of the file is in force without reading it again.
+pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<LimitSet, LimitsError> {
+    let file = path.display().to_string();
+    let text = std::str::from_utf8(bytes).map_err(|e| LimitsError {
+        file: file.clone(),
+        problems: vec![format!("not UTF-8: {e}")],
+    })?;
+    let limits = parse_limits(&file, text)?;
+    Ok(LimitSet::new(limits).from_content(digest(bytes)))
+}
+
+/// A fingerprint of a file's content, to tell versions apart.
+pub fn digest(bytes: &[u8]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Parses limits from YAML text; `file` names the source in errors.

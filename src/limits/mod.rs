@@ -169,6 +169,8 @@ pub struct LimitSet {
     by_key: HashMap<LimitId, Arc<Limit>>,
     /// The series of every namespace that has no limits.
     other_metrics: OnceLock<NamespaceMetrics>,
+    /// Digest of the file content the limits were read from ([`file::digest`]).
+    content_digest: Option<u64>,
 }
 
 /// The limits of one namespace, in file order, indexed by what they require.
@@ -206,6 +208,16 @@ impl LimitSet {
             namespace.index = LimitIndex::new(namespace.limits.iter().map(|l| &**l));
         }
         set
+    }
+
+    /// Records the digest of the file content these limits came from.
+    pub fn from_content(mut self, digest: u64) -> Self {
+        self.content_digest = Some(digest);
+        self
+    }
+
+    pub fn content_digest(&self) -> Option<u64> {
+        self.content_digest
     }
 
     pub fn namespace(&self, namespace: &str) -> &[Arc<Limit>] {

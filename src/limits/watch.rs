@@ -8,7 +8,6 @@
 //! (write `[]` to remove every limit). Counters of limits that did not change are kept: a
 //! counter belongs to the limit's identity, not to the file.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +15,8 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
-use super::{LimitSet, parse_limits};
+use super::LimitSet;
+use super::file::{digest, load_bytes};
 use crate::limiter::Limiter;
 use crate::metrics;
 use crate::status::ServerStatus;
@@ -56,7 +56,9 @@ pub async fn watch_limits(
     let mut hangup = hangup_signal();
     let mut poll = tokio::time::interval(POLL_EVERY);
     let mut reloader = Reloader {
-        last_seen: std::fs::read(&path).ok().map(|bytes| digest(&bytes)),
+        // The version in force, as main loaded it: a change made since is seen on the first
+        // poll (the interval's first tick is immediate), not mistaken for what is in force.
+        last_seen: limiter.limits().content_digest(),
         path,
         limiter,
         status,
@@ -121,19 +123,10 @@ impl Reloader {
 }
 
 fn validate(path: &Path, bytes: &[u8]) -> Result<LimitSet, String> {
-    let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
-    if text.trim().is_empty() {
+    if std::str::from_utf8(bytes).is_ok_and(|text| text.trim().is_empty()) {
         return Err("the file is empty (write `[]` to remove every limit)".to_string());
     }
-    parse_limits(&path.display().to_string(), text)
-        .map(LimitSet::new)
-        .map_err(|e| e.to_string())
-}
-
-fn digest(bytes: &[u8]) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    hasher.finish()
+    load_bytes(path, bytes).map_err(|e| e.to_string())
 }
 
 /// SIGHUP as a stream of (); never yields where there are no such signals.

@@ -56,6 +56,9 @@ pub struct Options {
     pub capacity: usize,
     pub grpc_reflection: bool,
     pub limit_name_in_labels: bool,
+    /// Content written over the limits file after it is loaded and before the server starts:
+    /// an edit that lands while the server is starting.
+    pub edited_while_starting: Option<String>,
 }
 
 impl Default for Options {
@@ -67,6 +70,7 @@ impl Default for Options {
             capacity: 10_000,
             grpc_reflection: false,
             limit_name_in_labels: false,
+            edited_while_starting: None,
         }
     }
 }
@@ -92,6 +96,9 @@ impl TestServer {
             .write_all(limits_yaml.as_bytes())
             .unwrap();
         let limits = load_file(&path).unwrap();
+        if let Some(edited) = &options.edited_while_starting {
+            std::fs::write(&path, edited).unwrap();
+        }
         let clock = Arc::new(ManualClock::new(START_MS));
         ratekeeper::metrics::install().unwrap();
         let metrics = ratekeeper::metrics::Metrics {
