@@ -10,8 +10,7 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::process::*;
-use common::{code, descriptor, header, request};
-use ratekeeper::proto::envoy::service::ratelimit::v3::RateLimitRequest;
+use common::{code, header};
 use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 
 /// Runs the binary to completion (for commands that exit on their own, e.g. `--help`).
@@ -47,15 +46,6 @@ fn stdout(output: &Output) -> String {
 
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// A Limitador-path call on `llm_tokens`: user `user`, cost `hits`.
-fn llm_tokens(user: &str, hits: u32) -> RateLimitRequest {
-    request(
-        "llm_tokens",
-        vec![descriptor(&[("generic_key", "llm"), ("user", user)])],
-        hits,
-    )
 }
 
 fn limits_file() -> PathBuf {

@@ -37,24 +37,14 @@ async fn sighup_reloads_the_limits_file() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Still serving.
-    let r = server
-        .should(request(
-            "llm_tokens",
-            vec![descriptor(&[("generic_key", "llm"), ("user", "u")])],
-            1,
-        ))
-        .await;
+    let r = server.should(llm_tokens("u", 1)).await;
     assert_eq!(code(&r), Code::Ok);
 }
 
 #[tokio::test]
 async fn json_logs_carry_the_request_id_of_a_refused_call() {
     let server = start(&["--structured-logs"]).await;
-    let mut call = tonic::Request::new(request(
-        "llm_tokens",
-        vec![descriptor(&[("generic_key", "llm"), ("user", "max")])],
-        51,
-    ));
+    let mut call = tonic::Request::new(llm_tokens("max", 51));
     call.metadata_mut()
         .insert("x-request-id", "req-4242".parse().unwrap());
     let r = server.grpc().await.should_rate_limit(call).await.unwrap();

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::process::*;
 use common::redis::{RedisProcess, cli};
-use common::{code, descriptor, request};
-use ratekeeper::proto::envoy::service::ratelimit::v3::RateLimitRequest;
+use common::code;
 use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -32,14 +31,6 @@ async fn ratekeeper_with(redis_url: &str, extra: &[&str], redis_options: &[&str]
         .chain(redis_options.iter().copied())
         .collect();
     Server::start_on_loopback(&args).await
-}
-
-fn charge(user: &str, tokens: u32) -> RateLimitRequest {
-    request(
-        "llm_tokens",
-        vec![descriptor(&[("generic_key", "llm"), ("user", user)])],
-        tokens,
-    )
 }
 
 async fn ready(server: &Server) -> u16 {
@@ -96,7 +87,10 @@ async fn three_replicas_on_one_redis_admit_exactly_the_budget() {
             let admitted = admitted.clone();
             tasks.push(tokio::spawn(async move {
                 for _ in 0..10 {
-                    let r = client.should_rate_limit(charge("shared", 1)).await.unwrap();
+                    let r = client
+                        .should_rate_limit(llm_tokens("shared", 1))
+                        .await
+                        .unwrap();
                     if code(&r.into_inner()) == Code::Ok {
                         admitted.fetch_add(1, Ordering::Relaxed);
                     }
@@ -114,12 +108,12 @@ async fn three_replicas_on_one_redis_admit_exactly_the_budget() {
 async fn counters_outlive_a_ratekeeper_restart() {
     let redis = RedisProcess::start();
     let mut first = ratekeeper(&redis.url(), &[]).await;
-    let r = first.should(charge("erin", 30)).await;
+    let r = first.should(llm_tokens("erin", 30)).await;
     assert_eq!(r.statuses[0].limit_remaining, 20);
     assert_eq!(first.terminate().await.code(), Some(0));
 
     let second = ratekeeper(&redis.url(), &[]).await;
-    let r = second.should(charge("erin", 20)).await;
+    let r = second.should(llm_tokens("erin", 20)).await;
     assert_eq!(code(&r), Code::Ok);
     assert_eq!(
         r.statuses[0].limit_remaining, 0,
@@ -135,7 +129,7 @@ async fn redis_going_away_and_coming_back_while_traffic_flows() {
     assert_eq!(
         code(
             &client
-                .should_rate_limit(charge("fay", 1))
+                .should_rate_limit(llm_tokens("fay", 1))
                 .await
                 .unwrap()
                 .into_inner()
@@ -148,7 +142,7 @@ async fn redis_going_away_and_coming_back_while_traffic_flows() {
     for _ in 0..5 {
         let started = Instant::now();
         let error = client
-            .should_rate_limit(charge("fay", 1))
+            .should_rate_limit(llm_tokens("fay", 1))
             .await
             .expect_err("no storage, no decision");
         assert_eq!(error.code(), tonic::Code::Unavailable, "{error}");
@@ -165,7 +159,7 @@ async fn redis_going_away_and_coming_back_while_traffic_flows() {
     redis.restart();
     let mut back = false;
     for _ in 0..100 {
-        if let Ok(r) = client.should_rate_limit(charge("fay", 1)).await {
+        if let Ok(r) = client.should_rate_limit(llm_tokens("fay", 1)).await {
             assert_eq!(code(&r.into_inner()), Code::Ok);
             back = true;
             break;
@@ -190,7 +184,7 @@ async fn starts_before_redis_and_serves_once_it_is_up() {
     let error = server
         .grpc()
         .await
-        .should_rate_limit(charge("gus", 1))
+        .should_rate_limit(llm_tokens("gus", 1))
         .await
         .expect_err("Redis is not up yet");
     assert_eq!(error.code(), tonic::Code::Unavailable);
@@ -203,7 +197,7 @@ async fn starts_before_redis_and_serves_once_it_is_up() {
         "never ready; log:\n{}",
         server.log()
     );
-    let r = server.should(charge("gus", 1)).await;
+    let r = server.should(llm_tokens("gus", 1)).await;
     assert_eq!(code(&r), Code::Ok);
 }
 
@@ -220,8 +214,11 @@ async fn on_storage_error_allow_and_deny() {
         &["--storage-timeout", "100", "--on-storage-error", "deny"],
     )
     .await;
-    assert_eq!(code(&allow.should(charge("hal", 1)).await), Code::Ok);
-    assert_eq!(code(&deny.should(charge("hal", 1)).await), Code::OverLimit);
+    assert_eq!(code(&allow.should(llm_tokens("hal", 1)).await), Code::Ok);
+    assert_eq!(
+        code(&deny.should(llm_tokens("hal", 1)).await),
+        Code::OverLimit
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,7 +226,7 @@ async fn every_key_has_a_ttl_and_the_documented_layout() {
     let redis = RedisProcess::start();
     let server = ratekeeper_with(&redis.url(), &[], &["--key-prefix", "rkttl"]).await;
     for user in ["ivy", "jo", "kim"] {
-        server.should(charge(user, 5)).await;
+        server.should(llm_tokens(user, 5)).await;
     }
     let keys = cli(redis.port, &["--scan"]).unwrap();
     let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
@@ -253,7 +250,7 @@ async fn a_slow_redis_costs_at_most_the_storage_timeout() {
     assert_eq!(
         code(
             &client
-                .should_rate_limit(charge("lou", 1))
+                .should_rate_limit(llm_tokens("lou", 1))
                 .await
                 .unwrap()
                 .into_inner()
@@ -264,7 +261,7 @@ async fn a_slow_redis_costs_at_most_the_storage_timeout() {
     cli(redis.port, &["CLIENT", "PAUSE", "3000", "ALL"]).unwrap();
     let started = Instant::now();
     let error = client
-        .should_rate_limit(charge("lou", 1))
+        .should_rate_limit(llm_tokens("lou", 1))
         .await
         .expect_err("Redis is paused");
     assert_eq!(error.code(), tonic::Code::Unavailable, "{error}");

@@ -191,6 +191,15 @@ impl Drop for Server {
     }
 }
 
+/// A Limitador-path call on `llm_tokens` (limits/llm-tiers.yaml): user `user`, cost `hits`.
+pub fn llm_tokens(user: &str, hits: u32) -> RateLimitRequest {
+    super::request(
+        "llm_tokens",
+        vec![super::descriptor(&[("generic_key", "llm"), ("user", user)])],
+        hits,
+    )
+}
+
 pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
