@@ -118,34 +118,31 @@ fn version_names_the_program() {
 
 #[test]
 fn bad_arguments_are_refused() {
-    // No limits file at all.
-    let output = run(&[]);
-    assert!(!output.status.success());
-    assert!(
-        stderr(&output).contains("LIMITS_FILE"),
-        "{}",
-        stderr(&output)
-    );
-    // A header mode Limitador does not have.
-    let output = run(&["-H", "DRAFT_VERSION_99", "limits/llm-tiers.yaml"]);
-    assert!(!output.status.success());
-    assert!(
-        stderr(&output).contains("DRAFT_VERSION_99"),
-        "{}",
-        stderr(&output)
-    );
-    // An address that is not one.
-    let output = run(&["-b", "not-an-ip", "limits/llm-tiers.yaml"]);
-    assert!(!output.status.success());
-    assert!(stderr(&output).contains("not-an-ip"), "{}", stderr(&output));
-    // A limits file that does not exist: it is named.
-    let output = run(&["--validate", "limits/no-such-file.yaml"]);
-    assert!(!output.status.success());
-    assert!(
-        stderr(&output).contains("no-such-file.yaml"),
-        "{}",
-        stderr(&output)
-    );
+    let cases: [(&[&str], &str); 4] = [
+        // No limits file at all.
+        (&[], "LIMITS_FILE"),
+        // A header mode Limitador does not have.
+        (
+            &["-H", "DRAFT_VERSION_99", "limits/llm-tiers.yaml"],
+            "DRAFT_VERSION_99",
+        ),
+        // An address that is not one.
+        (&["-b", "not-an-ip", "limits/llm-tiers.yaml"], "not-an-ip"),
+        // A limits file that does not exist: it is named.
+        (
+            &["--validate", "limits/no-such-file.yaml"],
+            "no-such-file.yaml",
+        ),
+    ];
+    for (args, named) in cases {
+        let output = run(args);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr(&output).contains(named),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

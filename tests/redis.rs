@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::code;
 use common::process::*;
 use common::redis::{RedisProcess, cli};
-use common::code;
 use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
