@@ -297,14 +297,8 @@ async fn limitador_style_invocation_serves_http_and_grpc() {
     assert_eq!(code(&response), Code::OverLimit);
     assert_eq!(response.statuses[0].limit_remaining, 20);
     // The HTTP API sees the same counters as gRPC.
-    let counters: serde_json::Value = reqwest::Client::new()
-        .get(format!("http://{}/counters/llm_tokens", server.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let url = format!("http://{}/counters/llm_tokens", server.http);
+    let counters = common::get_json(&reqwest::Client::new(), &url).await;
     assert_eq!(counters[0]["remaining"], 20, "{counters}");
     assert_eq!(counters[0]["set_variables"]["descriptors[0].user"], "alice");
 }

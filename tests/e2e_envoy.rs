@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::get_json;
 use common::process::{Server, command, free_ports, loopback, manifest_dir, spawn_logged};
 use serde_json::{Value, json};
 
@@ -154,14 +155,7 @@ impl MockLlm {
 
     /// How many requests reached the upstream.
     async fn requests(&self) -> u64 {
-        let stats: Value = http_client()
-            .get(format!("http://{}/stats", self.addr))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let stats = get_json(&http_client(), &format!("http://{}/stats", self.addr)).await;
         stats["requests"].as_u64().unwrap()
     }
 }
@@ -263,14 +257,7 @@ impl Envoy {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let listeners: Value = client
-            .get(format!("http://{admin}/listeners?format=json"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let listeners = get_json(&client, &format!("http://{admin}/listeners?format=json")).await;
         let port = listeners["listener_statuses"]
             .as_array()
             .and_then(|all| all.iter().find(|l| l["name"] == "llm_ingress"))
@@ -488,18 +475,11 @@ impl Stack {
 
     /// ratekeeper's live counter of `user` in the scenario's namespace: (limit name, remaining).
     async fn counter(&self, user: &str) -> Option<(String, u64)> {
-        let counters: Value = self
-            .client
-            .get(format!(
-                "http://{}/counters/{}",
-                self.ratekeeper.http, self.scenario.namespace
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let url = format!(
+            "http://{}/counters/{}",
+            self.ratekeeper.http, self.scenario.namespace
+        );
+        let counters = get_json(&self.client, &url).await;
         counters.as_array().unwrap().iter().find_map(|c| {
             (c["set_variables"]["descriptors[0].user"] == user).then(|| {
                 (

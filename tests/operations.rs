@@ -262,12 +262,11 @@ async fn reflection_lists_the_services_when_enabled() {
 async fn wait_for_status(server: &TestServer, field: &str, value: u64) -> serde_json::Value {
     let mut status = serde_json::Value::Null;
     for _ in 0..100 {
-        status = reqwest::get(format!("{}/status", server.http_base))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        status = get_json(
+            &reqwest::Client::new(),
+            &format!("{}/status", server.http_base),
+        )
+        .await;
         if status[field] == value {
             return status;
         }

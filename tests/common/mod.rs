@@ -219,6 +219,25 @@ macro_rules! on_every_storage {
 }
 
 /// A descriptor from (key, value) pairs, without its own hits_addend.
+/// GETs `url` and parses its JSON body, asserting a success status (bounded: 5 s).
+pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    let response = client
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert!(
+        response.status().is_success(),
+        "GET {url}: {}",
+        response.status()
+    );
+    response
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
 pub fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
     RateLimitDescriptor {
         entries: entries

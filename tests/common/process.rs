@@ -148,14 +148,8 @@ impl Server {
     }
 
     pub async fn status(&self) -> serde_json::Value {
-        let response = reqwest::Client::new()
-            .get(format!("http://{}/status", self.http))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .unwrap();
-        assert!(response.status().is_success(), "{}", response.status());
-        response.json().await.unwrap()
+        let url = format!("http://{}/status", self.http);
+        super::get_json(&reqwest::Client::new(), &url).await
     }
 
     /// Sends SIGTERM and waits (bounded) for the process to exit. Async, so that clients on
