@@ -492,6 +492,23 @@ impl Stack {
 
     /// Waits (bounded) until `user`'s counter under `limit` shows `remaining`: Envoy's charge
     /// after the response landed.
+    /// `reply` is an answer that passed, with `left` of the bucket `limit` (its
+    /// x-ratelimit-limit) before this request's charge, and no Retry-After.
+    fn assert_served(&self, reply: &Reply, round: u64, limit: &str, left: u64) {
+        assert_eq!(
+            reply.status,
+            200,
+            "round {round}: {reply:#?}\n{}",
+            self.logs()
+        );
+        assert_eq!(reply.header("x-ratelimit-limit"), Some(limit));
+        assert_eq!(
+            reply.header("x-ratelimit-remaining"),
+            Some(left.to_string().as_str())
+        );
+        assert_eq!(reply.header("retry-after"), None);
+    }
+
     async fn wait_for_remaining(&self, user: &str, limit: &str, remaining: u64) {
         let expected = Some((limit.to_string(), remaining));
         let deadline = Instant::now() + CHARGE_PATIENCE;
@@ -681,18 +698,7 @@ async fn user_types_regular_user_is_limited_first() {
         let reply = stack.send(user_chat(REGULAR_USER, "alice", 120)).await;
         if round <= 2 {
             let left = 200 - 120 * (round - 1);
-            assert_eq!(
-                reply.status,
-                200,
-                "round {round}: {reply:#?}\n{}",
-                stack.logs()
-            );
-            assert_eq!(reply.header("x-ratelimit-limit"), Some(REGULAR_USER_LIMIT));
-            assert_eq!(
-                reply.header("x-ratelimit-remaining"),
-                Some(left.to_string().as_str())
-            );
-            assert_eq!(reply.header("retry-after"), None);
+            stack.assert_served(&reply, round, REGULAR_USER_LIMIT, left);
             served += 1;
             stack
                 .wait_for_remaining("alice", REGULAR_USER, left.saturating_sub(120))
@@ -713,17 +719,7 @@ async fn user_types_regular_user_is_limited_first() {
         let reply = stack.send(user_chat(SUBSCRIBER, "bob", 120)).await;
         if round <= 9 {
             let left = 1000 - 120 * (round - 1);
-            assert_eq!(
-                reply.status,
-                200,
-                "round {round}: {reply:#?}\n{}",
-                stack.logs()
-            );
-            assert_eq!(reply.header("x-ratelimit-limit"), Some(SUBSCRIBER_LIMIT));
-            assert_eq!(
-                reply.header("x-ratelimit-remaining"),
-                Some(left.to_string().as_str())
-            );
+            stack.assert_served(&reply, round, SUBSCRIBER_LIMIT, left);
             served += 1;
             stack
                 .wait_for_remaining("bob", SUBSCRIBER, left.saturating_sub(120))
