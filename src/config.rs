@@ -4,7 +4,12 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand};
+
+use crate::limiter::OnStorageError;
+use crate::request::RequestBounds;
+use crate::rls::headers::RateLimitHeaders;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -46,7 +51,8 @@ pub struct Cli {
         short = 'H',
         long,
         env = "RATE_LIMIT_HEADERS",
-        value_enum,
+        value_parser = PossibleValuesParser::new(["NONE", "DRAFT_VERSION_03"])
+            .try_map(|s| s.parse::<RateLimitHeaders>()),
         default_value = "NONE"
     )]
     pub rate_limit_headers: RateLimitHeaders,
@@ -78,7 +84,13 @@ pub struct Cli {
 
     /// What a call gets when the storage fails or times out: `error` (gRPC UNAVAILABLE, so
     /// Envoy's failure_mode_deny decides; HTTP 500), `allow` (OK) or `deny` (OVER_LIMIT).
-    #[arg(long, env = "ON_STORAGE_ERROR", value_enum, default_value = "error")]
+    #[arg(
+        long,
+        env = "ON_STORAGE_ERROR",
+        value_parser = PossibleValuesParser::new(["error", "allow", "deny"])
+            .try_map(|s| s.parse::<OnStorageError>()),
+        default_value = "error"
+    )]
     pub on_storage_error: OnStorageError,
 
     /// Namespace whose limits the ASM-compatible endpoints (`GET /ratelimit`,
@@ -87,31 +99,15 @@ pub struct Cli {
     pub asm_namespace: String,
 
     #[command(flatten)]
-    pub bounds: RequestBounds,
+    pub bounds: BoundsArgs,
 
     #[command(subcommand)]
     pub storage: Option<StorageCommand>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
-pub enum OnStorageError {
-    #[default]
-    Error,
-    Allow,
-    Deny,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum RateLimitHeaders {
-    #[value(name = "NONE")]
-    None,
-    #[value(name = "DRAFT_VERSION_03")]
-    DraftVersion03,
-}
-
-/// Bounds on what one request may carry; beyond them the request is refused with a reason.
+/// Bounds on what one request may carry ([`RequestBounds`]), as flags.
 #[derive(Debug, Clone, Copy, Args)]
-pub struct RequestBounds {
+pub struct BoundsArgs {
     /// Most descriptors in one request (INVALID_ARGUMENT beyond).
     #[arg(long, env = "MAX_DESCRIPTORS", default_value_t = 64)]
     pub max_descriptors: usize,
@@ -129,13 +125,13 @@ pub struct RequestBounds {
     pub max_message_bytes: usize,
 }
 
-impl Default for RequestBounds {
-    fn default() -> Self {
+impl From<BoundsArgs> for RequestBounds {
+    fn from(args: BoundsArgs) -> Self {
         Self {
-            max_descriptors: 64,
-            max_descriptor_entries: 64,
-            max_entry_bytes: 4096,
-            max_message_bytes: 1 << 20,
+            max_descriptors: args.max_descriptors,
+            max_descriptor_entries: args.max_descriptor_entries,
+            max_entry_bytes: args.max_entry_bytes,
+            max_message_bytes: args.max_message_bytes,
         }
     }
 }

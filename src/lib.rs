@@ -25,6 +25,7 @@ pub mod limiter;
 pub mod limits;
 pub mod metrics;
 pub mod proto;
+pub mod reload;
 pub mod request;
 pub mod rls;
 pub mod server;

@@ -15,7 +15,6 @@ use smallvec::SmallVec;
 
 use crate::algorithm::{CounterOutcome, Group, Policy};
 use crate::clock::Clock;
-use crate::config::OnStorageError;
 use crate::limits::{Input, KeyValues, Limit, LimitSet};
 use crate::metrics::{self, Metrics};
 pub use crate::request::{Descriptor, Request};
@@ -41,6 +40,33 @@ impl Call {
             Call::ShouldRateLimit => "ShouldRateLimit",
             Call::CheckRateLimit => "CheckRateLimit",
             Call::Report => "Report",
+        }
+    }
+}
+
+/// What a call gets when the storage fails (`--on-storage-error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnStorageError {
+    /// The storage's error itself (gRPC UNAVAILABLE or RESOURCE_EXHAUSTED, HTTP 500).
+    #[default]
+    Error,
+    /// OK, without limits.
+    Allow,
+    /// OVER_LIMIT, without limits.
+    Deny,
+}
+
+impl std::str::FromStr for OnStorageError {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "error" => Ok(Self::Error),
+            "allow" => Ok(Self::Allow),
+            "deny" => Ok(Self::Deny),
+            other => Err(format!(
+                "unknown storage error mode {other:?} (error, allow or deny)"
+            )),
         }
     }
 }

@@ -92,7 +92,7 @@ async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<(
         rls_addr: SocketAddr::new(cli.rls_ip, cli.rls_port),
         http_addr: SocketAddr::new(cli.http_ip, cli.http_port),
         rate_limit_headers: cli.rate_limit_headers,
-        bounds: cli.bounds,
+        bounds: cli.bounds.into(),
         limits_file: Some(cli.limits_file.clone()),
         grpc_reflection: cli.grpc_reflection_service,
         asm_namespace: cli.asm_namespace.clone(),

@@ -1,7 +1,30 @@
 //! What a client asks: a namespace, descriptors (lists of key/value entries, each with an
 //! optional cost of its own) and a request-level cost, as every adapter hands it to the limiter.
 
-use crate::config::RequestBounds;
+/// Bounds on what one request may carry; beyond them the request is refused with a reason.
+/// (`--max-descriptors` and its siblings set them.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestBounds {
+    /// Most descriptors in one request (INVALID_ARGUMENT beyond).
+    pub max_descriptors: usize,
+    /// Most entries in one descriptor (INVALID_ARGUMENT beyond).
+    pub max_descriptor_entries: usize,
+    /// Longest descriptor key or value, in bytes (INVALID_ARGUMENT beyond).
+    pub max_entry_bytes: usize,
+    /// Largest gRPC message or HTTP body, in bytes (RESOURCE_EXHAUSTED / 413 beyond).
+    pub max_message_bytes: usize,
+}
+
+impl Default for RequestBounds {
+    fn default() -> Self {
+        Self {
+            max_descriptors: 64,
+            max_descriptor_entries: 64,
+            max_entry_bytes: 4096,
+            max_message_bytes: 1 << 20,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct Descriptor {

@@ -13,14 +13,15 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::util::MapResponseLayer;
 
-use crate::config::{RateLimitHeaders, RequestBounds};
 use crate::limiter::Limiter;
-use crate::limits::watch::watch_limits;
 use crate::metrics;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::proto::kuadrant::service::ratelimit::v1::rate_limit_service_server::RateLimitServiceServer as KuadrantServer;
+use crate::reload::watch_limits;
+use crate::request::RequestBounds;
 use crate::rls::RateLimitServer;
+use crate::rls::headers::RateLimitHeaders;
 use crate::status::ServerStatus;
 
 /// How often expired counters are swept from storage.

@@ -5,8 +5,8 @@
 mod common;
 
 use common::*;
-use ratekeeper::config::RateLimitHeaders;
 use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use ratekeeper::rls::headers::RateLimitHeaders;
 
 fn limit(algorithm: &str) -> String {
     format!(

@@ -4,10 +4,10 @@
 mod common;
 
 use common::*;
-use ratekeeper::config::RateLimitHeaders;
 use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::{
     Code, rate_limit::Unit,
 };
+use ratekeeper::rls::headers::RateLimitHeaders;
 
 const TOKENS: &str = r#"
 - name: llm-free

@@ -3,8 +3,8 @@
 mod common;
 
 use common::*;
-use ratekeeper::config::RequestBounds;
 use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use ratekeeper::request::RequestBounds;
 use tonic::Code as GrpcCode;
 
 const LIMITS: &str = r#"

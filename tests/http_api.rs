@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Options, TestServer};
-use ratekeeper::config::RequestBounds;
+use ratekeeper::request::RequestBounds;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

@@ -14,9 +14,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::config::RequestBounds;
 use crate::limiter::{Call, Code, Descriptor, Limiter, Request};
 use crate::limits::LimitView;
+use crate::request::RequestBounds;
 use crate::rls::headers;
 use crate::status::ServerStatus;
 use crate::storage::StorageError;

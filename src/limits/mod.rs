@@ -5,7 +5,6 @@ pub mod expression;
 pub mod file;
 pub mod index;
 pub mod native;
-pub mod watch;
 
 use std::borrow::Cow;
 use std::collections::HashMap;

@@ -3,7 +3,31 @@
 //! `X-RateLimit-Reset: 42` (whole seconds, rounded down), describing the most restrictive limit
 //! first; plus `Retry-After` (whole seconds, rounded up) when the call was refused.
 
+use std::str::FromStr;
+
 use crate::limiter::Decision;
+
+/// Which rate limit headers answers carry (`--rate-limit-headers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RateLimitHeaders {
+    #[default]
+    None,
+    DraftVersion03,
+}
+
+impl FromStr for RateLimitHeaders {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "NONE" => Ok(Self::None),
+            "DRAFT_VERSION_03" => Ok(Self::DraftVersion03),
+            other => Err(format!(
+                "unknown rate limit headers {other:?} (NONE or DRAFT_VERSION_03)"
+            )),
+        }
+    }
+}
 
 pub const LIMIT: &str = "X-RateLimit-Limit";
 pub const REMAINING: &str = "X-RateLimit-Remaining";

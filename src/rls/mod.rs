@@ -10,7 +10,6 @@ use prost_types::Duration;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
-use crate::config::{RateLimitHeaders, RequestBounds};
 use crate::limiter::{Call, Code, Decision, Descriptor, Limiter, Request};
 use crate::metrics::{self, Outcome};
 use crate::proto::envoy::config::core::v3::HeaderValue;
@@ -21,7 +20,9 @@ use crate::proto::envoy::service::ratelimit::v3::{
     RateLimitRequest, RateLimitResponse, rate_limit_service_server,
 };
 use crate::proto::kuadrant::service::ratelimit::v1 as kuadrant;
+use crate::request::RequestBounds;
 use crate::storage::StorageError;
+use headers::RateLimitHeaders;
 
 /// Serves both rate limit services over one limiter.
 #[derive(Clone)]

@@ -9,7 +9,6 @@ use std::io::Write;
 use std::sync::Arc;
 
 use ratekeeper::clock::ManualClock;
-use ratekeeper::config::{RateLimitHeaders, RequestBounds};
 use ratekeeper::limiter::Limiter;
 use ratekeeper::limits::load_file;
 use ratekeeper::proto::envoy::extensions::common::ratelimit::v3::{
@@ -19,6 +18,8 @@ use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use ratekeeper::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use ratekeeper::proto::kuadrant::service::ratelimit::v1::rate_limit_service_client::RateLimitServiceClient as KuadrantClient;
+use ratekeeper::request::RequestBounds;
+use ratekeeper::rls::headers::RateLimitHeaders;
 use ratekeeper::server::{self, Running, Settings};
 use ratekeeper::status::ServerStatus;
 use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage};

@@ -15,9 +15,9 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
-use super::LimitSet;
-use super::file::{digest, load_bytes};
 use crate::limiter::Limiter;
+use crate::limits::LimitSet;
+use crate::limits::file::{digest, load_bytes};
 use crate::metrics;
 use crate::status::ServerStatus;
 
