@@ -21,12 +21,7 @@ async fn concurrent_calls_admit_exactly_the_limit(backend: Backend) {
     let mut tasks = Vec::new();
     // 8 connections x 8 tasks each, 1600 calls of cost 1 for a limit of 500.
     for _ in 0..8 {
-        let channel =
-            tonic::transport::Channel::from_shared(format!("http://{}", server.rls_addr()))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
+        let channel = grpc_channel(server.rls_addr()).await.unwrap();
         for _ in 0..8 {
             let mut client = RateLimitServiceClient::new(channel.clone());
             let admitted = admitted.clone();

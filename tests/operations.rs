@@ -185,11 +185,7 @@ async fn grpc_health_and_http_probes_report_serving() {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
     let server = TestServer::start(&limits_for("health")).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.rls_addr()))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = grpc_channel(server.rls_addr()).await.unwrap();
     let mut health = HealthClient::new(channel);
     for service in ["", "envoy.service.ratelimit.v3.RateLimitService"] {
         let mut status = ServingStatus::Unknown;
@@ -229,11 +225,7 @@ async fn reflection_lists_the_services_when_enabled() {
         ..Options::default()
     };
     let server = TestServer::start_with(&limits_for("reflection"), options).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.rls_addr()))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = grpc_channel(server.rls_addr()).await.unwrap();
     let mut client = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
         host: String::new(),

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::code;
 use common::process::*;
 use common::redis::{RedisProcess, cli};
+use common::{code, grpc_channel};
 use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -42,11 +42,7 @@ async fn ready(server: &Server) -> u16 {
 
 /// gRPC health of the rate limit service.
 async fn health(server: &Server) -> ServingStatus {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.rls))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = grpc_channel(server.rls).await.unwrap();
     let request = HealthCheckRequest {
         service: "envoy.service.ratelimit.v3.RateLimitService".to_string(),
     };

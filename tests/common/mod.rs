@@ -6,6 +6,7 @@ pub mod process;
 pub mod redis;
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ratekeeper::clock::ManualClock;
@@ -120,12 +121,7 @@ impl TestServer {
         let running = server::start(settings, limiter.clone(), status.clone())
             .await
             .unwrap();
-        let endpoint = format!("http://{}", running.rls_addr);
-        let channel = Channel::from_shared(endpoint)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = grpc_channel(running.rls_addr).await.unwrap();
         Self {
             clock,
             status,
@@ -219,7 +215,17 @@ macro_rules! on_every_storage {
     };
 }
 
-/// A descriptor from (key, value) pairs, without its own hits_addend.
+/// A gRPC channel to `addr` on loopback, for any of the clients (bounded: 5 s to connect,
+/// 5 s per call).
+pub async fn grpc_channel(addr: SocketAddr) -> Result<Channel, tonic::transport::Error> {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
+
 /// GETs `url` and parses its JSON body, asserting a success status (bounded: 5 s).
 pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
     let response = client
@@ -239,6 +245,7 @@ pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value 
         .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
 }
 
+/// A descriptor from (key, value) pairs, without its own hits_addend.
 pub fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
     RateLimitDescriptor {
         entries: entries

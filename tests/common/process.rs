@@ -126,15 +126,9 @@ impl Server {
     }
 
     pub async fn grpc(&self) -> RateLimitServiceClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.rls))
-            .unwrap()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .unwrap_or_else(|e| {
-                panic!("cannot connect to {}: {e}; log:\n{}", self.rls, self.log())
-            });
+        let channel = super::grpc_channel(self.rls).await.unwrap_or_else(|e| {
+            panic!("cannot connect to {}: {e}; log:\n{}", self.rls, self.log())
+        });
         RateLimitServiceClient::new(channel)
     }
 
