@@ -2,8 +2,12 @@
 //! drives, and clients for its gRPC services and HTTP API.
 #![allow(dead_code)]
 
+pub mod child;
+pub mod envoy;
 pub mod process;
 pub mod redis;
+pub mod stack;
+pub mod upstream;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -224,6 +228,15 @@ pub async fn grpc_channel(addr: SocketAddr) -> Result<Channel, tonic::transport:
         .timeout(Duration::from_secs(5))
         .connect()
         .await
+}
+
+/// An HTTP client for loopback (no proxy), bounded: 10 s per request.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()
+        .unwrap()
 }
 
 /// GETs `url` and parses its JSON body, asserting a success status (bounded: 5 s).
