@@ -4,12 +4,14 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
 
 use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use ratekeeper::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use tonic::transport::Channel;
+
+use super::child::ChildProcess;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ratekeeper");
 /// How long a server gets to start listening, or to exit after SIGTERM.
@@ -37,34 +39,19 @@ pub fn free_ports() -> (u16, u16) {
     )
 }
 
-/// A running server process; killed (and reaped) when dropped, so a failing test leaves no
-/// process behind. Its log goes to a file shown when something goes wrong.
+/// A running server process (killed when dropped; its log is shown when something goes wrong).
 pub struct Server {
-    child: Option<Child>,
-    log: tempfile::NamedTempFile,
+    process: ChildProcess,
     pub rls: SocketAddr,
     pub http: SocketAddr,
-}
-
-/// Spawns `command` with no stdin and its stdout and stderr in a new log file.
-pub fn spawn_logged(mut command: Command) -> std::io::Result<(Child, tempfile::NamedTempFile)> {
-    let log = tempfile::NamedTempFile::new()?;
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log.as_file().try_clone()?))
-        .stderr(Stdio::from(log.as_file().try_clone()?))
-        .spawn()?;
-    Ok((child, log))
 }
 
 impl Server {
     /// Spawns `command` that should listen on `rls` (gRPC) and `http`, and waits until both
     /// answer.
     pub async fn spawn(command: Command, rls: SocketAddr, http: SocketAddr) -> Server {
-        let (child, log) = spawn_logged(command).unwrap();
         let mut server = Server {
-            child: Some(child),
-            log,
+            process: ChildProcess::spawn("ratekeeper", command, ""),
             rls,
             http,
         };
@@ -84,45 +71,27 @@ impl Server {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+        self.process.log()
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        self.process.pid()
     }
 
-    pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().unwrap().try_wait().unwrap()
-    }
-
-    pub async fn wait_until_ready(&mut self) {
+    async fn wait_until_ready(&mut self) {
         let client = reqwest::Client::new();
         let url = format!("http://{}/status", self.http);
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.exited() {
-                panic!(
-                    "ratekeeper exited early ({status}); its log:\n{}",
-                    self.log()
+        let rls = self.rls;
+        let what = format!("listen on {} and {rls}", self.http);
+        self.process
+            .wait_for(&what, PATIENCE, async |_log| {
+                let http_up = matches!(
+                    client.get(&url).timeout(Duration::from_secs(1)).send().await,
+                    Ok(response) if response.status().is_success()
                 );
-            }
-            let http_up = matches!(
-                client.get(&url).timeout(Duration::from_secs(1)).send().await,
-                Ok(response) if response.status().is_success()
-            );
-            if http_up && std::net::TcpStream::connect(self.rls).is_ok() {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "ratekeeper did not listen on {} and {} within {PATIENCE:?}; its log:\n{}",
-                    self.http,
-                    self.rls,
-                    self.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+                (http_up && std::net::TcpStream::connect(rls).is_ok()).then_some(())
+            })
+            .await
     }
 
     pub async fn grpc(&self) -> RateLimitServiceClient<Channel> {
@@ -146,36 +115,9 @@ impl Server {
         super::get_json(&reqwest::Client::new(), &url).await
     }
 
-    /// Sends SIGTERM and waits (bounded) for the process to exit. Async, so that clients on
-    /// this runtime keep answering the server's graceful-shutdown handshake meanwhile.
+    /// Sends SIGTERM and waits (bounded) for the process to exit.
     pub async fn terminate(&mut self) -> ExitStatus {
-        let pid = self.pid().to_string();
-        let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(kill.success(), "kill -TERM {pid} failed: {kill}");
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.exited() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "ratekeeper did not exit within {PATIENCE:?} of SIGTERM; its log:\n{}",
-                    self.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take()
-            && child.try_wait().ok().flatten().is_none()
-        {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.terminate(PATIENCE).await
     }
 }
 

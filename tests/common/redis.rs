@@ -3,9 +3,11 @@
 //! shared 3-master cluster (a watchdog stops them when the test process exits).
 
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use super::child::ChildProcess;
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -17,7 +19,7 @@ pub fn free_port() -> u16 {
 /// A redis-server this test owns.
 pub struct RedisProcess {
     pub port: u16,
-    child: Option<Child>,
+    process: Option<ChildProcess>,
     dir: tempfile::TempDir,
     cluster: bool,
 }
@@ -36,7 +38,7 @@ impl RedisProcess {
         let dir = tempfile::tempdir().expect("a temp dir");
         let mut process = Self {
             port,
-            child: None,
+            process: None,
             dir,
             cluster,
         };
@@ -56,9 +58,7 @@ impl RedisProcess {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .arg(self.dir.path());
         if self.cluster {
             command.args([
                 "--cluster-enabled",
@@ -67,27 +67,26 @@ impl RedisProcess {
                 "nodes.conf",
             ]);
         }
-        self.child = Some(command.spawn().expect("redis-server is installed"));
+        let process = self.process.insert(ChildProcess::spawn(
+            "redis-server",
+            command,
+            "redis-server must be installed.",
+        ));
+        let port = self.port;
         wait_until(Duration::from_secs(10), || {
-            cli(self.port, &["PING"]).is_some_and(|out| out.trim() == "PONG")
+            // An early exit (e.g. the port is taken) fails at once, with redis-server's log.
+            process.assert_running();
+            cli(port, &["PING"]).is_some_and(|out| out.trim() == "PONG")
         });
     }
 
+    /// Kills the server (dropping the process kills and reaps it).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process = None;
     }
 
     fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-}
-
-impl Drop for RedisProcess {
-    fn drop(&mut self) {
-        self.kill();
+        self.process.as_ref().map(ChildProcess::pid)
     }
 }
 
