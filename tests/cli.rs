@@ -376,9 +376,7 @@ async fn memory_cache_bounds_the_live_counters() {
     // The only slot is taken by a live counter: a second user cannot get one (never an
     // eviction that would reset the first).
     let error = server
-        .grpc()
-        .await
-        .should_rate_limit(llm_tokens("second", 1))
+        .try_should(llm_tokens("second", 1))
         .await
         .expect_err("a second counter fit in a cache of 1");
     assert_eq!(error.code(), tonic::Code::ResourceExhausted, "{error}");

@@ -47,8 +47,8 @@ async fn json_logs_carry_the_request_id_of_a_refused_call() {
     let mut call = tonic::Request::new(llm_tokens("max", 51));
     call.metadata_mut()
         .insert("x-request-id", "req-4242".parse().unwrap());
-    let r = server.grpc().await.should_rate_limit(call).await.unwrap();
-    assert_eq!(code(&r.into_inner()), Code::OverLimit);
+    let r = server.try_should(call).await.unwrap();
+    assert_eq!(code(&r), Code::OverLimit);
 
     // And a malformed call: an oversized descriptor value.
     let long = "v".repeat(5000);
@@ -59,12 +59,7 @@ async fn json_logs_carry_the_request_id_of_a_refused_call() {
     ));
     bad.metadata_mut()
         .insert("x-request-id", "req-bad".parse().unwrap());
-    let error = server
-        .grpc()
-        .await
-        .should_rate_limit(bad)
-        .await
-        .unwrap_err();
+    let error = server.try_should(bad).await.unwrap_err();
     assert_eq!(error.code(), tonic::Code::InvalidArgument);
 
     let start = Instant::now();

@@ -178,9 +178,7 @@ async fn starts_before_redis_and_serves_once_it_is_up() {
     let server = ratekeeper(&url, &["--storage-timeout", "200"]).await;
     assert!(eventually(Duration::from_secs(5), async || ready(&server).await == 503).await);
     let error = server
-        .grpc()
-        .await
-        .should_rate_limit(llm_tokens("gus", 1))
+        .try_should(llm_tokens("gus", 1))
         .await
         .expect_err("Redis is not up yet");
     assert_eq!(error.code(), tonic::Code::Unavailable);

@@ -101,13 +101,19 @@ impl Server {
         RateLimitServiceClient::new(channel)
     }
 
+    /// One ShouldRateLimit call on a new connection: the answer, or the call's error.
+    pub async fn try_should(
+        &self,
+        request: impl tonic::IntoRequest<RateLimitRequest>,
+    ) -> Result<RateLimitResponse, tonic::Status> {
+        let response = self.grpc().await.should_rate_limit(request).await?;
+        Ok(response.into_inner())
+    }
+
     pub async fn should(&self, request: RateLimitRequest) -> RateLimitResponse {
-        self.grpc()
-            .await
-            .should_rate_limit(request)
+        self.try_should(request)
             .await
             .unwrap_or_else(|e| panic!("ShouldRateLimit failed: {e}; log:\n{}", self.log()))
-            .into_inner()
     }
 
     pub async fn status(&self) -> serde_json::Value {
