@@ -18,6 +18,7 @@
 //!   `/status`; [`proto`] is the generated gRPC code.
 
 pub mod algorithm;
+pub mod call;
 pub mod clock;
 pub mod config;
 pub mod http;

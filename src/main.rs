@@ -9,7 +9,7 @@ use ratekeeper::clock::SystemClock;
 use ratekeeper::config::{Cli, RedisCachedOptions, StorageCommand};
 use ratekeeper::limiter::Limiter;
 use ratekeeper::limits::load_file;
-use ratekeeper::metrics::{self, Metrics};
+use ratekeeper::metrics::{self, Prometheus};
 use ratekeeper::server::{self, Settings};
 use ratekeeper::status::ServerStatus;
 use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage};
@@ -80,12 +80,10 @@ async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<(
     tracing::info!(limits = limits.len(), file = %cli.limits_file.display(), "limits loaded");
     metrics::install().map_err(|e| anyhow::anyhow!("cannot set up metrics: {e}"))?;
     metrics::limits_applied(0, limits.len());
-    let metrics = Metrics {
-        limit_name_in_labels: cli.limit_name_in_labels,
-    };
+    let observer = Arc::new(Prometheus::new(cli.limit_name_in_labels));
     let limiter = Arc::new(
         Limiter::new(limits, storage, Arc::new(SystemClock))
-            .with_metrics(metrics)
+            .observed_by(observer)
             .on_storage_error(cli.on_storage_error),
     );
     let settings = Settings {

@@ -3,14 +3,18 @@
 //! `datastore_partitioned`, `datastore_latency`), plus ratekeeper's own, prefixed
 //! `ratekeeper_`. Per-limit metrics carry `limit_name` when `-l/--limit-name-in-labels` is set.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use metrics::{Counter, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::limiter::{Call, Decision};
-use crate::limits::Limit;
+use crate::call::Call;
+use crate::limiter::{Decided, Observer};
+use crate::limits::{EvalError, Limit};
+use crate::storage::StorageError;
 
 pub const NAMESPACE: &str = "limitador_namespace";
 pub const LIMIT_NAME: &str = "limit_name";
@@ -96,44 +100,111 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .clone()
 }
 
-/// What the engine and adapters record; knows whether `limit_name` is a label.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Metrics {
-    pub limit_name_in_labels: bool,
+/// The engine's observer: Limitador's per-namespace and per-limit series, plus ratekeeper's
+/// tokens charged and overshot. Series are resolved once per label set and kept here (the hot
+/// path then only adds to atomics); namespaces that have no limits share the series labelled
+/// `""`, so clients cannot create series.
+pub struct Prometheus {
+    limit_name_in_labels: bool,
+    namespaces: SeriesCache<NamespaceSeries>,
 }
 
-/// A namespace's series, resolved once (the hot path then only adds to atomics). Namespaces
-/// that have no limits share the series labelled `""`, so clients cannot create series.
-pub struct NamespaceMetrics {
+impl Prometheus {
+    /// Per-limit series carry `limit_name` when `limit_name_in_labels` (`-l`).
+    pub fn new(limit_name_in_labels: bool) -> Self {
+        Self {
+            limit_name_in_labels,
+            namespaces: SeriesCache::default(),
+        }
+    }
+
+    /// Runs `f` on the series of `limit` (in its namespace's cache).
+    fn with_limit(&self, limit: &Limit, f: impl FnOnce(&LimitSeries)) {
+        self.namespaces.with(
+            &limit.namespace,
+            || NamespaceSeries::new(&limit.namespace),
+            |namespace| {
+                let name = match (self.limit_name_in_labels, &limit.name) {
+                    (true, Some(name)) => name.as_str(),
+                    _ => "",
+                };
+                namespace.limits.with(
+                    name,
+                    || {
+                        LimitSeries::new(
+                            &limit.namespace,
+                            self.limit_name_in_labels.then_some(name),
+                        )
+                    },
+                    f,
+                )
+            },
+        )
+    }
+}
+
+/// Series resolved on first use, by one label value; reads take no lock.
+struct SeriesCache<T> {
+    map: ArcSwap<HashMap<Box<str>, Arc<T>>>,
+}
+
+impl<T> Default for SeriesCache<T> {
+    fn default() -> Self {
+        Self {
+            map: ArcSwap::from_pointee(HashMap::new()),
+        }
+    }
+}
+
+impl<T> SeriesCache<T> {
+    fn with(&self, key: &str, make: impl FnOnce() -> T, f: impl FnOnce(&T)) {
+        if let Some(series) = self.map.load().get(key) {
+            return f(series);
+        }
+        let made = Arc::new(make());
+        self.map.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.entry(key.into()).or_insert_with(|| made.clone());
+            map
+        });
+        f(&made)
+    }
+}
+
+/// A namespace's series, and its limits'.
+struct NamespaceSeries {
     authorized_calls: Counter,
     authorized_hits: Counter,
     limited_calls: Counter,
+    /// By limit name (`""` for all when names are not labels).
+    limits: SeriesCache<LimitSeries>,
 }
 
-impl NamespaceMetrics {
-    pub fn new(namespace: &str) -> Self {
+impl NamespaceSeries {
+    fn new(namespace: &str) -> Self {
         let labels = [(NAMESPACE, namespace.to_string())];
         Self {
             authorized_calls: counter!("authorized_calls", &labels),
             authorized_hits: counter!("authorized_hits", &labels),
             limited_calls: counter!("limited_calls", &labels),
+            limits: SeriesCache::default(),
         }
     }
 }
 
-/// A limit's series, resolved once.
-pub struct LimitMetrics {
+/// A limit's series.
+struct LimitSeries {
     charged: Counter,
     overshoot: Counter,
     limited_calls: Counter,
     cel_errors: Counter,
 }
 
-impl LimitMetrics {
-    pub fn new(limit: &Limit, limit_name_in_labels: bool) -> Self {
-        let mut labels = vec![(NAMESPACE, limit.namespace.clone())];
-        if limit_name_in_labels {
-            labels.push((LIMIT_NAME, limit.name.clone().unwrap_or_default()));
+impl LimitSeries {
+    fn new(namespace: &str, name: Option<&str>) -> Self {
+        let mut labels = vec![(NAMESPACE, namespace.to_string())];
+        if let Some(name) = name {
+            labels.push((LIMIT_NAME, name.to_string()));
         }
         Self {
             charged: counter!("ratekeeper_tokens_charged", &labels),
@@ -144,50 +215,64 @@ impl LimitMetrics {
     }
 }
 
-impl Metrics {
-    fn of<'a>(&self, limit: &'a Limit) -> &'a LimitMetrics {
-        limit.metrics(self.limit_name_in_labels)
-    }
-
+impl Observer for Prometheus {
     /// Records a decision the way Limitador does (calls and hits per namespace, refusals per
     /// limit) and the tokens charged and overshot per limit. A charge for usage that already
     /// happened counts as authorized even when it goes past the limit (its excess is
-    /// `ratekeeper_tokens_overshoot`); only refused checks are `limited_calls`.
-    pub fn decision(
-        &self,
-        namespace: &NamespaceMetrics,
-        call: Call,
-        cost: u64,
-        decision: &Decision,
-    ) {
+    /// `ratekeeper_tokens_overshoot`); only refused calls are `limited_calls`.
+    fn decided(&self, decided: &Decided<'_>) {
+        let decision = decided.decision;
         for status in &decision.limits {
             let outcome = &status.outcome;
-            if outcome.charged > 0 {
-                self.of(&status.limit).charged.increment(outcome.charged);
-            }
-            if outcome.overshoot > 0 {
-                self.of(&status.limit)
-                    .overshoot
-                    .increment(outcome.overshoot);
+            if outcome.charged > 0 || outcome.overshoot > 0 {
+                self.with_limit(&status.limit, |series| {
+                    series.charged.increment(outcome.charged);
+                    series.overshoot.increment(outcome.overshoot);
+                });
             }
         }
-        if call == Call::Report {
-            namespace.authorized_hits.increment(cost);
-        } else if decision.refused {
-            match decision.limiting() {
-                Some(limiting) => self.of(&limiting.limit).limited_calls.increment(1),
-                None => namespace.limited_calls.increment(1),
-            }
+        let call = decision.call;
+        if call.asks_admission()
+            && decision.refused()
+            && let Some(limiting) = decision.limiting()
+        {
+            self.with_limit(&limiting.limit, |series| series.limited_calls.increment(1));
+            return;
+        }
+        // The others are counted per namespace.
+        let namespace = if decided.namespace_has_limits {
+            decided.namespace
         } else {
-            namespace.authorized_calls.increment(1);
-            if call == Call::ShouldRateLimit {
-                namespace.authorized_hits.increment(cost);
+            ""
+        };
+        let record = |series: &NamespaceSeries| {
+            if !call.asks_admission() {
+                series.authorized_hits.increment(decision.cost);
+            } else if decision.refused() {
+                series.limited_calls.increment(1);
+            } else {
+                series.authorized_calls.increment(1);
+                if call.charges() {
+                    series.authorized_hits.increment(decision.cost);
+                }
             }
+        };
+        self.namespaces
+            .with(namespace, || NamespaceSeries::new(namespace), record);
+    }
+
+    fn evaluation_failed(&self, _namespace: &str, limit: &Limit, _error: &EvalError) {
+        self.with_limit(limit, |series| series.cel_errors.increment(1));
+    }
+
+    fn storage_called(&self, elapsed: Duration) {
+        if let Some(metrics) = RPC.get() {
+            metrics.datastore_latency.record(elapsed.as_secs_f64());
         }
     }
 
-    pub fn cel_error(&self, limit: &Limit) {
-        self.of(limit).cel_errors.increment(1);
+    fn storage_failed(&self, error: &StorageError) {
+        counter!("ratekeeper_storage_errors", "kind" => error.kind()).increment(1);
     }
 }
 
@@ -260,16 +345,6 @@ pub fn rpc(call: Call, outcome: Outcome, elapsed: Duration) {
     let c = call as usize;
     metrics.calls[c][outcome as usize].increment(1);
     metrics.duration[c].record(elapsed.as_secs_f64());
-}
-
-pub fn datastore_latency(elapsed: Duration) {
-    if let Some(metrics) = RPC.get() {
-        metrics.datastore_latency.record(elapsed.as_secs_f64());
-    }
-}
-
-pub fn storage_error(kind: &'static str) {
-    counter!("ratekeeper_storage_errors", "kind" => kind).increment(1);
 }
 
 pub fn storage_reachable(reachable: bool) {

@@ -19,7 +19,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{AppState, bad_request, storage_error};
-use crate::limiter::{Call, Decision, Descriptor, Request};
+use crate::call::{Call, Verdict};
+use crate::limiter::Decision;
+use crate::request::{Descriptor, Request};
 
 #[derive(Deserialize)]
 pub(super) struct CheckQuery {
@@ -107,7 +109,7 @@ fn limited_key(keys: &[String], decision: &Decision) -> Option<String> {
     let (key, status) = keys
         .iter()
         .zip(&decision.statuses)
-        .find(|(_, status)| status.over)?;
+        .find(|(_, status)| status.verdict == Verdict::Refused)?;
     let detail = status.limit.as_ref().map(|l| {
         format!(
             " (limit {}: {} of {} tokens left, full again in {} s)",

@@ -14,9 +14,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::limiter::{Call, Code, Descriptor, Limiter, Request};
+use crate::call::{Call, Code};
+use crate::limiter::Limiter;
 use crate::limits::LimitView;
 use crate::request::RequestBounds;
+use crate::request::{Descriptor, Request};
 use crate::rls::headers;
 use crate::status::ServerStatus;
 use crate::storage::StorageError;
@@ -176,13 +178,13 @@ async fn decide(state: &AppState, body: &[u8], call: Call) -> Response {
         Ok(decision) => decision,
         Err(e) => return storage_error(&e),
     };
-    let over = decision.code == Code::OverLimit && call != Call::Report;
+    let over = decision.code() == Code::OverLimit;
     let mut response = if over {
         (StatusCode::TOO_MANY_REQUESTS, Json(serde_json::Value::Null)).into_response()
     } else {
         Json(serde_json::Value::Null).into_response()
     };
-    if call != Call::Report && info.response_headers.as_deref() == Some("DraftVersion03") {
+    if call.has_headers() && info.response_headers.as_deref() == Some("DraftVersion03") {
         for (name, value) in headers::draft03(&decision, over) {
             if let (Ok(name), Ok(value)) = (
                 HeaderName::try_from(name),

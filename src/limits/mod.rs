@@ -8,23 +8,18 @@ pub mod native;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use cel::Value;
 
 use crate::algorithm::{Algorithm, FixedWindow, SlidingWindow, TokenBucket};
-use crate::metrics::{LimitMetrics, NamespaceMetrics};
 use crate::request::Descriptor;
+pub use crate::storage::LimitId;
 use index::LimitIndex;
 use serde::Serialize;
 
 pub use expression::{EvalError, Expression, Input};
 pub use file::{LimitsError, load_file, parse_limits};
-
-/// Identifies a limit's counters. Built from what makes two limits "the same" in Limitador
-/// (namespace, seconds, conditions, variables — or the `id` when given), so changing
-/// `max_value` or `name` keeps the counters.
-pub type LimitId = u64;
 
 /// The values of a limit's variables for one request; most limits have one or two.
 pub type KeyValues<'a> = smallvec::SmallVec<[Cow<'a, str>; 4]>;
@@ -45,8 +40,6 @@ pub struct Limit {
     pub key: LimitId,
     /// The CEL value `limit`, built once; `None` when no expression reads it.
     cel_self: Option<Value>,
-    /// This limit's metric series, resolved on first use (after the recorder is installed).
-    metrics: OnceLock<LimitMetrics>,
 }
 
 impl Limit {
@@ -75,11 +68,6 @@ impl Limit {
             }
         }
         Ok(true)
-    }
-
-    pub fn metrics(&self, limit_name_in_labels: bool) -> &LimitMetrics {
-        self.metrics
-            .get_or_init(|| LimitMetrics::new(self, limit_name_in_labels))
     }
 
     /// The shape Limitador's HTTP API and `--validate` show.
@@ -166,8 +154,6 @@ impl AlgorithmKind {
 pub struct LimitSet {
     by_namespace: HashMap<String, Namespace>,
     by_key: HashMap<LimitId, Arc<Limit>>,
-    /// The series of every namespace that has no limits.
-    other_metrics: OnceLock<NamespaceMetrics>,
     /// Digest of the file content the limits were read from ([`file::digest`]).
     content_digest: Option<u64>,
 }
@@ -177,7 +163,6 @@ pub struct LimitSet {
 pub struct Namespace {
     limits: Vec<Arc<Limit>>,
     index: LimitIndex,
-    metrics: OnceLock<NamespaceMetrics>,
 }
 
 impl Namespace {
@@ -226,22 +211,9 @@ impl LimitSet {
             .unwrap_or_default()
     }
 
-    /// The namespace (if it has limits) and its metric series, in one lookup; namespaces
-    /// without limits share the series labelled `""`.
-    pub fn namespace_and_metrics(
-        &self,
-        namespace: &str,
-    ) -> (Option<&Namespace>, &NamespaceMetrics) {
-        match self.by_namespace.get_key_value(namespace) {
-            Some((name, n)) => (
-                Some(n),
-                n.metrics.get_or_init(|| NamespaceMetrics::new(name)),
-            ),
-            None => (
-                None,
-                self.other_metrics.get_or_init(|| NamespaceMetrics::new("")),
-            ),
-        }
+    /// The namespace's limits and index; `None` when it has no limits.
+    pub fn namespace_entry(&self, namespace: &str) -> Option<&Namespace> {
+        self.by_namespace.get(namespace)
     }
 
     pub fn by_key(&self, key: LimitId) -> Option<&Arc<Limit>> {
@@ -335,7 +307,6 @@ impl Limit {
             algorithm: kind.build(max_value, seconds.saturating_mul(1000)),
             key,
             cel_self,
-            metrics: OnceLock::new(),
         }
     }
 }

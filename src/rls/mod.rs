@@ -10,7 +10,8 @@ use prost_types::Duration;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
-use crate::limiter::{Call, Code, Decision, Descriptor, Limiter, Request};
+use crate::call::{Call, Code, Verdict};
+use crate::limiter::{Decision, Limiter};
 use crate::metrics::{self, Outcome};
 use crate::proto::envoy::config::core::v3::HeaderValue;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{
@@ -21,6 +22,7 @@ use crate::proto::envoy::service::ratelimit::v3::{
 };
 use crate::proto::kuadrant::service::ratelimit::v1 as kuadrant;
 use crate::request::RequestBounds;
+use crate::request::{Descriptor, Request};
 use crate::storage::StorageError;
 use headers::RateLimitHeaders;
 
@@ -95,8 +97,8 @@ impl RateLimitServer {
             let limiting = decision.limiting();
             limiting.and_then(|l| l.limit.name.as_deref()).unwrap_or("")
         };
-        match decision.code {
-            Code::OverLimit if decision.refused => {
+        match decision.verdict {
+            Verdict::Refused => {
                 let limit = limiting();
                 tracing::info!(
                     rpc,
@@ -106,7 +108,7 @@ impl RateLimitServer {
                     "over the limit"
                 );
             }
-            Code::OverLimit => {
+            Verdict::ChargedPast => {
                 let limit = limiting();
                 tracing::debug!(
                     rpc,
@@ -116,16 +118,16 @@ impl RateLimitServer {
                     "charged past the limit"
                 );
             }
-            Code::Unknown => {
+            Verdict::Unknown => {
                 tracing::info!(
                     rpc,
                     request_id = request_id(),
                     "answered UNKNOWN: the request has an empty domain"
                 );
             }
-            Code::Ok => {}
+            Verdict::Admitted => {}
         }
-        Ok(to_response(&decision, call, self.headers))
+        Ok(to_response(&decision, self.headers))
     }
 }
 
@@ -184,35 +186,19 @@ pub fn to_request(request: RateLimitRequest, bounds: &RequestBounds) -> Result<R
     Ok(request)
 }
 
-pub fn to_response(
-    decision: &Decision,
-    call: Call,
-    headers: RateLimitHeaders,
-) -> RateLimitResponse {
-    // A report always answers OK: the usage happened, whatever the limit says.
-    let report = call == Call::Report;
-    let code = |over: bool| {
-        if over && !report {
-            response::Code::OverLimit
-        } else {
-            response::Code::Ok
-        }
-    };
-    let overall_code = match decision.code {
+pub fn to_response(decision: &Decision, headers: RateLimitHeaders) -> RateLimitResponse {
+    let code = |code: Code| match code {
+        Code::Ok => response::Code::Ok,
+        Code::OverLimit => response::Code::OverLimit,
         Code::Unknown => response::Code::Unknown,
-        Code::OverLimit => code(true),
-        Code::Ok => code(false),
     };
+    let overall_code = decision.code();
     let statuses = decision
         .statuses
         .iter()
         .map(|status| {
-            let code = match decision.code {
-                Code::Unknown => response::Code::Unknown,
-                _ => code(status.over),
-            };
             let mut out = DescriptorStatus {
-                code: code as i32,
+                code: code(decision.code_of(status)) as i32,
                 ..Default::default()
             };
             if let Some(limit) = &status.limit {
@@ -228,8 +214,8 @@ pub fn to_response(
         })
         .collect();
     let response_headers_to_add = match headers {
-        RateLimitHeaders::DraftVersion03 if !report => {
-            headers::draft03(decision, overall_code == response::Code::OverLimit)
+        RateLimitHeaders::DraftVersion03 if decision.call.has_headers() => {
+            headers::draft03(decision, overall_code == Code::OverLimit)
                 .into_iter()
                 .map(|(key, value)| HeaderValue {
                     key: key.to_string(),
@@ -240,7 +226,7 @@ pub fn to_response(
         _ => Vec::new(),
     };
     RateLimitResponse {
-        overall_code: overall_code as i32,
+        overall_code: code(overall_code) as i32,
         statuses,
         response_headers_to_add,
         ..Default::default()

@@ -10,10 +10,14 @@ use std::fmt;
 use async_trait::async_trait;
 
 use crate::algorithm::{Algorithm, CounterState, Group, GroupOutcome};
-use crate::limits::LimitId;
 
 pub use memory::MemoryStorage;
 pub use redis::RedisStorage;
+
+/// Identifies a limit's counters: a stable fingerprint of what makes two limits "the same" in
+/// Limitador (namespace, seconds, conditions, variables — or the `id` when given), computed by
+/// the limit model; changing `max_value` or `name` keeps the counters.
+pub type LimitId = u64;
 
 /// A counter: which limit, and the values of the limit's variables.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -14,8 +14,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ratekeeper::clock::ManualClock;
-use ratekeeper::limiter::Limiter;
-use ratekeeper::limits::load_file;
+use ratekeeper::limiter::{Decided, Limiter, Observer};
+use ratekeeper::limits::{EvalError, Limit, load_file};
+use ratekeeper::metrics::Prometheus;
 use ratekeeper::proto::envoy::extensions::common::ratelimit::v3::{
     RateLimitDescriptor, rate_limit_descriptor::Entry,
 };
@@ -27,7 +28,7 @@ use ratekeeper::request::RequestBounds;
 use ratekeeper::rls::headers::RateLimitHeaders;
 use ratekeeper::server::{self, Running, Settings};
 use ratekeeper::status::ServerStatus;
-use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage};
+use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage, StorageError};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -35,8 +36,35 @@ use tonic::transport::Channel;
 /// 2026-01-01T00:00:00Z: tests start at a fixed, realistic time.
 pub const START_MS: u64 = 1_767_225_600_000;
 
+/// The server's observer: Prometheus, as in production, plus a count of failed evaluations.
+pub struct Counting {
+    metrics: Prometheus,
+    pub evaluation_errors: AtomicUsize,
+}
+
+impl Observer for Counting {
+    fn decided(&self, decided: &Decided<'_>) {
+        self.metrics.decided(decided);
+    }
+
+    fn evaluation_failed(&self, namespace: &str, limit: &Limit, error: &EvalError) {
+        self.evaluation_errors.fetch_add(1, Ordering::Relaxed);
+        self.metrics.evaluation_failed(namespace, limit, error);
+    }
+
+    fn storage_called(&self, elapsed: Duration) {
+        self.metrics.storage_called(elapsed);
+    }
+
+    fn storage_failed(&self, error: &StorageError) {
+        self.metrics.storage_failed(error);
+    }
+}
+
 pub struct TestServer {
     pub clock: Arc<ManualClock>,
+    /// What the limiter reported.
+    pub observed: Arc<Counting>,
     pub status: Arc<ServerStatus>,
     pub limiter: Arc<Limiter>,
     pub http_base: String,
@@ -107,11 +135,13 @@ impl TestServer {
         }
         let clock = Arc::new(ManualClock::new(START_MS));
         ratekeeper::metrics::install().unwrap();
-        let metrics = ratekeeper::metrics::Metrics {
-            limit_name_in_labels: options.limit_name_in_labels,
-        };
-        let limiter =
-            Arc::new(Limiter::new(limits, storage(&options), clock.clone()).with_metrics(metrics));
+        let observed = Arc::new(Counting {
+            metrics: Prometheus::new(options.limit_name_in_labels),
+            evaluation_errors: AtomicUsize::new(0),
+        });
+        let limiter = Arc::new(
+            Limiter::new(limits, storage(&options), clock.clone()).observed_by(observed.clone()),
+        );
         let status = Arc::new(ServerStatus::default());
         let settings = Settings {
             rls_addr: "127.0.0.1:0".parse().unwrap(),
@@ -128,6 +158,7 @@ impl TestServer {
         let channel = grpc_channel(running.rls_addr).await.unwrap();
         Self {
             clock,
+            observed,
             status,
             limiter,
             http_base: format!("http://{}", running.http_addr),

@@ -1,0 +1,222 @@
+//! Step one of a decision, pure: which limits apply to a request, which counters that means,
+//! and what each evaluation context costs. No clock, no storage: testable on its own.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+
+use crate::algorithm::Group;
+use crate::call::{Call, Context};
+use crate::limits::{EvalError, Input, KeyValues, Limit, LimitSet};
+use crate::request::Request;
+use crate::storage::{Batch, CounterKey, CounterRequest};
+
+/// What a request asks of the storage, and what is needed to read the answer.
+pub struct Plan<'r> {
+    /// The storage's one call: every counter once, and one group per context.
+    pub batch: Batch<'r>,
+    /// One per group of `batch`, in the same order.
+    pub contexts: SmallVec<[PlannedContext; 1]>,
+    /// Limits skipped because an expression failed on this request.
+    pub failed: SmallVec<[(Arc<Limit>, EvalError); 1]>,
+    /// Whether the namespace has limits at all.
+    pub namespace_has_limits: bool,
+    /// What the call costs, summed over its contexts.
+    pub cost: u64,
+}
+
+/// One evaluation context: the descriptors it answers for and, for each counter of its group
+/// (in the group's order), the limit that counter belongs to.
+pub struct PlannedContext {
+    pub descriptors: Range<usize>,
+    pub limits: SmallVec<[Arc<Limit>; 4]>,
+}
+
+/// Splits a request into contexts (DESIGN.md "Hits"): when no descriptor carries its own
+/// cost, the whole request is one context (Limitador); otherwise each descriptor is its own
+/// (Envoy).
+fn contexts(request: &Request) -> SmallVec<[(Range<usize>, Context); 1]> {
+    let per_descriptor = request.descriptors.iter().any(|d| d.hits.is_some());
+    if !per_descriptor {
+        let whole = Context::Request { hits: request.hits };
+        return smallvec::smallvec![(0..request.descriptors.len(), whole)];
+    }
+    request
+        .descriptors
+        .iter()
+        .enumerate()
+        .map(|(i, descriptor)| {
+            let own = Context::Descriptor {
+                hits: descriptor.hits,
+                request_hits: request.hits,
+            };
+            (i..i + 1, own)
+        })
+        .collect()
+}
+
+/// Plans `request` as `call` against `limits`.
+pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r> {
+    let namespace = limits.namespace_entry(&request.namespace);
+    let contexts = contexts(request);
+    let mut plan = Plan {
+        batch: Batch {
+            namespace: &request.namespace,
+            counters: Vec::new(),
+            groups: Vec::with_capacity(contexts.len()),
+        },
+        contexts: SmallVec::with_capacity(contexts.len()),
+        failed: SmallVec::new(),
+        namespace_has_limits: namespace.is_some(),
+        cost: 0,
+    };
+    // Within one group every limit has its own counter; only several groups (Envoy's
+    // per-descriptor costs) can name the same counter twice, and then it is one counter.
+    let mut shared: Option<HashMap<CounterKey, usize>> = (contexts.len() > 1).then(HashMap::new);
+    let mut values = KeyValues::new();
+    for (descriptors, context) in contexts {
+        let (policy, cost) = call.policy(context);
+        plan.cost = plan.cost.saturating_add(cost);
+        let mut group = Group {
+            policy,
+            cost,
+            counters: Vec::new(),
+        };
+        let mut applied = SmallVec::new();
+        if let Some(namespace) = namespace {
+            let descriptors = &request.descriptors[descriptors.clone()];
+            let input = Input::new(descriptors);
+            for limit in namespace.candidates(descriptors) {
+                match limit.applies(&input, &mut values) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(error) => {
+                        plan.failed.push((limit.clone(), error));
+                        continue;
+                    }
+                }
+                let key = CounterKey::new(limit.key, &values);
+                let counters = &mut plan.batch.counters;
+                let mut add = |key| {
+                    counters.push(CounterRequest {
+                        key,
+                        algorithm: limit.algorithm,
+                    });
+                    counters.len() - 1
+                };
+                let index = match shared.as_mut() {
+                    Some(shared) => match shared.get(&key) {
+                        Some(&index) => index,
+                        None => {
+                            let index = add(key.clone());
+                            shared.insert(key, index);
+                            index
+                        }
+                    },
+                    None => add(key),
+                };
+                group.counters.push(index);
+                applied.push(limit.clone());
+            }
+        }
+        plan.batch.groups.push(group);
+        plan.contexts.push(PlannedContext {
+            descriptors,
+            limits: applied,
+        });
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::algorithm::Policy;
+    use crate::limits::parse_limits;
+    use crate::request::Descriptor;
+
+    const LIMITS: &str = r#"
+- {name: per-user, namespace: ns, max_value: 10, seconds: 60, variables: ["descriptors[0].user"]}
+- {name: everyone, namespace: ns, max_value: 100, seconds: 60}
+- {name: broken, namespace: ns, max_value: 1, seconds: 60, conditions: ["descriptors[0].n > 3"]}
+"#;
+
+    fn limits() -> LimitSet {
+        LimitSet::new(parse_limits("test", LIMITS).expect("valid limits"))
+    }
+
+    #[test]
+    fn a_limitador_request_is_one_group_with_every_applicable_counter() {
+        let limits = limits();
+        let request = Request {
+            namespace: "ns".into(),
+            descriptors: vec![Descriptor::of(&[("user", "alice")])],
+            hits: 0,
+        };
+        let plan = plan(&limits, &request, Call::ShouldRateLimit);
+        assert_eq!(plan.batch.groups.len(), 1);
+        let group = &plan.batch.groups[0];
+        assert_eq!((group.policy, group.cost), (Policy::AllOrNothing, 1));
+        assert_eq!(group.counters, [0, 1]);
+        let names: Vec<_> = plan.contexts[0]
+            .limits
+            .iter()
+            .map(|l| l.name.as_deref().unwrap_or(""))
+            .collect();
+        assert_eq!(names, ["per-user", "everyone"]);
+        assert_eq!(plan.batch.counters[0].key.values(), ["alice"]);
+        assert!(plan.failed.is_empty());
+    }
+
+    #[test]
+    fn per_descriptor_groups_share_a_counter_they_both_name() {
+        let limits = limits();
+        let mut charge = Descriptor::of(&[("user", "alice")]);
+        charge.hits = Some(40);
+        let mut check = Descriptor::of(&[("user", "alice")]);
+        check.hits = Some(0);
+        let request = Request {
+            namespace: "ns".into(),
+            descriptors: vec![charge, check],
+            hits: 0,
+        };
+        let plan = plan(&limits, &request, Call::ShouldRateLimit);
+        assert_eq!(plan.batch.counters.len(), 2, "two limits, one counter each");
+        assert_eq!(plan.batch.groups[0].counters, plan.batch.groups[1].counters);
+        assert_eq!(plan.batch.groups[0].policy, Policy::Charge);
+        assert_eq!(plan.batch.groups[1].policy, Policy::CheckOnly);
+        assert_eq!(plan.contexts[1].descriptors, 1..2);
+        assert_eq!(plan.cost, 40);
+    }
+
+    #[test]
+    fn a_failing_expression_is_reported_and_its_limit_skipped() {
+        let limits = limits();
+        let request = Request {
+            namespace: "ns".into(),
+            descriptors: vec![Descriptor::of(&[("user", "bob"), ("n", "7")])],
+            hits: 3,
+        };
+        let plan = plan(&limits, &request, Call::Report);
+        assert_eq!(plan.failed.len(), 1);
+        assert_eq!(plan.failed[0].0.name.as_deref(), Some("broken"));
+        assert_eq!(plan.contexts[0].limits.len(), 2);
+        assert_eq!(plan.batch.groups[0].cost, 3);
+    }
+
+    #[test]
+    fn a_namespace_without_limits_plans_no_counter() {
+        let limits = limits();
+        let request = Request {
+            namespace: "elsewhere".into(),
+            descriptors: vec![Descriptor::of(&[("user", "alice")])],
+            hits: 0,
+        };
+        let plan = plan(&limits, &request, Call::CheckRateLimit);
+        assert!(!plan.namespace_has_limits);
+        assert!(plan.batch.counters.is_empty());
+        assert_eq!(plan.batch.groups.len(), 1);
+    }
+}
