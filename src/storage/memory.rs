@@ -17,7 +17,7 @@ use smallvec::SmallVec;
 
 use super::{Batch, CounterKey, CounterSnapshot, Storage, StorageError};
 use crate::algorithm::{CounterState, GroupOutcome, evaluate};
-use crate::limits::LimitId;
+use super::LimitId;
 
 const SHARDS: usize = 64;
 

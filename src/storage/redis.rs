@@ -26,7 +26,7 @@ use crate::algorithm::{
     Algorithm, BucketState, CounterOutcome, CounterState, GroupOutcome, MAX_COUNT, Policy,
     SlidingState, WindowState,
 };
-use crate::limits::LimitId;
+use super::LimitId;
 
 /// Numbers per argument of decide.lua: well below the 8000 values one Lua `struct.unpack` may
 /// return.
