@@ -1,21 +1,34 @@
 //! ratekeeper: a rate-limit service for LLM APIs.
 //!
-//! Data flows one way, each module one concept:
+//! Data flows one way — adapters → limiter → storage → algorithm — and each module is one
+//! concept. The module graph has no cycles (each `use crate::…` points down this list):
 //!
 //! - [`rls`] and [`http`] — adapters: Envoy's and Kuadrant's gRPC services, Limitador's and
-//!   ASM's HTTP APIs. They translate requests into [`limiter`] calls and decisions into answers.
-//! - [`request`] — what a client asks (namespace, descriptors, costs) and its bounds.
-//! - [`limiter`] — the engine: which limits apply (CEL over descriptors), which counters that
-//!   means, what each call costs, and one storage call per request.
-//! - [`storage`] — where counters live ([`storage::memory`], [`storage::redis`] with its Lua
-//!   twin of the arithmetic); each decides a whole request in one atomic step.
-//! - [`algorithm`] — the arithmetic (fixed windows, token buckets, sliding windows), pure
+//!   ASM's HTTP APIs. They translate requests into [`limiter`] calls and decisions into answers,
+//!   nothing else.
+//! - [`call`] — what a call means: the policy of each evaluation context, the code a verdict
+//!   is answered with, how it counts in the metrics. The one place that tells the calls apart.
+//! - [`limiter`] — the engine. `decide` is three steps: plan (pure: which limits apply, which
+//!   counters, which costs), one storage call, assemble (pure: one status per descriptor). It
+//!   reports what it does to an [`limiter::Observer`].
+//! - [`limits`] — the limit model: YAML loading and validation, compiled CEL (with a native
+//!   form for the common shapes) and a per-namespace index of what each limit requires. Nothing
+//!   in it runs: [`reload`] wires a file watcher to a limiter, beside [`server`].
+//! - [`storage`] — where counters live (memory, Redis with its Lua twin of the arithmetic);
+//!   each decides a whole request in one atomic step.
+//! - [`algorithm`] — the arithmetic (fixed windows, token buckets, sliding windows): pure
 //!   integer functions shared by every storage.
-//! - [`limits`] — the limit model, YAML loading and validation, compiled CEL (with a native
-//!   form for the common shapes) and a per-namespace index of what each limit requires.
-//! - [`metrics`] holds the Prometheus series; [`server`] binds and runs the listeners;
-//!   [`config`] is the CLI; [`clock`] is time behind a trait tests can drive; [`status`] feeds
+//! - [`request`] — what a client asks (namespace, descriptors, costs) and its bounds;
+//!   [`clock`] — time behind a trait tests can drive.
+//! - [`metrics`] — the Prometheus observer and the adapters' per-RPC series; [`status`] feeds
 //!   `/status`; [`proto`] is the generated gRPC code.
+//! - [`server`] binds and runs the listeners; [`reload`] is hot reload; [`config`] is the CLI,
+//!   imported only by the binary (`main.rs`), which parses it into the types above.
+//!
+//! The public surface is what the binary wires together and the black-box tests drive: the
+//! modules above with their `pub` items. Internals (the CEL compiler and index, the plan and
+//! assembly steps, the storages' modules) are private; their types are re-exported where a
+//! caller needs them.
 
 pub mod algorithm;
 pub mod call;

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::limiter::Limiter;
 use crate::limits::LimitSet;
-use crate::limits::file::{digest, load_bytes};
+use crate::limits::{digest, load_bytes};
 use crate::metrics;
 use crate::status::ServerStatus;
 

@@ -1,13 +1,13 @@
 //! The engine: (namespace, descriptors, hits, call) → the limits that apply → counter keys →
 //! one storage call → a decision with, per descriptor, the most restrictive limit.
 //!
-//! [`Limiter::decide`] is three steps: [`plan`] (pure: which limits, which counters, which
+//! [`Limiter::decide`] is three steps: [`plan()`](plan::plan) (pure: which limits, which counters, which
 //! costs), one [`Storage::apply`], and [`decision::assemble`] (pure). What a call means is in
 //! [`crate::call`]; the admission arithmetic is in [`crate::algorithm`]. The limiter reports
 //! what happened to an [`Observer`] it is given (Prometheus is one, in [`crate::metrics`]).
 
-pub mod decision;
-pub mod plan;
+mod decision;
+mod plan;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use crate::limits::{EvalError, Limit, LimitSet};
 pub use crate::request::{Descriptor, Request};
 use crate::storage::{CounterSnapshot, Storage, StorageError};
 pub use decision::{Decision, DescriptorStatus, LimitStatus};
-pub use plan::plan;
+use plan::plan;
 
 /// What a call gets when the storage fails (`--on-storage-error`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -1,10 +1,10 @@
 //! Limits: the model, loading and validating Limitador-format YAML, CEL matching, and the
 //! per-namespace index the limiter reads.
 
-pub mod expression;
-pub mod file;
-pub mod index;
-pub mod native;
+mod expression;
+mod file;
+mod index;
+mod native;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -19,7 +19,7 @@ use index::LimitIndex;
 use serde::Serialize;
 
 pub use expression::{EvalError, Expression, Input};
-pub use file::{LimitsError, load_file, parse_limits};
+pub use file::{LimitsError, digest, load_bytes, load_file, parse_limits};
 
 /// The values of a limit's variables for one request; most limits have one or two.
 pub type KeyValues<'a> = smallvec::SmallVec<[Cow<'a, str>; 4]>;

@@ -167,7 +167,7 @@ fn storage_status(error: &StorageError) -> Status {
 }
 
 /// Converts a request and checks it against the bounds.
-pub fn to_request(request: RateLimitRequest, bounds: &RequestBounds) -> Result<Request, Status> {
+fn to_request(request: RateLimitRequest, bounds: &RequestBounds) -> Result<Request, Status> {
     let request = Request {
         namespace: request.domain,
         descriptors: request
@@ -235,7 +235,7 @@ pub fn to_response(decision: &Decision, headers: RateLimitHeaders) -> RateLimitR
 
 /// Envoy's unit for a window, when the window is exactly one unit; UNKNOWN otherwise (Envoy
 /// then leaves `w=` out of the headers it builds).
-pub fn unit_of(seconds: u64) -> response::rate_limit::Unit {
+fn unit_of(seconds: u64) -> response::rate_limit::Unit {
     use response::rate_limit::Unit;
     match seconds {
         1 => Unit::Second,

@@ -2,8 +2,8 @@
 //! it loads the states of every counter the request touches, runs
 //! [`crate::algorithm::evaluate`], and stores what changed.
 
-pub mod memory;
-pub mod redis;
+mod memory;
+mod redis;
 
 use std::fmt;
 
