@@ -45,3 +45,4 @@ pub mod rls;
 pub mod server;
 pub mod status;
 pub mod storage;
+pub mod throttle;

@@ -1,5 +1,6 @@
 //! Operations seen from outside the process: SIGHUP reloads, JSON logs that carry the
-//! request's `x-request-id`, one line per refused or malformed call.
+//! request's `x-request-id`, refusals logged at debug, and no line per call at the default
+//! level for what a client can repeat (refusals, failing expressions).
 
 mod common;
 
@@ -43,7 +44,8 @@ async fn sighup_reloads_the_limits_file() {
 
 #[tokio::test]
 async fn json_logs_carry_the_request_id_of_a_refused_call() {
-    let server = start(&["--structured-logs"]).await;
+    // Refusals are logged at debug (`-v`).
+    let server = start(&["--structured-logs", "-v"]).await;
     let mut call = tonic::Request::new(llm_tokens("max", 51));
     call.metadata_mut()
         .insert("x-request-id", "req-4242".parse().unwrap());
@@ -93,4 +95,41 @@ async fn json_logs_carry_the_request_id_of_a_refused_call() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn refusals_and_failing_expressions_do_not_flood_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("limits.yaml");
+    std::fs::write(
+        &path,
+        r#"
+- {name: tiny, namespace: ns, max_value: 1, seconds: 60, variables: ["descriptors[0].user"]}
+- {name: broken, namespace: ns, max_value: 5, seconds: 60, conditions: ["descriptors[0].n > 3"]}
+"#,
+    )
+    .unwrap();
+    let server = Server::start_on_loopback(&[path.to_str().unwrap()]).await;
+    let mut client = server.grpc().await;
+    // The first call spends alice's budget of 1, the other 199 are refused; and on every call
+    // `n > 3` fails ("7" is a string), skipping the limit `broken`.
+    for i in 0..200 {
+        let call = request("ns", vec![descriptor(&[("user", "alice"), ("n", "7")])], 1);
+        let r = client.should_rate_limit(call).await.unwrap().into_inner();
+        let expected = if i == 0 { Code::Ok } else { Code::OverLimit };
+        assert_eq!(code(&r), expected, "call {i}");
+    }
+    let log = server.log();
+    let per_call = log
+        .lines()
+        .filter(|l| l.contains("over the limit") || l.contains("CEL expression failed"))
+        .count();
+    assert!(
+        per_call <= 2,
+        "{per_call} lines for 200 calls (at most one per throttling interval expected):\n{log}"
+    );
+    assert!(
+        log.contains("CEL expression failed"),
+        "the first failure is still logged:\n{log}"
+    );
 }

@@ -4,7 +4,7 @@
 //! (Kuadrant's `<route ns>/<route name>`), either as is or percent-encoded.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -22,8 +22,13 @@ use crate::request::{Descriptor, Request};
 use crate::rls::headers;
 use crate::status::ServerStatus;
 use crate::storage::StorageError;
+use crate::throttle::{LOG_EVERY, Throttle};
 
 mod asm;
+
+/// Lines a client can cause on every call, at most one per interval ([`Throttle`]).
+static MALFORMED: LazyLock<Throttle> = LazyLock::new(|| Throttle::new(LOG_EVERY));
+static STORAGE_FAILED: LazyLock<Throttle> = LazyLock::new(|| Throttle::new(LOG_EVERY));
 
 #[derive(Clone)]
 struct AppState {
@@ -199,7 +204,9 @@ async fn decide(state: &AppState, body: &[u8], call: Call) -> Response {
 
 /// Limitador answers 500 when its storage fails; a full counter store is 503 (retry later).
 fn storage_error(error: &StorageError) -> Response {
-    tracing::warn!(%error, "storage refused an HTTP call");
+    if let Some(skipped) = STORAGE_FAILED.admit() {
+        tracing::warn!(%error, skipped, "storage refused an HTTP call (similar lines are throttled)");
+    }
     let status = match error {
         StorageError::CapacityExhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
         StorageError::Unavailable(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -208,7 +215,9 @@ fn storage_error(error: &StorageError) -> Response {
 }
 
 fn bad_request(reason: String) -> Response {
-    tracing::info!(%reason, "rejected a malformed HTTP request");
+    if let Some(skipped) = MALFORMED.admit() {
+        tracing::info!(%reason, skipped, "rejected a malformed HTTP request (similar lines are throttled)");
+    }
     (
         StatusCode::BAD_REQUEST,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],

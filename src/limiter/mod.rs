@@ -21,6 +21,7 @@ use crate::clock::Clock;
 use crate::limits::{EvalError, Limit, LimitSet};
 pub use crate::request::{Descriptor, Request};
 use crate::storage::{CounterSnapshot, Storage, StorageError};
+use crate::throttle::{LOG_EVERY, Throttle};
 pub use decision::{Decision, DescriptorStatus, LimitStatus};
 use plan::plan;
 
@@ -83,6 +84,13 @@ pub struct Limiter {
     clock: Arc<dyn Clock>,
     observer: Arc<dyn Observer>,
     on_storage_error: OnStorageError,
+    throttled: Throttled,
+}
+
+/// The limiter's log lines that a client can cause on every call.
+struct Throttled {
+    evaluation_failed: Throttle,
+    storage_failed: Throttle,
 }
 
 impl Limiter {
@@ -93,6 +101,10 @@ impl Limiter {
             clock,
             observer: Arc::new(Unobserved),
             on_storage_error: OnStorageError::Error,
+            throttled: Throttled {
+                evaluation_failed: Throttle::new(LOG_EVERY),
+                storage_failed: Throttle::new(LOG_EVERY),
+            },
         }
     }
 
@@ -176,19 +188,32 @@ impl Limiter {
             OnStorageError::Allow => Verdict::Admitted,
             OnStorageError::Deny => Verdict::Refused,
         };
-        tracing::warn!(%error, mode = ?self.on_storage_error, "storage failed; answering without it");
+        if let Some(skipped) = self.throttled.storage_failed.admit() {
+            tracing::warn!(%error, mode = ?self.on_storage_error, skipped,
+                "storage failed; answering without it (similar lines are throttled)");
+        }
         Ok(Decision::without_limits(call, verdict, cost, descriptors))
     }
 
     /// A limit skipped because an expression failed: reported, and logged.
     fn evaluation_failed(&self, namespace: &str, limit: &Limit, error: &EvalError) {
         self.observer.evaluation_failed(namespace, limit, error);
-        tracing::warn!(
-            namespace,
-            limit = limit.name.as_deref().unwrap_or(""),
-            ?error,
-            "limit skipped: its CEL expression failed on this request"
-        );
+        let limit = limit.name.as_deref().unwrap_or("");
+        match self.throttled.evaluation_failed.admit() {
+            Some(skipped) => tracing::warn!(
+                namespace,
+                limit,
+                ?error,
+                skipped,
+                "limit skipped: its CEL expression failed on this request (similar lines are throttled; ratekeeper_cel_errors counts them all)"
+            ),
+            None => tracing::debug!(
+                namespace,
+                limit,
+                ?error,
+                "limit skipped: its CEL expression failed on this request"
+            ),
+        }
     }
 
     /// The live counters of a namespace, with their limits.

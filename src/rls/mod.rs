@@ -3,7 +3,7 @@
 
 pub mod headers;
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use prost_types::Duration;
@@ -24,7 +24,12 @@ use crate::proto::kuadrant::service::ratelimit::v1 as kuadrant;
 use crate::request::RequestBounds;
 use crate::request::{Descriptor, Request};
 use crate::storage::StorageError;
+use crate::throttle::{LOG_EVERY, Throttle};
 use headers::RateLimitHeaders;
+
+/// Lines a client can cause on every call, at most one per interval ([`Throttle`]).
+static MALFORMED: LazyLock<Throttle> = LazyLock::new(|| Throttle::new(LOG_EVERY));
+static STORAGE_FAILED: LazyLock<Throttle> = LazyLock::new(|| Throttle::new(LOG_EVERY));
 
 /// Serves both rate limit services over one limiter.
 #[derive(Clone)]
@@ -80,52 +85,36 @@ impl RateLimitServer {
                 .unwrap_or("")
         };
         let request = to_request(request, &self.bounds).inspect_err(|status| {
-            let reason = status.message();
-            tracing::info!(
-                rpc,
-                request_id = request_id(),
-                reason,
-                "rejected a malformed request"
-            );
+            if let Some(skipped) = MALFORMED.admit() {
+                let reason = status.message();
+                tracing::info!(
+                    rpc,
+                    request_id = request_id(),
+                    reason,
+                    skipped,
+                    "rejected a malformed request (similar lines are throttled)"
+                );
+            }
         })?;
         let decision = self.limiter.decide(&request, call).await.map_err(|error| {
-            tracing::warn!(rpc, request_id = request_id(), %error, "storage refused a decision");
+            if let Some(skipped) = STORAGE_FAILED.admit() {
+                tracing::warn!(rpc, request_id = request_id(), %error, skipped,
+                    "storage refused a decision (similar lines are throttled)");
+            }
             storage_status(&error)
         })?;
-        let namespace = request.namespace.as_str();
-        let limiting = || {
-            let limiting = decision.limiting();
-            limiting.and_then(|l| l.limit.name.as_deref()).unwrap_or("")
-        };
-        match decision.verdict {
-            Verdict::Refused => {
-                let limit = limiting();
-                tracing::info!(
-                    rpc,
-                    request_id = request_id(),
-                    namespace,
-                    limit,
-                    "over the limit"
-                );
-            }
-            Verdict::ChargedPast => {
-                let limit = limiting();
-                tracing::debug!(
-                    rpc,
-                    request_id = request_id(),
-                    namespace,
-                    limit,
-                    "charged past the limit"
-                );
-            }
-            Verdict::Unknown => {
-                tracing::info!(
-                    rpc,
-                    request_id = request_id(),
-                    "answered UNKNOWN: the request has an empty domain"
-                );
-            }
-            Verdict::Admitted => {}
+        if decision.verdict != Verdict::Admitted {
+            // Refusals are what a rate limiter is for: the metrics count them, and a line per
+            // refusal would be the heaviest traffic of all at the default level.
+            let limit = decision.limiting().and_then(|l| l.limit.name.as_deref());
+            tracing::debug!(
+                rpc,
+                request_id = request_id(),
+                namespace = request.namespace,
+                limit = limit.unwrap_or(""),
+                verdict = ?decision.verdict,
+                "over the limit"
+            );
         }
         Ok(to_response(&decision, self.headers))
     }

@@ -15,9 +15,8 @@ use async_trait::async_trait;
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 
-use super::{Batch, CounterKey, CounterSnapshot, Storage, StorageError};
+use super::{Batch, CounterKey, CounterSnapshot, LimitId, Storage, StorageError};
 use crate::algorithm::{CounterState, GroupOutcome, evaluate};
-use super::LimitId;
 
 const SHARDS: usize = 64;
 

@@ -21,12 +21,11 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, RedisWrite, Script, ServerErrorKind, ToRedisArgs, Value};
 use tokio::sync::OnceCell;
 
-use super::{Batch, CounterKey, CounterSnapshot, Storage, StorageError};
+use super::{Batch, CounterKey, CounterSnapshot, LimitId, Storage, StorageError};
 use crate::algorithm::{
     Algorithm, BucketState, CounterOutcome, CounterState, GroupOutcome, MAX_COUNT, Policy,
     SlidingState, WindowState,
 };
-use super::LimitId;
 
 /// Numbers per argument of decide.lua: well below the 8000 values one Lua `struct.unpack` may
 /// return.
