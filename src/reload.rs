@@ -3,10 +3,17 @@
 //! The file's directory is watched (so in-place writes, `sed -i`, `mv` of a temp file and
 //! Kubernetes ConfigMap symlink swaps are all seen), SIGHUP forces a reload, and the file is
 //! also polled as a fallback. Events are debounced until the directory is quiet, then the file
-//! is read, and only new content is considered. It must validate before it replaces the limits
-//! in force; an empty file is taken for a write in progress or an accident and never applied
-//! (write `[]` to remove every limit). Counters of limits that did not change are kept: a
-//! counter belongs to the limit's identity, not to the file.
+//! is read, and only new content is considered.
+//!
+//! When is new content applied? Content that arrived by a rename (`mv`, `sed -i`, an editor's
+//! save, a ConfigMap swap) is complete, and is applied at once. Content written in place may
+//! be half-written: it is applied only once it has stayed the same for [`SETTLE`] (a writer
+//! that pauses longer than that mid-file should write a temp file and rename it). SIGHUP
+//! applies what is there at once. Whatever the path, new content must validate before it
+//! replaces the limits in force; an empty file is taken for a write in progress or an accident
+//! and never applied (write `[]` to remove every limit). Counters of limits that did not
+//! change are kept (a counter belongs to the limit's identity, not to the file); counters of
+//! limits no longer loaded are freed.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,6 +32,19 @@ use crate::status::ServerStatus;
 const DEBOUNCE: Duration = Duration::from_millis(200);
 /// Fallback poll, for file systems where events are not delivered.
 const POLL_EVERY: Duration = Duration::from_secs(5);
+/// How long content written in place must stay unchanged before it is applied.
+pub const SETTLE: Duration = Duration::from_secs(2);
+
+/// What made the reloader look at the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// SIGHUP: apply what is there now.
+    Forced,
+    /// The new content arrived by a rename: it is complete.
+    Renamed,
+    /// The file may have been written in place (or a poll): apply once settled.
+    Changed,
+}
 
 /// Watches `path` until `stop` turns true, applying every valid new version to `limiter`.
 pub async fn watch_limits(
@@ -33,13 +53,14 @@ pub async fn watch_limits(
     status: Arc<ServerStatus>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let (events, mut event_rx) = mpsc::unbounded_channel::<()>();
+    let (events, mut event_rx) = mpsc::unbounded_channel::<Seen>();
+    let file_name = path.file_name().map(|name| name.to_os_string());
     let directory = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
-        let _ = events.send(());
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let _ = events.send(Seen::of(event, file_name.as_deref()));
     })
     .and_then(|mut watcher| {
         watcher.watch(&directory, RecursiveMode::NonRecursive)?;
@@ -59,23 +80,73 @@ pub async fn watch_limits(
         // The version in force, as main loaded it: a change made since is seen on the first
         // poll (the interval's first tick is immediate), not mistaken for what is in force.
         last_seen: limiter.limits().content_digest(),
+        settling: None,
         path,
         limiter,
         status,
     };
 
     loop {
-        let forced = tokio::select! {
+        let settled = reloader.settling.map(|(_, since)| since + SETTLE);
+        let trigger = tokio::select! {
             _ = stop.changed() => return,
-            Some(()) = event_rx.recv() => {
-                // Debounce: wait until no event came for DEBOUNCE.
-                while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, event_rx.recv()).await {}
-                false
+            Some(first) = event_rx.recv() => {
+                // Debounce: wait until no event came for DEBOUNCE. A rename counts only if the
+                // file was not also written in place.
+                let mut seen = first;
+                while let Ok(Some(next)) = tokio::time::timeout(DEBOUNCE, event_rx.recv()).await {
+                    seen = seen.max(next);
+                }
+                match seen {
+                    Seen::Renamed => Trigger::Renamed,
+                    Seen::Other | Seen::Written => Trigger::Changed,
+                }
             }
-            _ = poll.tick() => false,
-            Some(()) = hangup.recv() => true,
+            _ = poll.tick() => Trigger::Changed,
+            Some(()) = hangup.recv() => Trigger::Forced,
+            _ = sleep_until(settled), if settled.is_some() => Trigger::Changed,
         };
-        reloader.reload(forced);
+        reloader.reload(trigger).await;
+    }
+}
+
+/// Sleeps until `deadline` (forever without one).
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a directory event says about the limits file; the worst of a debounced batch counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Seen {
+    /// Nothing about its content (a file created, removed or closed, another file written).
+    Other,
+    /// A rename in the directory: complete content replaced it (`mv`, `sed -i`, a ConfigMap
+    /// swap of `..data`).
+    Renamed,
+    /// The file itself was written in place: its content may be half-written.
+    Written,
+}
+
+impl Seen {
+    fn of(event: notify::Result<notify::Event>, file_name: Option<&std::ffi::OsStr>) -> Self {
+        use notify::EventKind;
+        use notify::event::ModifyKind;
+        let Ok(event) = event else {
+            return Seen::Written;
+        };
+        match event.kind {
+            EventKind::Modify(ModifyKind::Name(_)) => Seen::Renamed,
+            EventKind::Modify(ModifyKind::Metadata(_)) => Seen::Other,
+            EventKind::Modify(_)
+                if event.paths.iter().any(|path| path.file_name() == file_name) =>
+            {
+                Seen::Written
+            }
+            _ => Seen::Other,
+        }
     }
 }
 
@@ -86,10 +157,12 @@ struct Reloader {
     /// Digest of the content last considered (applied or refused), so one bad version is
     /// reported once, not on every event.
     last_seen: Option<u64>,
+    /// New content written in place, and since when it has been the same.
+    settling: Option<(u64, tokio::time::Instant)>,
 }
 
 impl Reloader {
-    fn reload(&mut self, forced: bool) {
+    async fn reload(&mut self, trigger: Trigger) {
         let bytes = match std::fs::read(&self.path) {
             Ok(bytes) => bytes,
             Err(e) => {
@@ -99,14 +172,32 @@ impl Reloader {
             }
         };
         let seen = digest(&bytes);
-        if !forced && self.last_seen == Some(seen) {
+        if trigger != Trigger::Forced && self.last_seen == Some(seen) {
+            self.settling = None;
             return;
         }
+        if trigger == Trigger::Changed {
+            let now = tokio::time::Instant::now();
+            match self.settling {
+                Some((digest, since)) if digest == seen && now >= since + SETTLE => {}
+                Some((digest, _)) if digest == seen => return,
+                _ => {
+                    tracing::debug!(file = %self.path.display(), "limits file changed; applying it once it has settled");
+                    self.settling = Some((seen, now));
+                    return;
+                }
+            }
+        }
+        self.settling = None;
         self.last_seen = Some(seen);
         match validate(&self.path, &bytes) {
             Ok(limits) => {
                 let count = limits.len();
                 self.limiter.replace_limits(limits);
+                // Counters of limits no longer loaded must not hold capacity: freed (off the
+                // runtime's threads) before the reload is reported done.
+                let limiter = self.limiter.clone();
+                let _ = tokio::task::spawn_blocking(move || limiter.forget_unloaded()).await;
                 self.status.config_applied();
                 let version = self.status.config_version();
                 metrics::limits_reload(true);

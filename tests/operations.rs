@@ -431,3 +431,73 @@ async fn a_configmap_symlink_swap_is_reloaded() {
     wait_for_version(&server, 1).await;
     assert_eq!(remaining_for(&server, "carol").await, 250);
 }
+
+#[tokio::test]
+async fn a_half_written_file_is_never_applied() {
+    let limits = |max: u64| {
+        format!(
+            "- name: per-user\n  namespace: reload\n  seconds: 60\n  variables: ['descriptors[0].user']\n  max_value: {max}\n"
+        )
+    };
+    let server = TestServer::start(&limits(1000)).await;
+    let path = server.limits_path().to_path_buf();
+    // An in-place writer pauses after `max_value: 9` of `max_value: 900`: the prefix is valid
+    // YAML with a limit of 9. It pauses longer than the debounce, shorter than the settle period.
+    let edited = limits(900);
+    let cut = edited.find("max_value: 9").unwrap() + "max_value: 9".len();
+    std::fs::write(&path, &edited[..cut]).unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(server.status.config_version(), 0, "the prefix was applied");
+    assert_eq!(remaining_for(&server, "alice").await, 1000);
+
+    std::fs::write(&path, &edited).unwrap();
+    wait_for_version(&server, 1).await;
+    assert_eq!(remaining_for(&server, "alice").await, 900);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        server.status.config_version(),
+        1,
+        "only the whole file was applied"
+    );
+}
+
+#[tokio::test]
+async fn counters_of_limits_no_longer_loaded_do_not_hold_capacity() {
+    let limits = |tier: &str| {
+        format!(
+            "- {{name: per-user, namespace: reload, max_value: 5, seconds: 60, conditions: [\"descriptors[0].tier == '{tier}'\"], variables: ['descriptors[0].user']}}\n"
+        )
+    };
+    let options = Options {
+        capacity: 10,
+        ..Options::default()
+    };
+    let server = TestServer::start_with(&limits("free"), options).await;
+    let call = |tier: &'static str, user: String| {
+        request(
+            "reload",
+            vec![descriptor(&[("tier", tier), ("user", user.as_str())])],
+            1,
+        )
+    };
+    for user in 0..10 {
+        let r = server.should(call("free", format!("u{user}"))).await;
+        assert_eq!(code(&r), Code::Ok);
+    }
+    // A routine edit of the condition: a new limit identity, new counters. The old limit's
+    // ten counters must not keep the store full.
+    let path = server.limits_path().to_path_buf();
+    let temp = path.with_extension("tmp");
+    std::fs::write(&temp, limits("basic")).unwrap();
+    std::fs::rename(&temp, &path).unwrap();
+    wait_for_version(&server, 1).await;
+    for user in 10..20 {
+        let r = server
+            .envoy
+            .clone()
+            .should_rate_limit(call("basic", format!("u{user}")))
+            .await;
+        let r = r.unwrap_or_else(|e| panic!("user {user} refused: {e}"));
+        assert_eq!(code(&r.into_inner()), Code::Ok);
+    }
+}

@@ -9,6 +9,7 @@
 mod decision;
 mod plan;
 
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use arc_swap::ArcSwap;
 use crate::algorithm::GroupOutcome;
 pub use crate::call::{Call, Code, Verdict};
 use crate::clock::Clock;
-use crate::limits::{EvalError, Limit, LimitSet};
+use crate::limits::{EvalError, Limit, LimitId, LimitSet};
 pub use crate::request::{Descriptor, Request};
 use crate::storage::{CounterSnapshot, Storage, StorageError};
 use crate::throttle::{LOG_EVERY, Throttle};
@@ -124,8 +125,18 @@ impl Limiter {
         self.limits.load_full()
     }
 
+    /// Puts `limits` in force. The counters of limits no longer loaded stay in the storage
+    /// until [`Limiter::forget_unloaded`] frees them.
     pub fn replace_limits(&self, limits: LimitSet) {
         self.limits.store(Arc::new(limits));
+    }
+
+    /// Frees the counters of limits that are not in force (blocking: call it off the
+    /// request path, after [`Limiter::replace_limits`]).
+    pub fn forget_unloaded(&self) {
+        let limits = self.limits.load();
+        let loaded: HashSet<LimitId> = limits.iter().map(|limit| limit.key).collect();
+        self.storage.forget_unloaded(&loaded);
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {

@@ -7,7 +7,7 @@
 //! that would need a new counter beyond it fails with [`StorageError::CapacityExhausted`]
 //! instead of silently evicting (resetting) a live one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -179,6 +179,15 @@ impl Storage for MemoryStorage {
 
     fn live_counters(&self) -> Option<usize> {
         Some(self.len())
+    }
+
+    fn forget_unloaded(&self, loaded: &HashSet<LimitId>) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            let before = shard.len();
+            shard.retain(|key, _| loaded.contains(&key.limit));
+            self.live.fetch_sub(before - shard.len(), Ordering::Relaxed);
+        }
     }
 
     fn reclaim_expired(&self, now_ms: u64) {

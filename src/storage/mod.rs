@@ -5,6 +5,7 @@
 mod memory;
 mod redis;
 
+use std::collections::HashSet;
 use std::fmt;
 
 use async_trait::async_trait;
@@ -180,6 +181,11 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Frees what has expired; called periodically off the request path.
     fn reclaim_expired(&self, _now_ms: u64) {}
+
+    /// Frees the counters of every limit not in `loaded` (after a reload: limits that are no
+    /// longer loaded must not hold capacity). Off the request path. Storages whose counters
+    /// expire on their own (Redis) need not do anything.
+    fn forget_unloaded(&self, _loaded: &HashSet<LimitId>) {}
 
     /// Counters held, where the storage can tell cheaply.
     fn live_counters(&self) -> Option<usize> {
