@@ -991,3 +991,39 @@ async fn a_full_counter_store_is_503_and_keeps_live_counters() {
     assert_eq!(http.remaining(KUADRANT_NS, "bob").await, Some(49));
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn asm_update_answers_what_was_really_charged() {
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/limits/asm-user-types.yaml"
+    ))
+    .unwrap();
+    let server = TestServer::start(&yaml).await;
+    let update = |body: serde_json::Value| {
+        let url = format!("{}/update_ratelimit_record", server.http_base);
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    // One key listed three times is charged three times.
+    let key = "regular-user:alice";
+    let r =
+        update(serde_json::json!({"ratelimit_keys": [key, key, key], "total_tokens": 10})).await;
+    assert_eq!(r["charged"], 30);
+    // A sum past what a counter holds is charged (and answered) as the counters saturate.
+    let r = update(serde_json::json!({"ratelimit_keys": ["subscriber:bob"],
+        "prompt_tokens": u64::MAX, "completion_tokens": 5}))
+    .await;
+    assert_eq!(r["charged"], 9_007_199_254_740_991u64);
+    // A key no limit applies to is charged nothing.
+    let r = update(serde_json::json!({"ratelimit_keys": ["nobody"], "total_tokens": 10})).await;
+    assert_eq!(r["charged"], 0);
+}

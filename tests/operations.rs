@@ -501,3 +501,22 @@ async fn counters_of_limits_no_longer_loaded_do_not_hold_capacity() {
         assert_eq!(code(&r.into_inner()), Code::Ok);
     }
 }
+
+#[tokio::test]
+async fn a_huge_cost_saturates_in_the_metrics_instead_of_wrapping() {
+    let server = TestServer::start(&limits_for("metrics-huge")).await;
+    let alice = |hits| {
+        request(
+            "metrics-huge",
+            vec![descriptor_with_hits(&[("user", "alice")], hits)],
+            0,
+        )
+    };
+    server.report(alice(30)).await;
+    server.report(alice(u64::MAX)).await;
+    let samples = scrape(&server).await;
+    let ns = ("limitador_namespace", "metrics-huge");
+    let hits = value(&samples, "authorized_hits", &[ns]);
+    // 30 + (2^53 - 1), where counters saturate; a wrapped counter reads 29 (a reset).
+    assert!(hits >= 9_007_199_254_740_991.0, "authorized_hits is {hits}");
+}

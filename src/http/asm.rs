@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{AppState, bad_request, storage_error};
+use crate::algorithm::MAX_COUNT;
 use crate::call::{Call, Verdict};
 use crate::limiter::Decision;
 use crate::request::{Descriptor, Request};
@@ -84,9 +85,21 @@ pub(super) async fn update(State(state): State<AppState>, body: axum::body::Byte
         return bad_request(reason);
     }
     match state.limiter.decide(&request, Call::Report).await {
-        Ok(_) => Json(json!({"charged": tokens})).into_response(),
+        Ok(decision) => Json(json!({"charged": charged(&decision)})).into_response(),
         Err(e) => storage_error(&e),
     }
+}
+
+/// The tokens really charged, over every key listed (a key listed twice is charged twice; a
+/// key no limit applies to, nothing), saturating as counters do.
+fn charged(decision: &Decision) -> u64 {
+    let per_key = decision
+        .statuses
+        .iter()
+        .filter_map(|status| status.limit.as_ref());
+    per_key
+        .fold(0u64, |sum, limit| sum.saturating_add(limit.outcome.charged))
+        .min(MAX_COUNT)
 }
 
 /// One descriptor per key, each carrying its own cost.

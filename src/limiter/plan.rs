@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use crate::algorithm::Group;
+use crate::algorithm::{Group, MAX_COUNT};
 use crate::call::{Call, Context};
 use crate::limits::{EvalError, Input, KeyValues, Limit, LimitSet};
 use crate::request::Request;
@@ -23,7 +23,7 @@ pub struct Plan<'r> {
     pub failed: SmallVec<[(Arc<Limit>, EvalError); 1]>,
     /// Whether the namespace has limits at all.
     pub namespace_has_limits: bool,
-    /// What the call costs, summed over its contexts.
+    /// What the call costs, summed over its contexts, saturating at [`MAX_COUNT`].
     pub cost: u64,
 }
 
@@ -78,7 +78,8 @@ pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r>
     let mut values = KeyValues::new();
     for (descriptors, context) in contexts {
         let (policy, cost) = call.policy(context);
-        plan.cost = plan.cost.saturating_add(cost);
+        // What can really be charged saturates where counters do.
+        plan.cost = plan.cost.saturating_add(cost).min(MAX_COUNT);
         let mut group = Group {
             policy,
             cost,
