@@ -78,6 +78,10 @@ impl Algorithm {
         with_state!(*self, state, |a, s| a.charge(s, cost).into(), state)
     }
 
+    pub fn refund(&self, state: CounterState, amount: u64) -> CounterState {
+        with_state!(*self, state, |a, s| a.refund(s, amount).into(), state)
+    }
+
     /// Usage past the limit (after a charge).
     pub fn is_over(&self, state: CounterState, now_ms: u64) -> bool {
         with_state!(*self, state, |a, s| a.is_over(s, now_ms), true)
@@ -158,6 +162,9 @@ pub enum Policy {
     CheckOnly,
     /// Usage that already happened: always charged; over when usage after it exceeds the limit.
     Charge,
+    /// A charge taken back (Envoy's `is_negative_hits`): usage goes down (never below zero, a
+    /// bucket never above its capacity). Never refuses, never creates a counter.
+    Refund,
 }
 
 /// A group of counters decided together, by index into the request's counter list.
@@ -222,6 +229,9 @@ fn evaluate_group(
         .iter()
         .map(|&i| limits[i].current(states[i], now_ms))
         .collect();
+    if group.policy == Policy::Refund {
+        return refund_group(limits, states, dirty, group, views, now_ms);
+    }
     let check_cost = match group.policy {
         Policy::CheckOnly => group.cost.max(1),
         _ => group.cost,
@@ -243,7 +253,7 @@ fn evaluate_group(
             let limit = &limits[i];
             let charge = match group.policy {
                 Policy::AllOrNothing => admitted,
-                Policy::CheckOnly => false,
+                Policy::CheckOnly | Policy::Refund => false,
                 Policy::Charge => true,
             };
             let after = if charge {
@@ -278,6 +288,46 @@ fn evaluate_group(
         })
         .collect();
     GroupOutcome { admitted, counters }
+}
+
+/// A refund: each counter that exists gets `group.cost` back; a counter the storage does not
+/// hold (or whose state has run out) is left alone, so a refund never creates one.
+fn refund_group(
+    limits: &[Algorithm],
+    states: &mut [Option<CounterState>],
+    dirty: &mut [bool],
+    group: &Group,
+    views: SmallVec<[CounterState; 4]>,
+    now_ms: u64,
+) -> GroupOutcome {
+    let counters = group
+        .counters
+        .iter()
+        .zip(views)
+        .map(|(&i, view)| {
+            let limit = &limits[i];
+            let after = match states[i] {
+                Some(_) => limit.refund(view, group.cost),
+                None => view,
+            };
+            if after != view {
+                states[i] = Some(after);
+                dirty[i] = true;
+            }
+            CounterOutcome {
+                over: false,
+                remaining: limit.remaining(after, now_ms),
+                reset_in_ms: limit.reset_in_ms(after, now_ms),
+                retry_after_ms: Some(0),
+                charged: 0,
+                overshoot: 0,
+            }
+        })
+        .collect();
+    GroupOutcome {
+        admitted: true,
+        counters,
+    }
 }
 
 #[cfg(test)]
@@ -412,6 +462,31 @@ mod tests {
         );
         assert!(!out[0].admitted);
         assert_eq!(out[0].counters[0].retry_after_ms, None);
+    }
+
+    #[test]
+    fn a_refund_gives_back_never_below_zero_and_never_creates_a_counter() {
+        let limits = [window(10)];
+        let mut states = [None];
+        let mut dirty = [false];
+        let out = evaluate(&limits, &mut states, &mut dirty, &one(Policy::Refund, 5), 0);
+        assert!(out[0].admitted);
+        assert_eq!((states[0], dirty[0]), (None, false), "no counter made");
+
+        evaluate(&limits, &mut states, &mut dirty, &one(Policy::Charge, 8), 0);
+        let mut dirty = [false];
+        let out = evaluate(&limits, &mut states, &mut dirty, &one(Policy::Refund, 5), 1);
+        assert_eq!(used(states[0]), Some(3));
+        assert_eq!(out[0].counters[0].remaining, 7);
+        assert_eq!(out[0].counters[0].charged, 0);
+        evaluate(
+            &limits,
+            &mut states,
+            &mut dirty,
+            &one(Policy::Refund, 50),
+            2,
+        );
+        assert_eq!(used(states[0]), Some(0), "floored at zero");
     }
 
     #[test]

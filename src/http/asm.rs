@@ -111,6 +111,7 @@ fn request(state: &AppState, keys: &[String], cost: u64) -> Request {
             .map(|key| Descriptor {
                 entries: vec![("key".to_string(), key.clone())],
                 hits: Some(cost),
+                refund: false,
             })
             .collect(),
         hits: 0,

@@ -210,6 +210,7 @@ impl Storage for RedisStorage {
                 Policy::AllOrNothing => 0,
                 Policy::CheckOnly => 1,
                 Policy::Charge => 2,
+                Policy::Refund => 3,
             };
             push(policy);
             push(group.cost);

@@ -301,6 +301,16 @@ pub fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
             .collect(),
         limit: None,
         hits_addend: None,
+        is_negative_hits: false,
+    }
+}
+
+/// A descriptor that gives `hits` back (Envoy >= 1.38's `is_negative_hits`).
+pub fn refund(entries: &[(&str, &str)], hits: u64) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        hits_addend: Some(hits),
+        is_negative_hits: true,
+        ..descriptor(entries)
     }
 }
 
