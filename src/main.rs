@@ -19,7 +19,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli);
+    // Kept until main returns: dropping it flushes the lines still queued.
+    let _logging = init_logging(&cli);
     let limits = match load_file(&cli.limits_file) {
         Ok(limits) => limits,
         Err(e) => {
@@ -132,16 +133,24 @@ async fn shutdown_signal() {
     let _ = interrupt.await;
 }
 
-fn init_logging(cli: &Cli) {
+/// Logs go to stderr through a background thread: a call that logs only queues the line, and
+/// when the queue is full (stderr not read fast enough) the line is dropped rather than the
+/// call kept waiting. Dropping the returned guard flushes what is queued.
+fn init_logging(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_new(cli.log_filter())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("ratekeeper-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     if cli.structured_logs {
         builder.json().init();
     } else {
         builder.init();
     }
+    guard
 }
