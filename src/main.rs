@@ -97,6 +97,7 @@ async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<(
         limits_file: Some(cli.limits_file.clone()),
         grpc_reflection: cli.grpc_reflection_service,
         asm_namespace: cli.asm_namespace.clone(),
+        connections: cli.connections.into(),
     };
     let running = server::start(settings, limiter, Arc::new(ServerStatus::default()))
         .await

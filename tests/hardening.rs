@@ -10,6 +10,415 @@ mod common;
 
 const LIMITS: &str = "limits/llm-tiers.yaml";
 
+use common::process::*;
+
+/// The binary on free loopback ports with `env` set (and `args`), optionally under a limit
+/// of `fd_limit` open files (`ulimit -n`).
+async fn start(env: &[(&str, &str)], fd_limit: Option<u32>, args: &[&str]) -> Server {
+    let (rls_port, http_port) = free_ports();
+    let mut command = match fd_limit {
+        None => command(),
+        Some(limit) => {
+            let mut command = std::process::Command::new("/bin/sh");
+            command
+                .current_dir(manifest_dir())
+                .env_clear()
+                .arg("-c")
+                .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                .arg(BIN);
+            command
+        }
+    };
+    command
+        .args(["-b", "127.0.0.1", "-p", &rls_port.to_string()])
+        .args(["-B", "127.0.0.1", "-P", &http_port.to_string()])
+        .args(args)
+        .arg(LIMITS)
+        .envs(env.iter().copied());
+    Server::spawn(command, loopback(rls_port), loopback(http_port)).await
+}
+
+/// Items 3 and 4: connection limits and timeouts, accept errors, shutdown.
+mod connections {
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    use ratekeeper::proto::envoy::service::ratelimit::v3::RateLimitResponse;
+    use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+    use tonic::transport::Channel;
+
+    use super::common::code;
+    use super::common::process::*;
+    use super::start;
+
+    /// The HTTP/2 connection preface and an empty SETTINGS frame.
+    const H2_PREFACE_AND_SETTINGS: &[u8] =
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+    /// One ShouldRateLimit on a new connection, every step bounded by `patience`.
+    async fn try_should(rls: SocketAddr, patience: Duration) -> Result<RateLimitResponse, String> {
+        let call = async {
+            let channel = Channel::from_shared(format!("http://{rls}"))
+                .map_err(|e| e.to_string())?
+                .connect_timeout(patience)
+                .timeout(patience)
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            RateLimitServiceClient::new(channel)
+                .should_rate_limit(llm_tokens("carol", 1))
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(patience, call)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {patience:?}")))
+    }
+
+    /// CPU time (user + system) the process has used, in clock ticks (1/100 s on Linux).
+    fn cpu_ticks(pid: u32) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // Fields after the command name (which may hold spaces): state is the first, then
+        // utime and stime are the 12th and 13th.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+
+    /// The share of one core the process used over `window`.
+    async fn cpu_share(pid: u32, window: Duration) -> f64 {
+        let before = cpu_ticks(pid);
+        let started = Instant::now();
+        tokio::time::sleep(window).await;
+        let ticks = cpu_ticks(pid) - before;
+        ticks as f64 / 100.0 / started.elapsed().as_secs_f64()
+    }
+
+    /// Reads (and discards) what the server sends until it closes the connection: how long that
+    /// took, or `None` when it was still open after `limit`.
+    fn closed_within(mut stream: TcpStream, limit: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        let mut buffer = [0u8; 4096];
+        loop {
+            let left = limit.checked_sub(started.elapsed())?;
+            stream
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            match stream.read(&mut buffer) {
+                Ok(0) => return Some(started.elapsed()),
+                Ok(_) => continue,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return None;
+                }
+                Err(_) => return Some(started.elapsed()),
+            }
+        }
+    }
+
+    fn connect(addr: SocketAddr) -> TcpStream {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap()
+    }
+
+    // Item 3: idle connections and file descriptors.
+
+    /// An attacker holds more idle connections to the HTTP port than the process has file
+    /// descriptors for; gRPC decisions are still served, and the server does not spin.
+    #[tokio::test]
+    async fn idle_http_connections_cannot_starve_grpc_decisions() {
+        let server = start(&[("HTTP_API_MAX_CONNECTIONS", "32")], Some(128), &[]).await;
+        let idle: Vec<TcpStream> = (0..150).map(|_| connect(server.http)).collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let started = Instant::now();
+        let response = try_should(server.rls, Duration::from_secs(3)).await;
+        let response = response.unwrap_or_else(|e| {
+        panic!(
+            "a new gRPC client was not served while {} idle HTTP connections were held: {e}; log:\n{}",
+            idle.len(),
+            server.log()
+        )
+    });
+        assert_eq!(code(&response), Code::Ok);
+        eprintln!("served a new gRPC client in {:?}", started.elapsed());
+
+        let cpu = cpu_share(server.pid(), Duration::from_secs(1)).await;
+        eprintln!(
+            "CPU while holding the idle connections: {:.0}%",
+            cpu * 100.0
+        );
+        assert!(cpu < 0.1, "the server used {:.0}% of a core", cpu * 100.0);
+        drop(idle);
+    }
+
+    /// With limits above what the process has descriptors for, accepting fails (EMFILE): the
+    /// accept loops pause instead of spinning, and serve again once descriptors free up.
+    #[tokio::test]
+    async fn accept_errors_pause_instead_of_spinning() {
+        let env = [
+            ("HTTP_API_MAX_CONNECTIONS", "1000"),
+            ("ENVOY_RLS_MAX_CONNECTIONS", "1000"),
+            ("HEADER_READ_TIMEOUT_MS", "2000"),
+        ];
+        let server = start(&env, Some(128), &[]).await;
+        let idle: Vec<TcpStream> = (0..150).map(|_| connect(server.http)).collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A gRPC client waiting in the backlog while no descriptor is left.
+        let waiting = connect(server.rls);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let cpu = cpu_share(server.pid(), Duration::from_millis(1500)).await;
+        eprintln!("CPU while accepting fails: {:.0}%", cpu * 100.0);
+        assert!(
+            cpu < 0.1,
+            "the server used {:.0}% of a core while accepting failed; log:\n{}",
+            cpu * 100.0,
+            server.log()
+        );
+
+        // The header-read timeout closes the idle connections (the test keeps its ends open):
+        // descriptors free up and decisions are served again.
+        let started = Instant::now();
+        loop {
+            match try_should(server.rls, Duration::from_secs(1)).await {
+                Ok(response) => {
+                    assert_eq!(code(&response), Code::Ok);
+                    break;
+                }
+                Err(e) => assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "not served again: {e}; log:\n{}",
+                    server.log()
+                ),
+            }
+        }
+        eprintln!("served again after {:?}", started.elapsed());
+        drop((idle, waiting));
+    }
+
+    /// Idle, slow and silent peers are closed by the header-read timeout (HTTP/1), the
+    /// handshake timeout and the HTTP/2 keepalive (gRPC).
+    #[tokio::test]
+    async fn idle_slow_and_silent_connections_are_closed() {
+        let env = [
+            ("HEADER_READ_TIMEOUT_MS", "500"),
+            ("HTTP2_KEEPALIVE_INTERVAL_MS", "300"),
+            ("HTTP2_KEEPALIVE_TIMEOUT_MS", "300"),
+        ];
+        let server = start(&env, None, &[]).await;
+        let limit = Duration::from_secs(3);
+
+        let mut cases: Vec<(&str, TcpStream)> = Vec::new();
+        cases.push(("HTTP: connected, silent", connect(server.http)));
+
+        let mut kept_alive = connect(server.http);
+        kept_alive
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: ratekeeper\r\n\r\n")
+            .unwrap();
+        let mut answer = [0u8; 12];
+        kept_alive.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 200");
+        cases.push(("HTTP: idle after an answered request", kept_alive));
+
+        let slow = connect(server.http);
+        let mut writer = slow.try_clone().unwrap();
+        std::thread::spawn(move || {
+            // One byte every 100 ms, never finishing the headers.
+            for byte in b"GET /status HTTP/1.1\r\nHost: ratekeeper\r\nX-Slow: "
+                .iter()
+                .cycle()
+            {
+                if writer.write_all(&[*byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        cases.push(("HTTP: headers sent one byte every 100 ms", slow));
+
+        cases.push(("gRPC: connected, silent", connect(server.rls)));
+
+        let mut stalled = connect(server.rls);
+        stalled.write_all(H2_PREFACE_AND_SETTINGS).unwrap();
+        cases.push(("gRPC: HTTP/2 preface, then never answers a PING", stalled));
+
+        let checks: Vec<_> = cases
+            .into_iter()
+            .map(|(name, stream)| {
+                (
+                    name,
+                    std::thread::spawn(move || closed_within(stream, limit)),
+                )
+            })
+            .collect();
+        let mut open = Vec::new();
+        for (name, check) in checks {
+            match check.join().unwrap() {
+                Some(after) => eprintln!("{name}: closed after {after:?}"),
+                None => open.push(name),
+            }
+        }
+        assert!(
+            open.is_empty(),
+            "still open after {limit:?}: {open:?}; log:\n{}",
+            server.log()
+        );
+        // And the server still serves.
+        let response = try_should(server.rls, Duration::from_secs(3))
+            .await
+            .unwrap();
+        assert_eq!(code(&response), Code::Ok);
+    }
+
+    /// The connection limit holds: past it, a client waits; once a slot frees up it is served.
+    #[tokio::test]
+    async fn the_connection_limit_holds_and_frees_up() {
+        let env = [("HTTP_API_MAX_CONNECTIONS", "2")];
+        let server = start(&env, None, &[]).await;
+        let first = connect(server.http);
+        let second = connect(server.http);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let mut third = connect(server.http);
+        third
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: ratekeeper\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        third
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let waited = third.read_to_end(&mut answer);
+        assert!(
+            waited.is_err() && answer.is_empty(),
+            "a third connection was served past a limit of 2: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+
+        drop(first);
+        third
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        third.read_to_end(&mut answer).unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        drop(second);
+    }
+
+    // Item 4: shutdown.
+
+    /// SIGTERM with nothing in flight exits within a second, whatever idle, half-sent and stalled
+    /// connections are open (and the default timeouts are long).
+    #[tokio::test]
+    async fn sigterm_exits_within_a_second_despite_idle_and_half_open_connections() {
+        let mut server = start(&[], None, &[]).await;
+        let mut client = server.grpc().await;
+        let response = client
+            .should_rate_limit(llm_tokens("dave", 1))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(code(&response), Code::Ok);
+
+        let idle_http = connect(server.http);
+        let mut half_sent = connect(server.http);
+        half_sent
+            .write_all(b"GET /status HTTP/1.1\r\nHost: ratekeeper\r\n")
+            .unwrap();
+        let silent_grpc = connect(server.rls);
+        let mut stalled_h2 = connect(server.rls);
+        stalled_h2.write_all(H2_PREFACE_AND_SETTINGS).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let started = Instant::now();
+        let status = server.terminate().await;
+        let took = started.elapsed();
+        eprintln!("exited {took:?} after SIGTERM");
+        assert_eq!(status.code(), Some(0), "{status}; log:\n{}", server.log());
+        assert!(
+            took < Duration::from_secs(1),
+            "exit took {took:?}; log:\n{}",
+            server.log()
+        );
+        drop((client, idle_http, half_sent, silent_grpc, stalled_h2));
+    }
+
+    /// A request in flight when SIGTERM arrives (its body still arriving) is answered, and the
+    /// process exits right after.
+    #[tokio::test]
+    async fn sigterm_lets_a_request_in_flight_finish() {
+        let mut server = start(&[], None, &[]).await;
+        let body =
+            br#"{"namespace":"llm_tokens","values":{"generic_key":"llm","user":"erin"},"delta":1}"#;
+        let mut call = connect(server.http);
+        write!(
+            call,
+            "POST /check HTTP/1.1\r\nHost: ratekeeper\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        call.write_all(&body[..10]).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let pid = server.pid().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            server.exited().is_none(),
+            "exited with a request in flight; log:\n{}",
+            server.log()
+        );
+        call.write_all(&body[10..]).unwrap();
+        call.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut answer = Vec::new();
+        let _ = call.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "answer: {answer}");
+
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = server.exited() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "no exit after the last answer; log:\n{}",
+                server.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(status.code(), Some(0), "{status}; log:\n{}", server.log());
+    }
+    #[test]
+    fn help_shows_the_connection_flags() {
+        let output = command().arg("--help").output().unwrap();
+        let help = String::from_utf8_lossy(&output.stdout);
+        for word in [
+            "--rls-max-connections",
+            "ENVOY_RLS_MAX_CONNECTIONS",
+            "--http-max-connections",
+            "HTTP_API_MAX_CONNECTIONS",
+            "--header-read-timeout",
+            "HEADER_READ_TIMEOUT_MS",
+            "--http2-keepalive-interval",
+            "HTTP2_KEEPALIVE_INTERVAL_MS",
+            "--http2-keepalive-timeout",
+            "HTTP2_KEEPALIVE_TIMEOUT_MS",
+        ] {
+            assert!(help.contains(word), "--help lacks {word}:\n{help}");
+        }
+    }
+}
+
 /// Item 5: the log writer.
 mod logging {
     use std::net::{SocketAddr, TcpStream};

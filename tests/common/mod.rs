@@ -116,6 +116,7 @@ impl TestServer {
             limits_file: Some(path.clone()),
             grpc_reflection: options.grpc_reflection,
             asm_namespace: "asm".to_string(),
+            connections: Default::default(),
         };
         let running = server::start(settings, limiter.clone(), status.clone())
             .await
