@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::response::IntoResponse;
 use hyper::body::Incoming;
@@ -17,8 +17,8 @@ use tower::ServiceExt;
 
 use self::connections::Protocol;
 
-use crate::limiter::Limiter;
-use crate::metrics;
+use crate::limiter::{Call, Limiter};
+use crate::metrics::{self, Outcome};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::proto::kuadrant::service::ratelimit::v1::rate_limit_service_server::RateLimitServiceServer as KuadrantServer;
@@ -139,6 +139,8 @@ pub async fn start(
     }
     let routes = routes.prepare();
     let grpc = tower::service_fn(move |request: http::Request<Incoming>| {
+        let started = Instant::now();
+        let call = rpc_of(request.uri().path());
         let deadline = grpc_timeout(request.headers());
         let answer = routes.clone().oneshot(request);
         async move {
@@ -150,7 +152,7 @@ pub async fn start(
                 },
                 None => answer.await?,
             };
-            Ok::<_, Infallible>(oversized_is_resource_exhausted(response))
+            Ok::<_, Infallible>(refused_by_tonic(response, call, started))
         }
     });
     let limits = settings.connections;
@@ -329,22 +331,50 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     })
 }
 
-/// tonic answers an oversized message with OUT_OF_RANGE; the contract says
-/// RESOURCE_EXHAUSTED (what gRPC itself uses for "message larger than max").
-fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+/// Rewrites the status of a call tonic refused before our handlers saw it to what the
+/// contract says, and counts it as an invalid call of its RPC (`call`, when it is one of ours):
+/// - an oversized message: OUT_OF_RANGE becomes RESOURCE_EXHAUSTED (what gRPC itself uses for
+///   "message larger than max");
+/// - a body that does not decode as the method's message: INTERNAL becomes INVALID_ARGUMENT
+///   (the client's error; INTERNAL would say the server's).
+fn refused_by_tonic<B>(
+    mut response: http::Response<B>,
+    call: Option<Call>,
+    started: Instant,
+) -> http::Response<B> {
     const OUT_OF_RANGE: &str = "11";
     const RESOURCE_EXHAUSTED: &str = "8";
-    if response
-        .headers()
-        .get("grpc-status")
-        .is_some_and(|status| status == OUT_OF_RANGE)
+    const INTERNAL: &str = "13";
+    const INVALID_ARGUMENT: &str = "3";
+    let Some(code) = response.headers().get("grpc-status") else {
+        return response;
+    };
+    let rewritten = if code == OUT_OF_RANGE {
+        RESOURCE_EXHAUSTED
+    } else if code == INTERNAL
+        && tonic::Status::from_header_map(response.headers())
+            .is_some_and(|status| status.message().starts_with(DECODE_ERROR))
     {
-        response.headers_mut().insert(
-            "grpc-status",
-            http::HeaderValue::from_static(RESOURCE_EXHAUSTED),
-        );
+        INVALID_ARGUMENT
+    } else {
+        return response;
+    };
+    response
+        .headers_mut()
+        .insert("grpc-status", http::HeaderValue::from_static(rewritten));
+    if let Some(call) = call {
+        metrics::rpc(call, Outcome::Invalid, started.elapsed());
     }
     response
+}
+
+/// How prost's decode errors start (tonic passes them on as the status message).
+const DECODE_ERROR: &str = "failed to decode Protobuf message";
+
+/// The rate-limit RPC a gRPC path names (`/<package>.<Service>/<Method>`), if any.
+fn rpc_of(path: &str) -> Option<Call> {
+    let method = path.rsplit('/').next()?;
+    Call::ALL.into_iter().find(|call| call.name() == method)
 }
 
 #[cfg(test)]
@@ -368,5 +398,15 @@ mod tests {
             assert_eq!(read(bad), None, "{bad:?}");
         }
         assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn rpcs_are_named_by_the_last_path_segment() {
+        let envoy = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
+        assert_eq!(rpc_of(envoy), Some(Call::ShouldRateLimit));
+        let kuadrant = "/kuadrant.service.ratelimit.v1.RateLimitService/Report";
+        assert_eq!(rpc_of(kuadrant), Some(Call::Report));
+        assert_eq!(rpc_of("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(rpc_of(""), None);
     }
 }

@@ -419,6 +419,118 @@ mod connections {
     }
 }
 
+/// Item 14: a malformed protobuf body.
+mod malformed {
+    use std::time::Duration;
+
+    use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use tonic::transport::Channel;
+
+    use super::common::code;
+    use super::common::process::*;
+    use super::start;
+
+    fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        prometheus_parse::Scrape::parse(lines)
+            .unwrap()
+            .samples
+            .iter()
+            .filter(|s| s.metric == metric)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    }
+
+    async fn invalid_calls(server: &Server, rpc: &str) -> f64 {
+        let text = reqwest::get(format!("http://{}/metrics", server.http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        sample(
+            &text,
+            "ratekeeper_rpc_calls",
+            &[("rpc", rpc), ("outcome", "invalid")],
+        )
+    }
+
+    /// A body that is not the method's message: a `bytes` field 1 with invalid UTF-8 where the
+    /// request has its string field 1 (`domain`).
+    async fn send_malformed(server: &Server, path: &'static str) -> tonic::Status {
+        let channel = Channel::from_shared(format!("http://{}", server.rls))
+            .unwrap()
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<Vec<u8>, Vec<u8>>::default();
+        grpc.unary(
+            tonic::Request::new(vec![0xff, 0xfe, 0xfd]),
+            http::uri::PathAndQuery::from_static(path),
+            codec,
+        )
+        .await
+        .expect_err("a malformed body was answered OK")
+    }
+
+    #[tokio::test]
+    async fn malformed_protobuf_is_invalid_argument_and_counted() {
+        let server = start(&[("MAX_MESSAGE_BYTES", "2000")], None, &[]).await;
+        for (path, rpc) in [
+            (
+                "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+                "ShouldRateLimit",
+            ),
+            (
+                "/kuadrant.service.ratelimit.v1.RateLimitService/CheckRateLimit",
+                "CheckRateLimit",
+            ),
+            (
+                "/kuadrant.service.ratelimit.v1.RateLimitService/Report",
+                "Report",
+            ),
+        ] {
+            let before = invalid_calls(&server, rpc).await;
+            let status = send_malformed(&server, path).await;
+            assert_eq!(
+                status.code(),
+                tonic::Code::InvalidArgument,
+                "{path}: {status}"
+            );
+            let after = invalid_calls(&server, rpc).await;
+            assert_eq!(
+                after - before,
+                1.0,
+                "{rpc} invalid calls: {before} -> {after}"
+            );
+        }
+
+        // An oversized message is refused before decoding too: RESOURCE_EXHAUSTED, also counted.
+        let before = invalid_calls(&server, "ShouldRateLimit").await;
+        let long = "u".repeat(3000);
+        let status = server
+            .grpc()
+            .await
+            .should_rate_limit(llm_tokens(&long, 1))
+            .await
+            .expect_err("an oversized message was answered OK");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+        let after = invalid_calls(&server, "ShouldRateLimit").await;
+        assert_eq!(after - before, 1.0, "oversized: {before} -> {after}");
+
+        // Still serving.
+        let response = server.should(llm_tokens("frank", 1)).await;
+        assert_eq!(code(&response), Code::Ok);
+    }
+}
+
 /// Item 5: the log writer.
 mod logging {
     use std::net::{SocketAddr, TcpStream};
