@@ -104,6 +104,27 @@ pub struct Cli {
     #[arg(long, env = "ASM_NAMESPACE", default_value = "asm")]
     pub asm_namespace: String,
 
+    /// A bearer token the HTTP API requires (`Authorization: Bearer <token>`) on every
+    /// endpoint that changes or reveals counters; /metrics, /status, /healthz, /readyz and
+    /// /limits/{ns} stay open. Without one, every endpoint is open (as in Limitador).
+    #[arg(
+        long,
+        env = "HTTP_AUTH_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub http_auth_token: Option<String>,
+
+    /// Read the HTTP API's token from this file (e.g. a mounted Kubernetes secret);
+    /// surrounding whitespace is ignored.
+    #[arg(
+        long,
+        env = "HTTP_AUTH_TOKEN_FILE",
+        value_name = "PATH",
+        conflicts_with = "http_auth_token"
+    )]
+    pub http_auth_token_file: Option<PathBuf>,
+
     #[command(flatten)]
     pub bounds: BoundsArgs,
 

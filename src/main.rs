@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use ratekeeper::clock::SystemClock;
 use ratekeeper::config::{Cli, RedisCachedOptions, StorageCommand};
+use ratekeeper::http::HttpToken;
 use ratekeeper::limiter::Limiter;
 use ratekeeper::limits::load_file;
 use ratekeeper::metrics::{self, Metrics};
@@ -89,6 +90,7 @@ async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<(
             .with_metrics(metrics)
             .on_storage_error(cli.on_storage_error),
     );
+    let http_auth_token = http_auth_token(&cli)?;
     let settings = Settings {
         rls_addr: SocketAddr::new(cli.rls_ip, cli.rls_port),
         http_addr: SocketAddr::new(cli.http_ip, cli.http_port),
@@ -98,6 +100,7 @@ async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<(
         grpc_reflection: cli.grpc_reflection_service,
         asm_namespace: cli.asm_namespace.clone(),
         connections: cli.connections.into(),
+        http_auth_token,
     };
     let running = server::start(settings, limiter, Arc::new(ServerStatus::default()))
         .await
@@ -111,6 +114,26 @@ async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The HTTP API's token, from `--http-auth-token` or the file `--http-auth-token-file` names.
+fn http_auth_token(cli: &Cli) -> anyhow::Result<Option<HttpToken>> {
+    let token = match (&cli.http_auth_token, &cli.http_auth_token_file) {
+        (Some(token), _) => token.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read the HTTP API token from {}: {e}",
+                    path.display()
+                )
+            })?
+            .trim()
+            .to_string(),
+        (None, None) => return Ok(None),
+    };
+    HttpToken::new(&token)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 async fn shutdown_signal() {

@@ -17,6 +17,7 @@ use tower::ServiceExt;
 
 use self::connections::Protocol;
 
+use crate::http::HttpToken;
 use crate::limiter::{Call, Limiter};
 use crate::metrics::{self, Outcome};
 use crate::proto::FILE_DESCRIPTOR_SET;
@@ -89,6 +90,8 @@ pub struct Settings {
     pub asm_namespace: String,
     /// Connection limits and timeouts of both listeners.
     pub connections: Connections,
+    /// The bearer token the HTTP API requires on all but its open endpoints; `None`: open.
+    pub http_auth_token: Option<HttpToken>,
 }
 
 /// A server that is listening; stop it with [`Running::shutdown`].
@@ -187,11 +190,19 @@ pub async fn start(
         });
     }
 
+    if settings.http_auth_token.is_none() && !http_addr.ip().is_loopback() {
+        tracing::warn!(
+            %http_addr,
+            "the HTTP API listens beyond loopback without a token: whoever reaches it can read \
+             and change counters (set --http-auth-token or --http-auth-token-file)"
+        );
+    }
     let router = crate::http::router(
         limiter.clone(),
         status,
         settings.bounds,
         settings.asm_namespace.clone(),
+        settings.http_auth_token.clone(),
     );
     let request_timeout = limits.header_read_timeout;
     let http = tower::service_fn(move |request: http::Request<Incoming>| {

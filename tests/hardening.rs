@@ -531,6 +531,235 @@ mod malformed {
     }
 }
 
+/// Item 15: the HTTP API's optional bearer token.
+mod token {
+    use std::io::Write;
+    use std::time::Duration;
+
+    use super::common::process::*;
+    use super::{LIMITS, start};
+
+    const TOKEN: &str = "s3cret-t0ken";
+
+    /// Every protected endpoint with a valid body, so that a request that passes the token check
+    /// succeeds.
+    const PROTECTED: [(&str, &str, &str); 6] = [
+        (
+            "POST",
+            "/check",
+            r#"{"namespace":"llm_tokens","values":{"generic_key":"llm","user":"gina"},"delta":1}"#,
+        ),
+        (
+            "POST",
+            "/report",
+            r#"{"namespace":"llm_tokens","values":{"generic_key":"llm","user":"gina"},"delta":1}"#,
+        ),
+        (
+            "POST",
+            "/check_and_report",
+            r#"{"namespace":"llm_tokens","values":{"generic_key":"llm","user":"gina"},"delta":1}"#,
+        ),
+        ("GET", "/counters/llm_tokens", ""),
+        ("GET", "/ratelimit?ratelimit_keys=%5B%22k%22%5D", ""),
+        (
+            "POST",
+            "/update_ratelimit_record",
+            r#"{"ratelimit_keys":["k"],"total_tokens":1}"#,
+        ),
+    ];
+
+    const OPEN: [&str; 5] = [
+        "/metrics",
+        "/status",
+        "/healthz",
+        "/readyz",
+        "/limits/llm_tokens",
+    ];
+
+    async fn call(
+        server: &Server,
+        method: &str,
+        path: &str,
+        body: &str,
+        authorization: Option<&str>,
+    ) -> reqwest::Response {
+        let client = reqwest::Client::new();
+        let url = format!("http://{}{path}", server.http);
+        let mut request = match method {
+            "POST" => client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body.to_string()),
+            _ => client.get(&url),
+        };
+        if let Some(value) = authorization {
+            request = request.header("authorization", value);
+        }
+        request
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    async fn assert_token_required(server: &Server, token: &str) {
+        let good = format!("Bearer {token}");
+        let wrong = format!("Bearer {token}x");
+        let basic = format!("Basic {token}");
+        for (method, path, body) in PROTECTED {
+            for authorization in [None, Some(wrong.as_str()), Some(basic.as_str())] {
+                let response = call(server, method, path, body, authorization).await;
+                assert_eq!(
+                    response.status(),
+                    401,
+                    "{method} {path} with {authorization:?}"
+                );
+                let challenge = response
+                    .headers()
+                    .get("www-authenticate")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                assert!(
+                    challenge.starts_with("Bearer"),
+                    "{method} {path}: WWW-Authenticate {challenge:?}"
+                );
+            }
+            let response = call(server, method, path, body, Some(&good)).await;
+            assert!(
+                response.status().is_success(),
+                "{method} {path} with the token: {}",
+                response.status()
+            );
+            // The scheme is case-insensitive.
+            let lower = format!("bearer {token}");
+            let response = call(server, method, path, body, Some(&lower)).await;
+            assert!(response.status().is_success(), "{method} {path}: {lower}");
+        }
+        for path in OPEN {
+            let response = call(server, "GET", path, "", None).await;
+            assert!(
+                response.status().is_success(),
+                "GET {path} without a token: {}",
+                response.status()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_http_token_protects_what_changes_or_reveals_counters() {
+        let server = start(&[("HTTP_AUTH_TOKEN", TOKEN)], None, &[]).await;
+        assert_token_required(&server, TOKEN).await;
+    }
+
+    #[tokio::test]
+    async fn the_http_token_can_come_from_a_file() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "{TOKEN}").unwrap();
+        let path = file.path().to_str().unwrap().to_string();
+        let server = start(&[("HTTP_AUTH_TOKEN_FILE", &path)], None, &[]).await;
+        assert_token_required(&server, TOKEN).await;
+    }
+
+    #[tokio::test]
+    async fn without_a_token_every_endpoint_stays_open() {
+        let server = start(&[], None, &[]).await;
+        for (method, path, body) in PROTECTED {
+            let response = call(&server, method, path, body, None).await;
+            assert!(response.status().is_success(), "{method} {path}");
+        }
+        assert!(
+            !server.log().contains("without a token"),
+            "warned on loopback:\n{}",
+            server.log()
+        );
+    }
+
+    /// Binding the HTTP API beyond loopback without a token is allowed (Limitador's default) but
+    /// warned about at start.
+    #[tokio::test]
+    async fn an_http_api_beyond_loopback_without_a_token_is_warned_about() {
+        let (rls_port, http_port) = free_ports();
+        let mut command = command();
+        command
+            .args(["-b", "127.0.0.1", "-p", &rls_port.to_string()])
+            .args(["-B", "0.0.0.0", "-P", &http_port.to_string()])
+            .arg(LIMITS);
+        let server = Server::spawn(command, loopback(rls_port), loopback(http_port)).await;
+        let log = server.log();
+        assert!(
+            log.contains("WARN") && log.contains("without a token"),
+            "no warning:\n{log}"
+        );
+    }
+
+    /// Runs the binary with `env`, expecting it to refuse to start: its exit status and stderr
+    /// (bounded: killed after `PATIENCE`).
+    fn refused_start(env: &[(&str, &str)]) -> String {
+        let (rls_port, http_port) = free_ports();
+        let mut child = command()
+            .args(["-b", "127.0.0.1", "-p", &rls_port.to_string()])
+            .args(["-B", "127.0.0.1", "-P", &http_port.to_string()])
+            .arg(LIMITS)
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > PATIENCE {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("started with {env:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let output = child.wait_with_output().unwrap();
+        assert!(!output.status.success(), "{env:?}: {}", output.status);
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+
+    #[test]
+    fn a_token_that_cannot_be_used_stops_the_start() {
+        let missing = refused_start(&[("HTTP_AUTH_TOKEN_FILE", "/nonexistent/token")]);
+        assert!(missing.contains("/nonexistent/token"), "{missing}");
+
+        let empty = tempfile::NamedTempFile::new().unwrap();
+        let path = empty.path().to_str().unwrap();
+        let stderr = refused_start(&[("HTTP_AUTH_TOKEN_FILE", path)]);
+        assert!(stderr.contains("empty"), "{stderr}");
+
+        let stderr = refused_start(&[("HTTP_AUTH_TOKEN", "two words")]);
+        assert!(stderr.contains("token"), "{stderr}");
+        assert!(
+            !stderr.contains("two words"),
+            "the token was printed: {stderr}"
+        );
+    }
+
+    #[test]
+    fn help_shows_the_token_flags() {
+        let output = command().arg("--help").output().unwrap();
+        let help = String::from_utf8_lossy(&output.stdout);
+        for word in [
+            "--http-auth-token",
+            "HTTP_AUTH_TOKEN",
+            "--http-auth-token-file",
+            "HTTP_AUTH_TOKEN_FILE",
+        ] {
+            assert!(help.contains(word), "--help lacks {word}:\n{help}");
+        }
+        // A token given through the environment is never printed.
+        let output = command()
+            .arg("--help")
+            .env("HTTP_AUTH_TOKEN", TOKEN)
+            .output()
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&output.stdout).contains(TOKEN));
+    }
+}
+
 /// Item 5: the log writer.
 mod logging {
     use std::net::{SocketAddr, TcpStream};

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -22,6 +23,9 @@ use crate::status::ServerStatus;
 use crate::storage::StorageError;
 
 mod asm;
+mod auth;
+
+pub use auth::HttpToken;
 
 #[derive(Clone)]
 struct AppState {
@@ -32,11 +36,13 @@ struct AppState {
     asm_namespace: String,
 }
 
+/// The HTTP API. With a `token`, every route but [`auth::OPEN`] requires it.
 pub fn router(
     limiter: Arc<Limiter>,
     status: Arc<ServerStatus>,
     bounds: RequestBounds,
     asm_namespace: String,
+    token: Option<HttpToken>,
 ) -> Router {
     let state = AppState {
         limiter,
@@ -56,6 +62,8 @@ pub fn router(
         .route("/check_and_report", post(check_and_report))
         .route("/ratelimit", get(asm::check))
         .route("/update_ratelimit_record", post(asm::update))
+        // Routes go above: this protects every one of them not listed in `auth::OPEN`.
+        .route_layer(middleware::from_fn_with_state(token, auth::require_token))
         .layer(DefaultBodyLimit::max(bounds.max_message_bytes))
         .with_state(state)
 }

@@ -117,6 +117,7 @@ impl TestServer {
             grpc_reflection: options.grpc_reflection,
             asm_namespace: "asm".to_string(),
             connections: Default::default(),
+            http_auth_token: None,
         };
         let running = server::start(settings, limiter.clone(), status.clone())
             .await
