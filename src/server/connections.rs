@@ -39,6 +39,10 @@ const LINGER: Duration = Duration::from_millis(100);
 /// Length of the connection preface every HTTP/2 client sends first (RFC 9113, 3.4).
 const H2_PREFACE_LEN: usize = 24;
 
+/// Most calls one HTTP/2 connection may have open at once (hyper's default, made explicit;
+/// tonic's own server left it unbounded). Clients queue or open another connection past it.
+const MAX_STREAMS_PER_CONNECTION: u32 = 200;
+
 /// What a listener speaks, with its timeouts.
 #[derive(Debug, Clone, Copy)]
 pub enum Protocol {
@@ -193,6 +197,7 @@ async fn serve_connection<S, B>(
                 .timer(TokioTimer::new())
                 .keep_alive_interval(keepalive_interval)
                 .keep_alive_timeout(keepalive_timeout)
+                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
                 .serve_connection(
                     TokioIo::new(HandshakeDeadline::new(stream, handshake_timeout)),
                     service,
