@@ -141,23 +141,7 @@ pub async fn start(
         routes = routes.add_service(reflection);
     }
     let routes = routes.prepare();
-    let grpc = tower::service_fn(move |request: http::Request<Incoming>| {
-        let started = Instant::now();
-        let call = rpc_of(request.uri().path());
-        let deadline = grpc_timeout(request.headers());
-        let answer = routes.clone().oneshot(request);
-        async move {
-            let response = match deadline {
-                // As tonic's own server answers a call past the client's deadline.
-                Some(deadline) => match tokio::time::timeout(deadline, answer).await {
-                    Ok(response) => response?,
-                    Err(_) => tonic::Status::cancelled("Timeout expired").into_http(),
-                },
-                None => answer.await?,
-            };
-            Ok::<_, Infallible>(refused_by_tonic(response, call, started))
-        }
-    });
+    let grpc = tower::service_fn(move |request| answer_grpc(routes.clone(), request));
     let limits = settings.connections;
     let protocol = Protocol::Http2 {
         handshake_timeout: limits.header_read_timeout,
@@ -205,21 +189,8 @@ pub async fn start(
         settings.http_auth_token.clone(),
     );
     let request_timeout = limits.header_read_timeout;
-    let http = tower::service_fn(move |request: http::Request<Incoming>| {
-        let answer = router.clone().oneshot(request);
-        async move {
-            // A body trickling in (or an answer that cannot be made) does not hold the
-            // connection, nor a shutdown, longer than this.
-            match tokio::time::timeout(request_timeout, answer).await {
-                Ok(answer) => answer,
-                Err(_) => Ok((
-                    http::StatusCode::REQUEST_TIMEOUT,
-                    "the request did not arrive in time",
-                )
-                    .into_response()),
-            }
-        }
-    });
+    let http =
+        tower::service_fn(move |request| answer_http(router.clone(), request_timeout, request));
     let protocol = Protocol::Http1 {
         header_read_timeout: limits.header_read_timeout,
     };
@@ -272,6 +243,43 @@ impl Running {
             }
         }
         result
+    }
+}
+
+/// One gRPC call: routed to its service, bounded by the client's `grpc-timeout` (answered as
+/// tonic's own server does), refusals by tonic rewritten and counted ([`refused_by_tonic`]).
+async fn answer_grpc(
+    routes: tonic::service::Routes,
+    request: http::Request<Incoming>,
+) -> Result<http::Response<tonic::body::Body>, Infallible> {
+    let started = Instant::now();
+    let call = rpc_of(request.uri().path());
+    let deadline = grpc_timeout(request.headers());
+    let answer = routes.oneshot(request);
+    let response = match deadline {
+        Some(deadline) => match tokio::time::timeout(deadline, answer).await {
+            Ok(response) => response?,
+            Err(_) => tonic::Status::cancelled("Timeout expired").into_http(),
+        },
+        None => answer.await?,
+    };
+    Ok(refused_by_tonic(response, call, started))
+}
+
+/// One HTTP call, bounded by `timeout`: a body trickling in (or an answer that cannot be
+/// made) holds neither the connection nor a shutdown longer than that (408).
+async fn answer_http(
+    router: axum::Router,
+    timeout: Duration,
+    request: http::Request<Incoming>,
+) -> Result<axum::response::Response, Infallible> {
+    match tokio::time::timeout(timeout, router.oneshot(request)).await {
+        Ok(answer) => answer,
+        Err(_) => Ok((
+            http::StatusCode::REQUEST_TIMEOUT,
+            "the request did not arrive in time",
+        )
+            .into_response()),
     }
 }
 
