@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
@@ -10,6 +11,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::limiter::OnStorageError;
 use crate::request::RequestBounds;
 use crate::rls::headers::RateLimitHeaders;
+use crate::server::{
+    Connections, DEFAULT_HEADER_READ_TIMEOUT_MS, DEFAULT_HTTP_MAX_CONNECTIONS,
+    DEFAULT_HTTP2_KEEPALIVE_INTERVAL_MS, DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_MS,
+    DEFAULT_RLS_MAX_CONNECTIONS,
+};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -98,8 +104,32 @@ pub struct Cli {
     #[arg(long, env = "ASM_NAMESPACE", default_value = "asm")]
     pub asm_namespace: String,
 
+    /// A bearer token the HTTP API requires (`Authorization: Bearer <token>`) on every
+    /// endpoint that changes or reveals counters; /metrics, /status, /healthz, /readyz and
+    /// /limits/{ns} stay open. Without one, every endpoint is open (as in Limitador).
+    #[arg(
+        long,
+        env = "HTTP_AUTH_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub http_auth_token: Option<String>,
+
+    /// Read the HTTP API's token from this file (e.g. a mounted Kubernetes secret);
+    /// surrounding whitespace is ignored.
+    #[arg(
+        long,
+        env = "HTTP_AUTH_TOKEN_FILE",
+        value_name = "PATH",
+        conflicts_with = "http_auth_token"
+    )]
+    pub http_auth_token_file: Option<PathBuf>,
+
     #[command(flatten)]
     pub bounds: BoundsArgs,
+
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
 
     #[command(subcommand)]
     pub storage: Option<StorageCommand>,
@@ -132,6 +162,52 @@ impl From<BoundsArgs> for RequestBounds {
             max_descriptor_entries: args.max_descriptor_entries,
             max_entry_bytes: args.max_entry_bytes,
             max_message_bytes: args.max_message_bytes,
+        }
+    }
+}
+
+/// Connection limits and timeouts of the listeners ([`Connections`]), as flags.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct ConnectionArgs {
+    /// Most connections the gRPC listener holds at once; past it, new clients wait in the
+    /// kernel's backlog until one closes. Keep both limits below the open-file limit
+    /// (`ulimit -n`).
+    #[arg(long, env = "ENVOY_RLS_MAX_CONNECTIONS", default_value_t = DEFAULT_RLS_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub rls_max_connections: u32,
+
+    /// Most connections the HTTP API holds at once; past it, new clients wait.
+    #[arg(long, env = "HTTP_API_MAX_CONNECTIONS", default_value_t = DEFAULT_HTTP_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub http_max_connections: u32,
+
+    /// HTTP API: longest wait, in milliseconds, for a request's headers (from the connection's
+    /// start or the previous answer, so idle keep-alive connections close after it) and again
+    /// for the rest of the request and its answer (408). gRPC: longest wait for a new
+    /// connection's HTTP/2 preface.
+    #[arg(long, env = "HEADER_READ_TIMEOUT_MS", default_value_t = DEFAULT_HEADER_READ_TIMEOUT_MS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout: u64,
+
+    /// gRPC: milliseconds without traffic after which a connection is sent an HTTP/2 PING.
+    #[arg(long, env = "HTTP2_KEEPALIVE_INTERVAL_MS", default_value_t = DEFAULT_HTTP2_KEEPALIVE_INTERVAL_MS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub http2_keepalive_interval: u64,
+
+    /// gRPC: milliseconds a PING may go unacknowledged before the connection is closed.
+    #[arg(long, env = "HTTP2_KEEPALIVE_TIMEOUT_MS", default_value_t = DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_MS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub http2_keepalive_timeout: u64,
+}
+
+impl From<ConnectionArgs> for Connections {
+    fn from(args: ConnectionArgs) -> Self {
+        Self {
+            rls_max: args.rls_max_connections as usize,
+            http_max: args.http_max_connections as usize,
+            header_read_timeout: Duration::from_millis(args.header_read_timeout),
+            http2_keepalive_interval: Duration::from_millis(args.http2_keepalive_interval),
+            http2_keepalive_timeout: Duration::from_millis(args.http2_keepalive_timeout),
         }
     }
 }

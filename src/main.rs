@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use ratekeeper::clock::SystemClock;
 use ratekeeper::config::{Cli, RedisCachedOptions, StorageCommand};
+use ratekeeper::http::HttpToken;
 use ratekeeper::limiter::Limiter;
 use ratekeeper::limits::load_file;
 use ratekeeper::metrics::{self, Prometheus};
@@ -19,7 +20,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli);
+    // Kept until main returns: dropping it flushes the lines still queued.
+    let _logging = init_logging(&cli);
     let limits = match load_file(&cli.limits_file) {
         Ok(limits) => limits,
         Err(e) => {
@@ -86,6 +88,7 @@ async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<(
             .observed_by(observer)
             .on_storage_error(cli.on_storage_error),
     );
+    let http_auth_token = http_auth_token(&cli)?;
     let settings = Settings {
         rls_addr: SocketAddr::new(cli.rls_ip, cli.rls_port),
         http_addr: SocketAddr::new(cli.http_ip, cli.http_port),
@@ -94,6 +97,8 @@ async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<(
         limits_file: Some(cli.limits_file.clone()),
         grpc_reflection: cli.grpc_reflection_service,
         asm_namespace: cli.asm_namespace.clone(),
+        connections: cli.connections.into(),
+        http_auth_token,
     };
     let running = server::start(settings, limiter, Arc::new(ServerStatus::default()))
         .await
@@ -107,6 +112,26 @@ async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The HTTP API's token, from `--http-auth-token` or the file `--http-auth-token-file` names.
+fn http_auth_token(cli: &Cli) -> anyhow::Result<Option<HttpToken>> {
+    let token = match (&cli.http_auth_token, &cli.http_auth_token_file) {
+        (Some(token), _) => token.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read the HTTP API token from {}: {e}",
+                    path.display()
+                )
+            })?
+            .trim()
+            .to_string(),
+        (None, None) => return Ok(None),
+    };
+    HttpToken::new(&token)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 async fn shutdown_signal() {
@@ -130,16 +155,24 @@ async fn shutdown_signal() {
     let _ = interrupt.await;
 }
 
-fn init_logging(cli: &Cli) {
+/// Logs go to stderr through a background thread: a call that logs only queues the line, and
+/// when the queue is full (stderr not read fast enough) the line is dropped rather than the
+/// call kept waiting. Dropping the returned guard flushes what is queued.
+fn init_logging(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_new(cli.log_filter())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("ratekeeper-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     if cli.structured_logs {
         builder.json().init();
     } else {
         builder.init();
     }
+    guard
 }

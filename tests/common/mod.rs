@@ -151,6 +151,8 @@ impl TestServer {
             limits_file: Some(path.clone()),
             grpc_reflection: options.grpc_reflection,
             asm_namespace: "asm".to_string(),
+            connections: Default::default(),
+            http_auth_token: None,
         };
         let running = server::start(settings, limiter.clone(), status.clone())
             .await
