@@ -23,8 +23,8 @@ use tokio::sync::OnceCell;
 
 use super::{Batch, CounterKey, CounterSnapshot, Storage, StorageError};
 use crate::algorithm::{
-    Algorithm, BucketState, CounterOutcome, CounterState, GroupOutcome, MAX_COUNT, Policy,
-    SlidingState, WindowState,
+    Algorithm, BucketState, CounterOutcome, CounterState, GroupOutcome, MAX_COUNT, SlidingState,
+    WindowState,
 };
 use crate::limits::LimitId;
 
@@ -193,26 +193,15 @@ impl Storage for RedisStorage {
         let mut push = |x: u64| numbers.extend_from_slice(&(x as f64).to_le_bytes());
         push(now_ms);
         for counter in &batch.counters {
+            push(counter.algorithm.wire().into());
             match counter.algorithm {
-                Algorithm::FixedWindow(w) => {
-                    [0, w.max, w.period_ms].into_iter().for_each(&mut push)
-                }
-                Algorithm::TokenBucket(b) => {
-                    push(1);
-                    b.parameters().into_iter().for_each(&mut push);
-                }
-                Algorithm::SlidingWindow(w) => {
-                    [2, w.max, w.period_ms].into_iter().for_each(&mut push)
-                }
+                Algorithm::FixedWindow(w) => [w.max, w.period_ms].into_iter().for_each(&mut push),
+                Algorithm::TokenBucket(b) => b.parameters().into_iter().for_each(&mut push),
+                Algorithm::SlidingWindow(w) => [w.max, w.period_ms].into_iter().for_each(&mut push),
             }
         }
         for group in &batch.groups {
-            let policy = match group.policy {
-                Policy::AllOrNothing => 0,
-                Policy::CheckOnly => 1,
-                Policy::Charge => 2,
-            };
-            push(policy);
+            push(group.policy.wire().into());
             push(group.cost);
             push(group.counters.len() as u64);
             for &index in &group.counters {
@@ -444,6 +433,7 @@ pub fn redact(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::algorithm::Policy;
 
     #[test]
     fn passwords_are_masked() {
@@ -516,6 +506,37 @@ mod tests {
         ] {
             assert_eq!(parse_state(&garbage), None, "{garbage:?}");
         }
+    }
+
+    /// The numbers decide.lua names (`local A, B, C = 0, 1, 2`) are Rust's wire numbers.
+    #[test]
+    fn the_script_numbers_policies_and_algorithms_as_rust_does() {
+        let script = include_str!("decide.lua");
+        let constants = |names: &str| -> Vec<u8> {
+            let line = script
+                .lines()
+                .find(|l| l.starts_with(&format!("local {names} = ")))
+                .unwrap_or_else(|| panic!("decide.lua declares `local {names} = ...`"));
+            let values = &line[format!("local {names} = ").len()..];
+            values
+                .split(',')
+                .map(|v| v.trim().parse().unwrap())
+                .collect()
+        };
+        let policies = [Policy::AllOrNothing, Policy::CheckOnly, Policy::Charge];
+        assert_eq!(
+            constants("ALL_OR_NOTHING, CHECK_ONLY, CHARGE"),
+            policies.map(Policy::wire)
+        );
+        let algorithms = [
+            Algorithm::FixedWindow(crate::algorithm::FixedWindow::new(1, 1)),
+            Algorithm::TokenBucket(crate::algorithm::TokenBucket::continuous(1, 1)),
+            Algorithm::SlidingWindow(crate::algorithm::SlidingWindow::new(1, 1)),
+        ];
+        assert_eq!(
+            constants("FIXED_WINDOW, TOKEN_BUCKET, SLIDING_WINDOW"),
+            algorithms.map(|a| a.wire())
+        );
     }
 
     #[test]
