@@ -289,6 +289,8 @@ for i = 1, #KEYS do
   local c = counters[i]
   if c.dirty then
     local value, ttl = c.rules.encode(c)
+    -- Redis writes a number argument with '%.17g': digits for every TTL here (integers below
+    -- 2^53: limits/file.rs bounds `seconds`), never '1e+17', which PX refuses.
     redis.call('SET', KEYS[i], value, 'PX', ttl)
   end
 end
