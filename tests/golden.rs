@@ -21,7 +21,7 @@ use ratekeeper::algorithm::{
     TokenBucket, WindowState,
 };
 use ratekeeper::limits::parse_limits;
-use ratekeeper::storage::redis::counter_key;
+use ratekeeper::storage::counter_key;
 use ratekeeper::storage::{Batch, CounterKey, CounterRequest, RedisStorage, Storage};
 
 /// 2026-01-01T00:00:00Z.
