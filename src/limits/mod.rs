@@ -1,6 +1,7 @@
 //! Limits: the model, loading and validating Limitador-format YAML, CEL matching, and the
 //! per-namespace index the limiter reads.
 
+mod asm;
 mod expression;
 mod file;
 mod index;
@@ -18,6 +19,7 @@ pub use crate::storage::LimitId;
 use index::LimitIndex;
 use serde::Serialize;
 
+pub use asm::{AsmConfigError, RATE_LIMIT_CONFIG, parse_rate_limit_config};
 pub use expression::{EvalError, Expression, Input};
 pub use file::{LimitsError, digest, load_bytes, load_file, parse_limits};
 
