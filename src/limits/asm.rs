@@ -136,7 +136,16 @@ impl Rule {
             Some(Value::String(regex)) => match regex::Regex::new(regex) {
                 Ok(_) => Some(regex.clone()),
                 Err(e) => {
-                    problems.push(format!("field `rate_limit_key_regex`: invalid regex: {e}"));
+                    // The regex crate's message spans lines (the pattern, a caret, the error).
+                    let message: Vec<String> = e
+                        .to_string()
+                        .lines()
+                        .map(|l| l.trim().to_string())
+                        .collect();
+                    problems.push(format!(
+                        "field `rate_limit_key_regex`: invalid regex: {}",
+                        message.join(" ")
+                    ));
                     None
                 }
             },
