@@ -9,8 +9,9 @@
 //! **Changing any value in this file is a deliberate, documented act**: it orphans counters
 //! (budgets silently restart) or misreads them. Do it only with an entry in the README's
 //! "Upgrades and the Redis key format" section that says which counters are affected and what
-//! operators should do. (The last change: namespace tags, where `%`, `{` and `}` became `%25`,
-//! `%7B`, `%7D`.)
+//! operators should do. (The last changes, both in this release: namespace tags, where `%`, `{` and `}`
+//! became `%25`, `%7B`, `%7D`; and the identity of a continuous token bucket with an `id`, which
+//! now includes its `seconds`.)
 
 mod common;
 
@@ -101,9 +102,9 @@ const GOLDEN: [(u64, &[&str], &str); 8] = [
         "ratekeeper:{asm}:15994bfba5f0928d:18:regular-user:carol",
     ),
     (
-        0xfac0d108ac7f82f6,
+        0x301bbf294005cc2b,
         &["dave"],
-        "ratekeeper:{kuadrant-system/toystore}:fac0d108ac7f82f6:4:dave",
+        "ratekeeper:{kuadrant-system/toystore}:301bbf294005cc2b:4:dave",
     ),
     (
         0x17390eec343ad2f0,

@@ -333,11 +333,23 @@ impl Limit {
         } = fields;
         let seconds_text = seconds.to_string();
         let kind_text = kind.identity();
+        // A continuous bucket keeps its level in units of 1/`seconds` token: with another
+        // period the same level would mean another number of tokens, so a limit that keeps its
+        // `id` but changes `seconds` starts new buckets instead of rescaling the old ones.
+        // (Without `id`, `seconds` is part of the identity anyway.)
+        let period_text = matches!(
+            kind,
+            AlgorithmKind::TokenBucket {
+                refill_tokens: None
+            }
+        )
+        .then(|| format!("period/{seconds}"));
         let key = match &id {
             Some(id) => fingerprint(
                 ["id", namespace.as_str(), id.as_str()]
                     .into_iter()
-                    .chain((!kind_text.is_empty()).then_some(kind_text.as_str())),
+                    .chain((!kind_text.is_empty()).then_some(kind_text.as_str()))
+                    .chain(period_text.as_deref()),
             ),
             None => {
                 let mut sorted: Vec<&str> = conditions.iter().map(Expression::source).collect();
