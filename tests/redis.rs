@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::code;
 use common::process::*;
 use common::redis::{RedisProcess, cli};
+use common::{code, descriptor, request};
 use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -269,5 +269,63 @@ async fn a_slow_redis_costs_at_most_the_storage_timeout() {
         started.elapsed() < Duration::from_millis(1500),
         "answered after {:?}",
         started.elapsed()
+    );
+}
+
+/// A call answered as failed never takes effect later: Reports sent while Redis is frozen are
+/// answered UNAVAILABLE; when Redis runs again it works through the queued scripts, which see
+/// they are past their deadline and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_answered_unavailable_while_redis_is_paused_never_charge_later() {
+    use ratekeeper::proto::kuadrant::service::ratelimit::v1::rate_limit_service_client::RateLimitServiceClient;
+    let redis = RedisProcess::start();
+    let server = ratekeeper(&redis.url(), &["--storage-timeout", "200"]).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.rls))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let kuadrant = RateLimitServiceClient::new(channel);
+    // The shipped free tier: 50 tokens a minute per user.
+    let usage = |hits| {
+        request(
+            "llm/llm-route",
+            vec![descriptor(&[
+                ("tokenlimit.free__065bb34d", "1"),
+                ("auth.identity.userid", "mia"),
+            ])],
+            hits,
+        )
+    };
+    kuadrant.clone().report(usage(1)).await.unwrap();
+
+    redis.pause();
+    let reports: Vec<_> = (0..20)
+        .map(|_| {
+            let mut kuadrant = kuadrant.clone();
+            let report = usage(2);
+            tokio::spawn(async move { kuadrant.report(report).await })
+        })
+        .collect();
+    for report in reports {
+        let error = report.await.unwrap().expect_err("Redis is paused");
+        assert_eq!(error.code(), tonic::Code::Unavailable, "{error}");
+    }
+    redis.resume();
+
+    // Redis has now run (or refused) the 20 queued scripts, before this one.
+    let mut remaining = None;
+    for _ in 0..50 {
+        if let Ok(r) = kuadrant.clone().check_rate_limit(usage(1)).await {
+            remaining = Some(r.into_inner().statuses[0].limit_remaining);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        remaining,
+        Some(49),
+        "only the first report was charged (20 failed reports of 2 would leave 9); log:\n{}",
+        server.log()
     );
 }
