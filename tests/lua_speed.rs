@@ -88,7 +88,12 @@ async fn decide_lua_usec_per_call() {
         .collect();
     let redis = RedisProcess::start();
     let client = redis::Client::open(redis.url()).unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    // No response timeout: a busy machine may stall a call for a while.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut connection = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap();
     let shapes: [(&str, Vec<Counter>); 4] = [
         ("one fixed window", vec![window()]),
         ("three fixed windows", vec![window(), window(), window()]),
