@@ -8,13 +8,17 @@
 --          time until the state no longer matters. A value of another shape reads as no state.
 -- ARGV     pairs of a `struct` format ('<' and one 'd' per number) and the numbers it packs,
 --          little-endian doubles (one pair unless there are thousands of numbers). The
---          numbers, in order: now_ms, then for each counter its algorithm and parameters
+--          numbers, in order: now_ms (ratekeeper's clock: windows and refills), deadline_ms
+--          (Redis's clock, 0: none), then for each counter its algorithm and parameters
 --          (FIXED_WINDOW: max, period_ms; TOKEN_BUCKET: capacity, scale, quantum, step_ms;
 --          SLIDING_WINDOW: max, period_ms), then for each group: its policy, cost, k, and k
 --          counter indices (1-based).
--- Returns  for each group, for each of its counters, packed as '<Bddddd': flags (1: over, 2: the
---          group is admitted), remaining, reset_in_ms, retry_after_ms (-1: never), charged,
---          overshoot; all concatenated. (A group without counters is admitted.)
+-- Returns  '<Bd': DECIDED or TOO_LATE, and Redis's clock (TIME) in ms. TOO_LATE: Redis ran the
+--          call after its deadline (the caller has given up on it, or is about to) and nothing
+--          was read or written. DECIDED is followed by, for each group, for each of its
+--          counters, packed as '<Bddddd': flags (1: over, 2: the group is admitted), remaining,
+--          reset_in_ms, retry_after_ms (-1: never), charged, overshoot; all concatenated. (A
+--          group without counters is admitted.)
 --
 -- The rules are written once: each algorithm is a set of functions over one counter (below),
 -- and one loop applies a group's policy to its counters with them, whatever the mix.
@@ -23,6 +27,7 @@
 -- src/storage/redis.rs compares them).
 local ALL_OR_NOTHING, CHECK_ONLY, CHARGE, REFUND = 0, 1, 2, 3
 local FIXED_WINDOW, TOKEN_BUCKET, SLIDING_WINDOW = 0, 1, 2
+local TOO_LATE, DECIDED = 0, 1
 
 local MAX_COUNT = 9007199254740991
 local unpack, pack, floor, min, max = struct.unpack, struct.pack, math.floor, math.min, math.max
@@ -36,6 +41,13 @@ end
 local last = #num
 local now = num[1]
 
+-- A call its caller answered as failed must never take effect later: Redis's own clock says
+-- whether it is too late, against a deadline ratekeeper has put on Redis's clock.
+local time = redis.call('TIME')
+local redis_ms = time[1] * 1000 + floor(time[2] / 1000)
+if num[2] > 0 and redis_ms > num[2] then return pack('<Bd', TOO_LATE, redis_ms) end
+local head = pack('<Bd', DECIDED, redis_ms)
+
 -- The numbers of a stored value packed as `format` whose tag is `tag`; nil otherwise.
 local function fields(stored, tag, format, size)
   if not stored or #stored ~= size then return nil end
@@ -48,7 +60,7 @@ end
 -- The counters, with their parameters (their state is loaded below), and which algorithms the
 -- call uses.
 local counters, windows, buckets, slidings = {}, false, false, false
-local a = 2
+local a = 3
 for i = 1, #KEYS do
   local algorithm = num[a]
   if algorithm == FIXED_WINDOW then
@@ -321,6 +333,6 @@ for i = 1, #KEYS do
     redis.call('SET', KEYS[i], value, 'PX', ttl)
   end
 end
-if o == 0 then return '' end
-if o == 1 then return out end
-return table.concat(out)
+if o == 0 then return head end
+if o == 1 then return head .. out end
+return head .. table.concat(out)

@@ -4,6 +4,20 @@
 //! it reads, decides and writes all the request's counters atomically, in one round trip.
 //! Connections are multiplexed, so concurrent requests pipeline instead of queueing.
 //!
+//! A call answered as failed never takes effect later: each call carries a deadline on Redis's
+//! clock, half the timeout after it was sent, and the script does nothing when it runs later
+//! (a Redis that was paused, swapped out or overloaded). ratekeeper's clock need not agree with
+//! Redis's: every reply (and every health ping) carries Redis's `TIME`, and `TIME − ratekeeper's
+//! monotonic clock when the reply is read` is a lower bound of the offset between the two
+//! clocks (low by the reply's travel time). ratekeeper uses the largest such bound of the last
+//! 10 to 20 seconds (a late-read reply does not spoil it; a clock that steps back is followed
+//! within 20 s), so deadlines err early. The deadline is `sent + offset + timeout / 2` on
+//! Redis's clock: a script that passes it started within half the timeout of the send,
+//! leaving the other half for its reply. Until the first reply, calls carry no deadline. In a
+//! cluster, the offset is learned from whichever node answered last: the nodes' clocks must
+//! agree with each other to well within half the timeout (they need not agree with
+//! ratekeeper's).
+//!
 //! Key layout: `<prefix>:{<namespace tag>}:<limit id, 16 hex>:<values>`, where the namespace
 //! tag is the namespace with `%`, `{` and `}` percent-encoded ([`namespace_tag`]) and
 //! `<values>` is each variable value as `<byte length>:<value>`. The `{…}` hash tag puts every
@@ -14,7 +28,8 @@
 
 use std::borrow::Cow;
 use std::io::Write;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::aio::ConnectionLike;
@@ -43,6 +58,10 @@ pub struct RedisStorage {
     format: String,
     prefix: String,
     timeout: Duration,
+    /// ratekeeper's monotonic clock: milliseconds since this instant.
+    epoch: Instant,
+    /// Redis's clock minus ratekeeper's monotonic clock, in ms, as replies show it.
+    redis_offset: Mutex<ClockOffset>,
     /// The URL with any password masked, for logs and errors.
     display_url: String,
 }
@@ -103,16 +122,47 @@ impl RedisStorage {
             connection,
             decide: Script::new(include_str!("decide.lua")),
             list: Script::new(include_str!("list.lua")),
-            ping: Script::new("return redis.call('PING')"),
+            ping: Script::new("return redis.call('TIME')"),
             format: format!("<{}", "d".repeat(CHUNK)),
             prefix: prefix.to_string(),
             timeout,
+            epoch: Instant::now(),
+            redis_offset: Mutex::new(ClockOffset::default()),
             display_url,
         })
     }
 
     pub fn display_url(&self) -> &str {
         &self.display_url
+    }
+
+    /// ratekeeper's monotonic clock, in ms.
+    fn local_ms(&self) -> i64 {
+        i64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// The deadline, on Redis's clock, of a call sent at `sent_ms` (ratekeeper's clock); 0 (none)
+    /// while the offset between the clocks is unknown.
+    fn deadline(&self, sent_ms: i64) -> u64 {
+        let offset = match self.redis_offset.lock() {
+            Ok(offset) => offset.estimate(),
+            Err(_) => None,
+        };
+        let Some(offset) = offset else {
+            return 0;
+        };
+        let half = i64::try_from(self.timeout.as_millis() / 2).unwrap_or(i64::MAX);
+        let deadline = sent_ms.saturating_add(offset).saturating_add(half);
+        // (A deadline before Redis's epoch is already past: 1 ms after it, not 0, which is none.)
+        u64::try_from(deadline).unwrap_or(0).max(1)
+    }
+
+    /// Learns about the offset between the clocks from Redis's `TIME` in a reply read now.
+    fn observe_redis_time(&self, redis_ms: i64) {
+        let now = self.local_ms();
+        if let Ok(mut offset) = self.redis_offset.lock() {
+            offset.observe(redis_ms.saturating_sub(now), now);
+        }
     }
 
     /// What every key of `namespace` starts with (and no key of another namespace does).
@@ -183,9 +233,10 @@ impl Storage for RedisStorage {
     ) -> Result<Vec<GroupOutcome>, StorageError> {
         // The numbers, as decide.lua reads them: little-endian doubles (exact below 2^53; a
         // larger one rounds as Lua's `tonumber` of its decimal form would).
-        let mut numbers = Vec::with_capacity(8 * (1 + 5 * batch.counters.len() + 8));
+        let mut numbers = Vec::with_capacity(8 * (2 + 5 * batch.counters.len() + 8));
         let mut push = |x: u64| numbers.extend_from_slice(&(x as f64).to_le_bytes());
         push(now_ms);
+        push(self.deadline(self.local_ms()));
         for counter in &batch.counters {
             push(counter.algorithm.wire().into());
             match counter.algorithm {
@@ -221,8 +272,18 @@ impl Storage for RedisStorage {
             cmd.arg(&self.format[..1 + chunk.len() / 8]).arg(chunk);
         }
         let reply = self.run(&cmd, &self.decide).await?;
-        parse_outcomes(&reply, batch)
-            .ok_or_else(|| StorageError::Unavailable("unexpected reply from Redis".to_string()))
+        let unexpected = || StorageError::Unavailable("unexpected reply from Redis".to_string());
+        let (status, redis_ms, records) = parse_head(&reply).ok_or_else(unexpected)?;
+        self.observe_redis_time(redis_ms);
+        match status {
+            DECIDED => parse_outcomes(records, batch).ok_or_else(unexpected),
+            TOO_LATE => Err(StorageError::Unavailable(format!(
+                "{}: Redis ran the call after its deadline (half of {:?} after it was sent); \
+                 nothing was changed",
+                self.display_url, self.timeout
+            ))),
+            _ => Err(unexpected()),
+        }
     }
 
     async fn counters(
@@ -264,17 +325,86 @@ impl Storage for RedisStorage {
     async fn ping(&self) -> Result<(), StorageError> {
         let mut cmd = evalsha_cmd(&self.ping, 1, 0);
         cmd.arg(format!("{}:ping", self.prefix));
-        self.run(&cmd, &self.ping).await.map(|_| ())
+        let reply = self.run(&cmd, &self.ping).await?;
+        if let Some(redis_ms) = parse_time(&reply) {
+            self.observe_redis_time(redis_ms);
+        }
+        Ok(())
     }
 }
 
-/// decide.lua's reply: for each group, for each of its counters, a flags byte (1: over, 2: the
-/// group is admitted) and five little-endian doubles.
-fn parse_outcomes(reply: &Value, batch: &Batch) -> Option<Vec<GroupOutcome>> {
-    const RECORD: usize = 1 + 5 * 8;
+/// The first byte of decide.lua's reply (its `DECIDED`, `TOO_LATE`; a test compares them).
+const TOO_LATE: u8 = 0;
+const DECIDED: u8 = 1;
+
+/// Lower bounds of (Redis's clock − ratekeeper's monotonic clock): the largest of the current
+/// period and of the one before, so that a low sample (a reply read late) changes nothing and a
+/// clock stepping back is followed within two periods.
+#[derive(Debug, Default)]
+struct ClockOffset {
+    period_start_ms: i64,
+    current: Option<i64>,
+    previous: Option<i64>,
+}
+
+impl ClockOffset {
+    const PERIOD_MS: i64 = 10_000;
+
+    fn observe(&mut self, sample: i64, now_ms: i64) {
+        let elapsed = now_ms.saturating_sub(self.period_start_ms);
+        if self.current.is_none() || elapsed >= Self::PERIOD_MS {
+            self.previous = if elapsed < 2 * Self::PERIOD_MS {
+                self.current
+            } else {
+                None
+            };
+            self.current = None;
+            self.period_start_ms = now_ms;
+        }
+        self.current = Some(self.current.map_or(sample, |c| c.max(sample)));
+    }
+
+    fn estimate(&self) -> Option<i64> {
+        self.current.max(self.previous)
+    }
+}
+
+/// decide.lua's reply head: its status, Redis's clock in ms, and the records that follow.
+fn parse_head(reply: &Value) -> Option<(u8, i64, &[u8])> {
     let Value::BulkString(bytes) = reply else {
         return None;
     };
+    let (&status, rest) = bytes.split_first()?;
+    let time = f64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+    // Milliseconds since 1970, as the script computes them: an integer well below 2^53.
+    let exact = time.fract() == 0.0 && (0.0..=MAX_COUNT as f64).contains(&time);
+    exact.then_some((status, time as i64, &rest[8..]))
+}
+
+/// `TIME`'s reply (seconds, microseconds), in ms.
+fn parse_time(reply: &Value) -> Option<i64> {
+    let Value::Array(parts) = reply else {
+        return None;
+    };
+    let number = |v: &Value| -> Option<i64> {
+        match v {
+            Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+            Value::Int(i) => Some(*i),
+            _ => None,
+        }
+    };
+    match parts.as_slice() {
+        [seconds, micros] => number(seconds)?
+            .checked_mul(1000)?
+            .checked_add(number(micros)? / 1000),
+        _ => None,
+    }
+}
+
+/// decide.lua's records: for each group, for each of its counters, a flags byte (1: over, 2:
+/// the group is admitted) and five little-endian doubles.
+fn parse_outcomes(bytes: &[u8], batch: &Batch) -> Option<Vec<GroupOutcome>> {
+    const RECORD: usize = 1 + 5 * 8;
     let mut records = bytes.chunks_exact(RECORD);
     if !records.remainder().is_empty() {
         return None;
@@ -609,6 +739,24 @@ mod tests {
             constants("FIXED_WINDOW, TOKEN_BUCKET, SLIDING_WINDOW"),
             algorithms.map(|a| a.wire())
         );
+        assert_eq!(constants("TOO_LATE, DECIDED"), [TOO_LATE, DECIDED]);
+    }
+
+    #[test]
+    fn the_clock_offset_is_the_largest_recent_lower_bound() {
+        let mut offset = ClockOffset::default();
+        assert_eq!(offset.estimate(), None);
+        offset.observe(1_000, 0);
+        offset.observe(960, 5); // a reply read 40 ms late
+        assert_eq!(offset.estimate(), Some(1_000));
+        offset.observe(990, 10_000); // a new period; the previous one still counts
+        assert_eq!(offset.estimate(), Some(1_000));
+        offset.observe(-5_000, 20_000); // Redis's clock stepped back 6 s: followed
+        assert_eq!(offset.estimate(), Some(990));
+        offset.observe(-5_000, 30_000);
+        assert_eq!(offset.estimate(), Some(-5_000));
+        offset.observe(7, 90_000); // long quiet: only the new sample
+        assert_eq!(offset.estimate(), Some(7));
     }
 
     #[test]
