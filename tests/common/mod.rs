@@ -28,7 +28,9 @@ use ratekeeper::request::RequestBounds;
 use ratekeeper::rls::headers::RateLimitHeaders;
 use ratekeeper::server::{self, Running, Settings};
 use ratekeeper::status::ServerStatus;
-use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage, StorageError};
+use ratekeeper::storage::{
+    CounterSnapshot, MemoryStorage, PageRequest, RedisStorage, Storage, StorageError,
+};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -93,6 +95,8 @@ pub struct Options {
     /// Content written over the limits file after it is loaded and before the server starts:
     /// an edit that lands while the server is starting.
     pub edited_while_starting: Option<String>,
+    /// A Redis the test owns, instead of the backend's shared one.
+    pub redis_url: Option<String>,
 }
 
 impl Default for Options {
@@ -105,6 +109,7 @@ impl Default for Options {
             grpc_reflection: false,
             limit_name_in_labels: false,
             edited_while_starting: None,
+            redis_url: None,
         }
     }
 }
@@ -206,6 +211,24 @@ impl TestServer {
             .into_inner()
     }
 
+    /// Every live counter of a namespace (all the pages of its listing).
+    pub async fn counters(&self, namespace: &str) -> Vec<(Arc<Limit>, CounterSnapshot)> {
+        let mut counters = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = PageRequest {
+                cursor: cursor.as_deref(),
+                ..PageRequest::default()
+            };
+            let page = self.limiter.counters(namespace, page).await.unwrap();
+            counters.extend(page.items);
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => return counters,
+            }
+        }
+    }
+
     pub async fn shutdown(mut self) {
         if let Some(running) = self.running.take() {
             running.shutdown().await.unwrap();
@@ -222,10 +245,11 @@ fn storage(options: &Options) -> Arc<dyn Storage> {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
-    let url = match options.backend {
-        Backend::Memory => return Arc::new(MemoryStorage::new(options.capacity)),
-        Backend::Redis => redis::shared_url(),
-        Backend::RedisCluster => redis::shared_cluster_url(),
+    let url = match (options.backend, &options.redis_url) {
+        (Backend::Memory, _) => return Arc::new(MemoryStorage::new(options.capacity)),
+        (_, Some(url)) => url.clone(),
+        (Backend::Redis, None) => redis::shared_url(),
+        (Backend::RedisCluster, None) => redis::shared_cluster_url(),
     };
     Arc::new(RedisStorage::open(&url, &prefix, Duration::from_secs(2)).unwrap())
 }
