@@ -260,10 +260,11 @@ async fn a_redis_listing_among_many_unrelated_keys_runs_no_long_command() {
     fill(&server, "paging", 0..3_000).await;
 
     // From here on: what the listing makes Redis do. One script over the whole keyspace took
-    // about 200 ms here; a SCAN of 1000 keys takes about 0.5 ms, a few ms at worst when the
-    // machine is busy: 10 ms tells them apart without depending on a quiet machine.
+    // about 200 ms here; a SCAN of 1000 keys takes about 0.5 ms on average, but a busy machine
+    // (this suite on 2 cores) stretches single commands past 10 ms now and then. So: no script,
+    // SCANs short on average, and no single command anywhere near the script's time.
     for command in [
-        &["CONFIG", "SET", "slowlog-log-slower-than", "10000"][..],
+        &["CONFIG", "SET", "slowlog-log-slower-than", "50000"][..],
         &["SLOWLOG", "RESET"],
         &["CONFIG", "RESETSTAT"],
     ] {
@@ -275,11 +276,23 @@ async fn a_redis_listing_among_many_unrelated_keys_runs_no_long_command() {
     assert_eq!(
         cli(redis.port, &["SLOWLOG", "LEN"]).unwrap().trim(),
         "0",
-        "commands slower than 10 ms: {slow}"
+        "commands slower than 50 ms: {slow}"
     );
     let stats = cli(redis.port, &["INFO", "commandstats"]).unwrap();
     assert!(!stats.contains("cmdstat_eval"), "a script ran: {stats}");
-    assert!(stats.contains("cmdstat_scan:"), "{stats}");
+    let scan_usec_per_call: f64 = stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_scan:"))
+        .and_then(|line| {
+            line.split(',')
+                .find_map(|f| f.strip_prefix("usec_per_call="))
+        })
+        .and_then(|usec| usec.parse().ok())
+        .unwrap_or_else(|| panic!("no SCAN ran: {stats}"));
+    assert!(
+        scan_usec_per_call < 3000.0,
+        "SCANs took {scan_usec_per_call} µs on average"
+    );
     assert!(pages.iter().all(|p| p.len() <= 1000));
     assert_each_once(&pages, 3_000);
     server.shutdown().await;
