@@ -7,8 +7,11 @@ use std::time::Duration;
 use clap::Parser;
 use ratekeeper::clock::SystemClock;
 use ratekeeper::config::{Cli, RedisCachedOptions, StorageCommand};
+use ratekeeper::http::HttpToken;
 use ratekeeper::limiter::Limiter;
-use ratekeeper::limits::load_file;
+use ratekeeper::limits::{
+    FixedLimits, LimitSet, RATE_LIMIT_CONFIG, load_file, parse_rate_limit_config,
+};
 use ratekeeper::metrics::{self, Prometheus};
 use ratekeeper::server::{self, Settings};
 use ratekeeper::status::ServerStatus;
@@ -19,8 +22,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli);
-    let limits = match load_file(&cli.limits_file) {
+    // Kept until main returns: dropping it flushes the lines still queued.
+    let _logging = init_logging(&cli);
+    let limits = match load_limits(&cli) {
         Ok(limits) => limits,
         Err(e) => {
             eprintln!("{e}");
@@ -39,7 +43,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if limits.is_empty() {
-        tracing::warn!(file = %cli.limits_file.display(), "the limits file has no limits: every request will be allowed");
+        tracing::warn!("no limits loaded: every request will be allowed");
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -61,9 +65,26 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<()> {
+/// The limits file's limits (none without one) and ASM's `RATE_LIMIT_CONFIG` rules, if set.
+fn load_limits(cli: &Cli) -> Result<LimitSet, String> {
+    let (limits, file) = match &cli.limits_file {
+        Some(path) => (
+            load_file(path).map_err(|e| e.to_string())?,
+            path.display().to_string(),
+        ),
+        None => (LimitSet::default(), String::new()),
+    };
+    let Some(json) = &cli.rate_limit_config else {
+        return Ok(limits);
+    };
+    let rules = parse_rate_limit_config(json, &cli.asm_namespace).map_err(|e| e.to_string())?;
+    let fixed = FixedLimits::new(RATE_LIMIT_CONFIG, &cli.asm_namespace, rules);
+    limits.with_fixed(&file, Some(Arc::new(fixed)))
+}
+
+async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(cli.storage_timeout);
-    let storage: Arc<dyn Storage> = match cli.storage() {
+    let storage: Arc<dyn Storage> = match cli.storage().map_err(anyhow::Error::msg)? {
         StorageCommand::Memory(options) => Arc::new(MemoryStorage::new(options.cache)),
         StorageCommand::Redis(options)
         | StorageCommand::RedisCached(RedisCachedOptions { redis: options, .. }) => {
@@ -77,7 +98,7 @@ async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<(
             Arc::new(storage)
         }
     };
-    tracing::info!(limits = limits.len(), file = %cli.limits_file.display(), "limits loaded");
+    tracing::info!(limits = limits.len(), file = ?cli.limits_file, asm_rules = limits.fixed().is_some(), "limits loaded");
     metrics::install().map_err(|e| anyhow::anyhow!("cannot set up metrics: {e}"))?;
     metrics::limits_applied(0, limits.len());
     let observer = Arc::new(Prometheus::new(cli.limit_name_in_labels));
@@ -86,14 +107,17 @@ async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<(
             .observed_by(observer)
             .on_storage_error(cli.on_storage_error),
     );
+    let http_auth_token = http_auth_token(&cli)?;
     let settings = Settings {
         rls_addr: SocketAddr::new(cli.rls_ip, cli.rls_port),
         http_addr: SocketAddr::new(cli.http_ip, cli.http_port),
         rate_limit_headers: cli.rate_limit_headers,
         bounds: cli.bounds.into(),
-        limits_file: Some(cli.limits_file.clone()),
+        limits_file: cli.limits_file.clone(),
         grpc_reflection: cli.grpc_reflection_service,
         asm_namespace: cli.asm_namespace.clone(),
+        connections: cli.connections.into(),
+        http_auth_token,
     };
     let running = server::start(settings, limiter, Arc::new(ServerStatus::default()))
         .await
@@ -107,6 +131,26 @@ async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The HTTP API's token, from `--http-auth-token` or the file `--http-auth-token-file` names.
+fn http_auth_token(cli: &Cli) -> anyhow::Result<Option<HttpToken>> {
+    let token = match (&cli.http_auth_token, &cli.http_auth_token_file) {
+        (Some(token), _) => token.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read the HTTP API token from {}: {e}",
+                    path.display()
+                )
+            })?
+            .trim()
+            .to_string(),
+        (None, None) => return Ok(None),
+    };
+    HttpToken::new(&token)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 async fn shutdown_signal() {
@@ -130,16 +174,24 @@ async fn shutdown_signal() {
     let _ = interrupt.await;
 }
 
-fn init_logging(cli: &Cli) {
+/// Logs go to stderr through a background thread: a call that logs only queues the line, and
+/// when the queue is full (stderr not read fast enough) the line is dropped rather than the
+/// call kept waiting. Dropping the returned guard flushes what is queued.
+fn init_logging(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_new(cli.log_filter())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("ratekeeper-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     if cli.structured_logs {
         builder.json().init();
     } else {
         builder.init();
     }
+    guard
 }

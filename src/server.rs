@@ -1,20 +1,25 @@
 //! Binds the gRPC and HTTP listeners and runs them until told to stop.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use axum::response::IntoResponse;
+use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
-use tower::util::MapResponseLayer;
+use tower::ServiceExt;
 
-use crate::limiter::Limiter;
-use crate::metrics;
+use self::connections::Protocol;
+
+use crate::http::HttpToken;
+use crate::limiter::{Call, Limiter};
+use crate::metrics::{self, Outcome};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::proto::kuadrant::service::ratelimit::v1::rate_limit_service_server::RateLimitServiceServer as KuadrantServer;
@@ -30,6 +35,47 @@ const RECLAIM_EVERY: Duration = Duration::from_secs(5);
 /// How often the storage's health is checked.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
 
+mod connections;
+
+/// Defaults of [`Connections`]. The two connection limits together stay well inside the 1024
+/// open files many systems allow a process by default.
+pub const DEFAULT_RLS_MAX_CONNECTIONS: u32 = 800;
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: u32 = 100;
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_HTTP2_KEEPALIVE_INTERVAL_MS: u64 = 30_000;
+pub const DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_MS: u64 = 10_000;
+
+/// How the listeners treat connections: how many each holds at once and how long a peer may
+/// stay silent.
+#[derive(Debug, Clone, Copy)]
+pub struct Connections {
+    /// Most connections the gRPC listener holds at once; past it, clients wait in the backlog.
+    pub rls_max: usize,
+    /// Most connections the HTTP listener holds at once.
+    pub http_max: usize,
+    /// HTTP API: the longest wait for a request's headers (from the connection's start or the
+    /// previous answer, so also how long an idle keep-alive connection is kept) and for the
+    /// rest of the request and its answer (408 past it). gRPC: the longest wait for a new
+    /// connection's HTTP/2 preface.
+    pub header_read_timeout: Duration,
+    /// gRPC: a PING after this long without traffic...
+    pub http2_keepalive_interval: Duration,
+    /// ...and the connection is closed when the PING is not acknowledged within this.
+    pub http2_keepalive_timeout: Duration,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            rls_max: DEFAULT_RLS_MAX_CONNECTIONS as usize,
+            http_max: DEFAULT_HTTP_MAX_CONNECTIONS as usize,
+            header_read_timeout: Duration::from_millis(DEFAULT_HEADER_READ_TIMEOUT_MS),
+            http2_keepalive_interval: Duration::from_millis(DEFAULT_HTTP2_KEEPALIVE_INTERVAL_MS),
+            http2_keepalive_timeout: Duration::from_millis(DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_MS),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub rls_addr: SocketAddr,
@@ -42,6 +88,10 @@ pub struct Settings {
     pub grpc_reflection: bool,
     /// Namespace of the ASM-compatible HTTP endpoints.
     pub asm_namespace: String,
+    /// Connection limits and timeouts of both listeners.
+    pub connections: Connections,
+    /// The bearer token the HTTP API requires on all but its open endpoints; `None`: open.
+    pub http_auth_token: Option<HttpToken>,
 }
 
 /// A server that is listening; stop it with [`Running::shutdown`].
@@ -82,20 +132,33 @@ pub async fn start(
     } else {
         None
     };
-    let grpc = tonic::transport::Server::builder()
-        .layer(MapResponseLayer::new(oversized_is_resource_exhausted))
-        .add_service(
-            RateLimitServiceServer::new(rls.clone()).max_decoding_message_size(max_message),
-        )
-        .add_service(KuadrantServer::new(rls).max_decoding_message_size(max_message))
-        .add_service(health_service)
-        .add_optional_service(reflection)
-        .serve_with_incoming_shutdown(
-            // Nagle's algorithm with delayed ACKs adds ~40 ms to small answers.
-            TcpIncoming::from(rls_listener).with_nodelay(Some(true)),
-            wait_for(stopped.clone()),
-        );
-    tasks.spawn(async move { grpc.await.map_err(std::io::Error::other) });
+    let mut routes = tonic::service::Routes::new(
+        RateLimitServiceServer::new(rls.clone()).max_decoding_message_size(max_message),
+    )
+    .add_service(KuadrantServer::new(rls).max_decoding_message_size(max_message))
+    .add_service(health_service);
+    if let Some(reflection) = reflection {
+        routes = routes.add_service(reflection);
+    }
+    let routes = routes.prepare();
+    let grpc = tower::service_fn(move |request| answer_grpc(routes.clone(), request));
+    let limits = settings.connections;
+    let protocol = Protocol::Http2 {
+        handshake_timeout: limits.header_read_timeout,
+        keepalive_interval: limits.http2_keepalive_interval,
+        keepalive_timeout: limits.http2_keepalive_timeout,
+    };
+    let serving = connections::serve(
+        rls_listener,
+        protocol,
+        limits.rls_max,
+        grpc,
+        stopped.clone(),
+    );
+    tasks.spawn(async move {
+        serving.await;
+        Ok(())
+    });
 
     tasks.spawn(check_health(
         limiter.clone(),
@@ -111,17 +174,36 @@ pub async fn start(
         });
     }
 
-    let http = crate::http::router(
+    if settings.http_auth_token.is_none() && !http_addr.ip().is_loopback() {
+        tracing::warn!(
+            %http_addr,
+            "the HTTP API listens beyond loopback without a token: whoever reaches it can read \
+             and change counters (set --http-auth-token or --http-auth-token-file)"
+        );
+    }
+    let router = crate::http::router(
         limiter.clone(),
         status,
         settings.bounds,
         settings.asm_namespace.clone(),
+        settings.http_auth_token.clone(),
     );
-    let stop_http = wait_for(stopped.clone());
+    let request_timeout = limits.header_read_timeout;
+    let http =
+        tower::service_fn(move |request| answer_http(router.clone(), request_timeout, request));
+    let protocol = Protocol::Http1 {
+        header_read_timeout: limits.header_read_timeout,
+    };
+    let serving = connections::serve(
+        http_listener,
+        protocol,
+        limits.http_max,
+        http,
+        stopped.clone(),
+    );
     tasks.spawn(async move {
-        axum::serve(http_listener, http)
-            .with_graceful_shutdown(stop_http)
-            .await
+        serving.await;
+        Ok(())
     });
 
     let mut stop_sweeping = stopped;
@@ -161,6 +243,43 @@ impl Running {
             }
         }
         result
+    }
+}
+
+/// One gRPC call: routed to its service, bounded by the client's `grpc-timeout` (answered as
+/// tonic's own server does), refusals by tonic rewritten and counted ([`refused_by_tonic`]).
+async fn answer_grpc(
+    routes: tonic::service::Routes,
+    request: http::Request<Incoming>,
+) -> Result<http::Response<tonic::body::Body>, Infallible> {
+    let started = Instant::now();
+    let call = rpc_of(request.uri().path());
+    let deadline = grpc_timeout(request.headers());
+    let answer = routes.oneshot(request);
+    let response = match deadline {
+        Some(deadline) => match tokio::time::timeout(deadline, answer).await {
+            Ok(response) => response?,
+            Err(_) => tonic::Status::cancelled("Timeout expired").into_http(),
+        },
+        None => answer.await?,
+    };
+    Ok(refused_by_tonic(response, call, started))
+}
+
+/// One HTTP call, bounded by `timeout`: a body trickling in (or an answer that cannot be
+/// made) holds neither the connection nor a shutdown longer than that (408).
+async fn answer_http(
+    router: axum::Router,
+    timeout: Duration,
+    request: http::Request<Incoming>,
+) -> Result<axum::response::Response, Infallible> {
+    match tokio::time::timeout(timeout, router.oneshot(request)).await {
+        Ok(answer) => answer,
+        Err(_) => Ok((
+            http::StatusCode::REQUEST_TIMEOUT,
+            "the request did not arrive in time",
+        )
+            .into_response()),
     }
 }
 
@@ -210,24 +329,103 @@ const SERVICES: [&str; 2] = [
     crate::proto::kuadrant::service::ratelimit::v1::rate_limit_service_server::SERVICE_NAME,
 ];
 
-async fn wait_for(mut stopped: watch::Receiver<bool>) {
-    let _ = stopped.wait_for(|&stop| stop).await;
+/// The client's deadline from its `grpc-timeout` header (up to 8 digits and a unit: `H`,
+/// `M`, `S`, `m`, `u`, `n`); `None` when absent or malformed.
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let unit = value.get(value.len().checked_sub(1)?..)?;
+    let digits = value.get(..value.len() - 1)?;
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
-/// tonic answers an oversized message with OUT_OF_RANGE; the contract says
-/// RESOURCE_EXHAUSTED (what gRPC itself uses for "message larger than max").
-fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+/// Rewrites the status of a call tonic refused before our handlers saw it to what the
+/// contract says, and counts it as an invalid call of its RPC (`call`, when it is one of ours):
+/// - an oversized message: OUT_OF_RANGE becomes RESOURCE_EXHAUSTED (what gRPC itself uses for
+///   "message larger than max");
+/// - a body that does not decode as the method's message: INTERNAL becomes INVALID_ARGUMENT
+///   (the client's error; INTERNAL would say the server's).
+fn refused_by_tonic<B>(
+    mut response: http::Response<B>,
+    call: Option<Call>,
+    started: Instant,
+) -> http::Response<B> {
     const OUT_OF_RANGE: &str = "11";
     const RESOURCE_EXHAUSTED: &str = "8";
-    if response
-        .headers()
-        .get("grpc-status")
-        .is_some_and(|status| status == OUT_OF_RANGE)
+    const INTERNAL: &str = "13";
+    const INVALID_ARGUMENT: &str = "3";
+    let Some(code) = response.headers().get("grpc-status") else {
+        return response;
+    };
+    let rewritten = if code == OUT_OF_RANGE {
+        RESOURCE_EXHAUSTED
+    } else if code == INTERNAL
+        && tonic::Status::from_header_map(response.headers())
+            .is_some_and(|status| status.message().starts_with(DECODE_ERROR))
     {
-        response.headers_mut().insert(
-            "grpc-status",
-            http::HeaderValue::from_static(RESOURCE_EXHAUSTED),
-        );
+        INVALID_ARGUMENT
+    } else {
+        return response;
+    };
+    response
+        .headers_mut()
+        .insert("grpc-status", http::HeaderValue::from_static(rewritten));
+    if let Some(call) = call {
+        metrics::rpc(call, Outcome::Invalid, started.elapsed());
     }
     response
+}
+
+/// How prost's decode errors start (tonic passes them on as the status message).
+const DECODE_ERROR: &str = "failed to decode Protobuf message";
+
+/// The rate-limit RPC a gRPC path names (`/<package>.<Service>/<Method>`), if any.
+fn rpc_of(path: &str) -> Option<Call> {
+    let method = path.rsplit('/').next()?;
+    Call::ALL.into_iter().find(|call| call.name() == method)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_reads_every_unit_and_refuses_the_rest() {
+        let read = |value: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("grpc-timeout", http::HeaderValue::from_str(value).unwrap());
+            grpc_timeout(&headers)
+        };
+        assert_eq!(read("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(read("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(read("20S"), Some(Duration::from_secs(20)));
+        assert_eq!(read("20m"), Some(Duration::from_millis(20)));
+        assert_eq!(read("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(read("5n"), Some(Duration::from_nanos(5)));
+        for bad in ["", "m", "20", "20x", "+2m", "-2m", "123456789m", "2 m", "é"] {
+            assert_eq!(read(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn rpcs_are_named_by_the_last_path_segment() {
+        let envoy = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
+        assert_eq!(rpc_of(envoy), Some(Call::ShouldRateLimit));
+        let kuadrant = "/kuadrant.service.ratelimit.v1.RateLimitService/Report";
+        assert_eq!(rpc_of(kuadrant), Some(Call::Report));
+        assert_eq!(rpc_of("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(rpc_of(""), None);
+    }
 }

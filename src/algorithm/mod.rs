@@ -42,6 +42,16 @@ macro_rules! with_state {
 }
 
 impl Algorithm {
+    /// The algorithm's number in the Redis script's arguments (decide.lua's `FIXED_WINDOW`,
+    /// `TOKEN_BUCKET`, `SLIDING_WINDOW`; a test compares them).
+    pub const fn wire(&self) -> u8 {
+        match self {
+            Algorithm::FixedWindow(_) => 0,
+            Algorithm::TokenBucket(_) => 1,
+            Algorithm::SlidingWindow(_) => 2,
+        }
+    }
+
     /// The state in force at `now` (refreshed: expired windows, refills); a missing state, or
     /// one of another kind, reads as new.
     pub fn current(&self, stored: Option<CounterState>, now_ms: u64) -> CounterState {
@@ -158,6 +168,18 @@ pub enum Policy {
     CheckOnly,
     /// Usage that already happened: always charged; over when usage after it exceeds the limit.
     Charge,
+}
+
+impl Policy {
+    /// The policy's number in the Redis script's arguments (decide.lua's `ALL_OR_NOTHING`,
+    /// `CHECK_ONLY`, `CHARGE`; a test compares them).
+    pub const fn wire(self) -> u8 {
+        match self {
+            Policy::AllOrNothing => 0,
+            Policy::CheckOnly => 1,
+            Policy::Charge => 2,
+        }
+    }
 }
 
 /// A group of counters decided together, by index into the request's counter list.

@@ -10,6 +10,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, Uri, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,6 +27,9 @@ use crate::storage::{ListError, PageRequest, StorageError};
 use crate::throttle::{LOG_EVERY, Throttle};
 
 mod asm;
+mod auth;
+
+pub use auth::HttpToken;
 
 /// Lines a client can cause on every call, at most one per interval ([`Throttle`]).
 static MALFORMED: LazyLock<Throttle> = LazyLock::new(|| Throttle::new(LOG_EVERY));
@@ -40,11 +44,13 @@ struct AppState {
     asm_namespace: String,
 }
 
+/// The HTTP API. With a `token`, every route but [`auth::OPEN`] requires it.
 pub fn router(
     limiter: Arc<Limiter>,
     status: Arc<ServerStatus>,
     bounds: RequestBounds,
     asm_namespace: String,
+    token: Option<HttpToken>,
 ) -> Router {
     let state = AppState {
         limiter,
@@ -64,6 +70,8 @@ pub fn router(
         .route("/check_and_report", post(check_and_report))
         .route("/ratelimit", get(asm::check))
         .route("/update_ratelimit_record", post(asm::update))
+        // Routes go above: this protects every one of them not listed in `auth::OPEN`.
+        .route_layer(middleware::from_fn_with_state(token, auth::require_token))
         .layer(DefaultBodyLimit::max(bounds.max_message_bytes))
         .with_state(state)
 }

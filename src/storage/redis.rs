@@ -4,11 +4,13 @@
 //! it reads, decides and writes all the request's counters atomically, in one round trip.
 //! Connections are multiplexed, so concurrent requests pipeline instead of queueing.
 //!
-//! Key layout: `<prefix>:{<namespace>}:<limit id, 16 hex>:<values>`, where `<values>` is each
-//! variable value as `<byte length>:<value>`. The `{namespace}` hash tag puts every counter of a
-//! namespace in one cluster slot, so one script can touch all of a request's counters. The
-//! value is the counter's state, packed (see decide.lua), and the key expires when the state no
-//! longer matters: nothing grows forever.
+//! Key layout: `<prefix>:{<namespace tag>}:<limit id, 16 hex>:<values>`, where the namespace
+//! tag is the namespace with `%`, `{` and `}` percent-encoded ([`namespace_tag`]) and
+//! `<values>` is each variable value as `<byte length>:<value>`. The `{…}` hash tag puts every
+//! counter of a namespace in one cluster slot, so one script can touch all of a request's
+//! counters. The value is the counter's state, packed (see decide.lua), and the key expires when
+//! the state no longer matters: nothing grows forever. The key format and the packed values
+//! outlive upgrades: tests/golden.rs pins them (README, "Upgrades and the Redis key format").
 //!
 //! Listing a namespace's counters (the admin API) pages from the client: each round trip is one
 //! `SCAN … MATCH <namespace prefix>* COUNT 1000` and one `MGET` of the keys it found, sent to the
@@ -16,6 +18,7 @@
 //! when full, at the end of the keyspace, or after [`LIST_BUDGET`]; its cursor is
 //! `<SCAN cursor>.<keys of that SCAN's answer already listed>`.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -33,8 +36,8 @@ use super::{
     StorageError, parse_cursor,
 };
 use crate::algorithm::{
-    Algorithm, BucketState, CounterOutcome, CounterState, GroupOutcome, MAX_COUNT, Policy,
-    SlidingState, WindowState,
+    Algorithm, BucketState, CounterOutcome, CounterState, GroupOutcome, MAX_COUNT, SlidingState,
+    WindowState,
 };
 
 /// Numbers per argument of decide.lua: well below the 8000 values one Lua `struct.unpack` may
@@ -73,6 +76,12 @@ impl RedisStorage {
     /// `redis+cluster://[user:password@]host1:port1,host2:port2` (or `rediss+cluster://`) for a
     /// cluster given by any of its nodes.
     pub fn open(url: &str, prefix: &str, timeout: Duration) -> Result<Self, String> {
+        if prefix.contains(['{', '}']) {
+            // The first `{` of a key would open the hash tag inside the prefix.
+            return Err(format!(
+                "invalid key prefix {prefix:?}: it must not contain `{{` or `}}`"
+            ));
+        }
         let display_url = redact(url);
         let bad = |e: redis::RedisError| format!("invalid Redis URL {display_url}: {e}");
         let connection = if let Some((scheme, rest)) = cluster_scheme(url) {
@@ -121,23 +130,9 @@ impl RedisStorage {
         &self.display_url
     }
 
+    /// What every key of `namespace` starts with (and no key of another namespace does).
     fn namespace_prefix(&self, namespace: &str) -> String {
-        format!("{}:{{{namespace}}}:", self.prefix)
-    }
-
-    /// A counter's key, as `apply` writes it into the command.
-    #[cfg(test)]
-    fn key(&self, namespace: &str, key: &CounterKey) -> Vec<u8> {
-        let mut cmd = Cmd::new();
-        cmd.arg(CounterKeyArg {
-            prefix: &self.prefix,
-            namespace,
-            key,
-        });
-        match cmd.args_iter().next() {
-            Some(redis::Arg::Simple(bytes)) => bytes.to_vec(),
-            _ => Vec::new(),
-        }
+        format!("{}:{{{}}}:", self.prefix, namespace_tag(namespace))
     }
 
     /// Runs `cmd` (an `EVALSHA` of `script`) on the connection, within the timeout. A server
@@ -269,26 +264,15 @@ impl Storage for RedisStorage {
         let mut push = |x: u64| numbers.extend_from_slice(&(x as f64).to_le_bytes());
         push(now_ms);
         for counter in &batch.counters {
+            push(counter.algorithm.wire().into());
             match counter.algorithm {
-                Algorithm::FixedWindow(w) => {
-                    [0, w.max, w.period_ms].into_iter().for_each(&mut push)
-                }
-                Algorithm::TokenBucket(b) => {
-                    push(1);
-                    b.parameters().into_iter().for_each(&mut push);
-                }
-                Algorithm::SlidingWindow(w) => {
-                    [2, w.max, w.period_ms].into_iter().for_each(&mut push)
-                }
+                Algorithm::FixedWindow(w) => [w.max, w.period_ms].into_iter().for_each(&mut push),
+                Algorithm::TokenBucket(b) => b.parameters().into_iter().for_each(&mut push),
+                Algorithm::SlidingWindow(w) => [w.max, w.period_ms].into_iter().for_each(&mut push),
             }
         }
         for group in &batch.groups {
-            let policy = match group.policy {
-                Policy::AllOrNothing => 0,
-                Policy::CheckOnly => 1,
-                Policy::Charge => 2,
-            };
-            push(policy);
+            push(group.policy.wire().into());
             push(group.cost);
             push(group.counters.len() as u64);
             for &index in &group.counters {
@@ -302,10 +286,11 @@ impl Storage for RedisStorage {
             batch.counters.len(),
             64 + key_bytes + numbers.len() * 9 / 8,
         );
+        let tag = namespace_tag(batch.namespace);
         for counter in &batch.counters {
             cmd.arg(CounterKeyArg {
                 prefix: &self.prefix,
-                namespace: batch.namespace,
+                tag: &tag,
                 key: &counter.key,
             });
         }
@@ -479,10 +464,49 @@ fn parse_state(value: &[u8]) -> Option<CounterState> {
     })
 }
 
+/// The namespace inside a key's hash tag: `%`, `{` and `}` percent-encoded (`%25`, `%7B`, `%7D`)
+/// and every other byte as it is, so that no namespace can end the tag early (`}`), extend it or
+/// leave it empty, and two namespaces never share a tag. The empty namespace (no limit has one)
+/// is `%`, which no other namespace's tag is. The one place keys get their namespace.
+pub fn namespace_tag(namespace: &str) -> Cow<'_, str> {
+    if namespace.is_empty() {
+        return Cow::Borrowed("%");
+    }
+    if !namespace.contains(['%', '{', '}']) {
+        return Cow::Borrowed(namespace);
+    }
+    let mut tag = String::with_capacity(namespace.len() + 8);
+    for c in namespace.chars() {
+        match c {
+            '%' => tag.push_str("%25"),
+            '{' => tag.push_str("%7B"),
+            '}' => tag.push_str("%7D"),
+            c => tag.push(c),
+        }
+    }
+    Cow::Owned(tag)
+}
+
+/// The Redis key of `key`, a counter of `namespace`, under `prefix`: the exact bytes `apply`
+/// sends.
+pub fn counter_key(prefix: &str, namespace: &str, key: &CounterKey) -> Vec<u8> {
+    let mut cmd = Cmd::new();
+    cmd.arg(CounterKeyArg {
+        prefix,
+        tag: &namespace_tag(namespace),
+        key,
+    });
+    match cmd.args_iter().next() {
+        Some(redis::Arg::Simple(bytes)) => bytes.to_vec(),
+        _ => Vec::new(),
+    }
+}
+
 /// A counter's Redis key, written straight into the command.
 struct CounterKeyArg<'a> {
     prefix: &'a str,
-    namespace: &'a str,
+    /// [`namespace_tag`] of the counter's namespace.
+    tag: &'a str,
     key: &'a CounterKey,
 }
 
@@ -496,7 +520,7 @@ impl ToRedisArgs for CounterKeyArg<'_> {
         for part in [
             self.prefix.as_bytes(),
             b":{",
-            self.namespace.as_bytes(),
+            self.tag.as_bytes(),
             b"}:",
             &hex,
             b":",
@@ -556,6 +580,7 @@ pub fn redact(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::algorithm::Policy;
 
     #[test]
     fn passwords_are_masked() {
@@ -575,13 +600,46 @@ mod tests {
             RedisStorage::open("redis://127.0.0.1:1", "rk", Duration::from_millis(5)).unwrap();
         let key = CounterKey::new(0xabc, ["alice:1", "", "ünï"]);
         assert_eq!(key.values(), ["alice:1", "", "ünï"]);
-        let prefix = storage.namespace_prefix("llm/route");
-        let text = String::from_utf8(storage.key("llm/route", &key)).unwrap();
-        assert_eq!(text, "rk:{llm/route}:0000000000000abc:7:alice:10:5:ünï");
-        assert_eq!(parse_key(text.strip_prefix(&prefix).unwrap()), Some(key));
+        for namespace in ["llm/route", "a}b{c%"] {
+            let prefix = storage.namespace_prefix(namespace);
+            let text = String::from_utf8(counter_key("rk", namespace, &key)).unwrap();
+            let rest = text.strip_prefix(&prefix).unwrap();
+            assert_eq!(rest, "0000000000000abc:7:alice:10:5:ünï");
+            assert_eq!(parse_key(rest), Some(key.clone()));
+        }
         let top = CounterKey::new(u64::MAX - 1, ["x"]);
-        let text = String::from_utf8(storage.key("n", &top)).unwrap();
+        let text = String::from_utf8(counter_key("rk", "n", &top)).unwrap();
         assert_eq!(text, "rk:{n}:fffffffffffffffe:1:x");
+    }
+
+    #[test]
+    fn namespace_tags_never_contain_braces_and_never_collide() {
+        assert_eq!(namespace_tag("llm/route"), "llm/route");
+        assert!(matches!(namespace_tag("llm/route"), Cow::Borrowed(_)));
+        assert_eq!(namespace_tag("a}b{c"), "a%7Db%7Bc");
+        assert_eq!(namespace_tag("100%"), "100%25");
+        assert_eq!(namespace_tag("%7D"), "%257D");
+        assert_eq!(namespace_tag(""), "%");
+        let namespaces = [
+            "", "%", "}", "{", "%7D", "%7B", "%25", "a", "a}", "{a}", "}{",
+        ];
+        let tags: std::collections::HashSet<_> =
+            namespaces.iter().map(|n| namespace_tag(n)).collect();
+        assert_eq!(tags.len(), namespaces.len(), "{tags:?}");
+        assert!(
+            tags.iter()
+                .all(|t| !t.is_empty() && !t.contains(['{', '}']))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_key_prefix_with_braces_is_refused() {
+        for prefix in ["a{b", "}", "{x}"] {
+            let error = RedisStorage::open("redis://127.0.0.1:1", prefix, Duration::from_millis(5))
+                .err()
+                .unwrap_or_default();
+            assert!(error.contains("must not contain"), "{prefix}: {error}");
+        }
     }
 
     #[test]
@@ -628,6 +686,37 @@ mod tests {
         ] {
             assert_eq!(parse_state(&garbage), None, "{garbage:?}");
         }
+    }
+
+    /// The numbers decide.lua names (`local A, B, C = 0, 1, 2`) are Rust's wire numbers.
+    #[test]
+    fn the_script_numbers_policies_and_algorithms_as_rust_does() {
+        let script = include_str!("decide.lua");
+        let constants = |names: &str| -> Vec<u8> {
+            let line = script
+                .lines()
+                .find(|l| l.starts_with(&format!("local {names} = ")))
+                .unwrap_or_else(|| panic!("decide.lua declares `local {names} = ...`"));
+            let values = &line[format!("local {names} = ").len()..];
+            values
+                .split(',')
+                .map(|v| v.trim().parse().unwrap())
+                .collect()
+        };
+        let policies = [Policy::AllOrNothing, Policy::CheckOnly, Policy::Charge];
+        assert_eq!(
+            constants("ALL_OR_NOTHING, CHECK_ONLY, CHARGE"),
+            policies.map(Policy::wire)
+        );
+        let algorithms = [
+            Algorithm::FixedWindow(crate::algorithm::FixedWindow::new(1, 1)),
+            Algorithm::TokenBucket(crate::algorithm::TokenBucket::continuous(1, 1)),
+            Algorithm::SlidingWindow(crate::algorithm::SlidingWindow::new(1, 1)),
+        ];
+        assert_eq!(
+            constants("FIXED_WINDOW, TOKEN_BUCKET, SLIDING_WINDOW"),
+            algorithms.map(|a| a.wire())
+        );
     }
 
     #[test]

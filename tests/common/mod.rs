@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 use ratekeeper::clock::ManualClock;
 use ratekeeper::limiter::{Decided, Limiter, Observer};
-use ratekeeper::limits::{EvalError, Limit, load_file};
+use ratekeeper::limits::{
+    EvalError, FixedLimits, Limit, RATE_LIMIT_CONFIG, load_file, parse_rate_limit_config,
+};
 use ratekeeper::metrics::Prometheus;
 use ratekeeper::proto::envoy::extensions::common::ratelimit::v3::{
     RateLimitDescriptor, rate_limit_descriptor::Entry,
@@ -95,6 +97,8 @@ pub struct Options {
     /// Content written over the limits file after it is loaded and before the server starts:
     /// an edit that lands while the server is starting.
     pub edited_while_starting: Option<String>,
+    /// ASM's `RATE_LIMIT_CONFIG` rules (JSON), in the namespace `asm`, beside the file's.
+    pub asm_rate_limit_config: Option<String>,
     /// A Redis the test owns, instead of the backend's shared one.
     pub redis_url: Option<String>,
 }
@@ -109,6 +113,7 @@ impl Default for Options {
             grpc_reflection: false,
             limit_name_in_labels: false,
             edited_while_starting: None,
+            asm_rate_limit_config: None,
             redis_url: None,
         }
     }
@@ -134,7 +139,14 @@ impl TestServer {
             .unwrap()
             .write_all(limits_yaml.as_bytes())
             .unwrap();
-        let limits = load_file(&path).unwrap();
+        let mut limits = load_file(&path).unwrap();
+        if let Some(json) = &options.asm_rate_limit_config {
+            let rules = parse_rate_limit_config(json, "asm").unwrap();
+            let fixed = FixedLimits::new(RATE_LIMIT_CONFIG, "asm", rules);
+            limits = limits
+                .with_fixed("limits.yaml", Some(Arc::new(fixed)))
+                .unwrap();
+        }
         if let Some(edited) = &options.edited_while_starting {
             std::fs::write(&path, edited).unwrap();
         }
@@ -156,6 +168,8 @@ impl TestServer {
             limits_file: Some(path.clone()),
             grpc_reflection: options.grpc_reflection,
             asm_namespace: "asm".to_string(),
+            connections: Default::default(),
+            http_auth_token: None,
         };
         let running = server::start(settings, limiter.clone(), status.clone())
             .await
@@ -252,6 +266,32 @@ fn storage(options: &Options) -> Arc<dyn Storage> {
         (Backend::RedisCluster, None) => redis::shared_cluster_url(),
     };
     Arc::new(RedisStorage::open(&url, &prefix, Duration::from_secs(2)).unwrap())
+}
+
+/// Every live counter of `limits` in `namespace`, straight from a storage (all the pages).
+pub async fn list_all(
+    storage: &dyn Storage,
+    namespace: &str,
+    limits: &[u64],
+    now_ms: u64,
+) -> Vec<CounterSnapshot> {
+    let mut counters = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = PageRequest {
+            cursor: cursor.as_deref(),
+            ..PageRequest::default()
+        };
+        let page = storage
+            .counters(namespace, limits, page, now_ms)
+            .await
+            .unwrap();
+        counters.extend(page.items);
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => return counters,
+        }
+    }
 }
 
 /// Runs each scenario `async fn name(backend: Backend)` once per storage, as

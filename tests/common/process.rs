@@ -78,6 +78,11 @@ impl Server {
         self.process.pid()
     }
 
+    /// How it exited, if it has.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.process.exited()
+    }
+
     async fn wait_until_ready(&mut self) {
         let client = reqwest::Client::new();
         let url = format!("http://{}/status", self.http);

@@ -1,0 +1,363 @@
+//! Accepting and serving the connections of one listener, with the bounds a port open to a
+//! network needs:
+//!
+//! - at most `max_connections` at once: past it the listener stops accepting, and new clients
+//!   wait in the kernel's backlog until a connection closes (no descriptor is spent on them);
+//! - a pause after a failed accept (out of file descriptors, say), instead of retrying at once
+//!   and spinning a core while the failure lasts;
+//! - timeouts for peers that connect and say nothing, trickle, or stop answering: HTTP/1's
+//!   header-read timeout (which also ends idle keep-alive connections), HTTP/2's handshake
+//!   timeout (the connection preface) and keepalive PINGs;
+//! - a shutdown that waits for calls in flight, but not for idle or half-sent ones.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Sleep;
+use tower::{Service, ServiceExt};
+
+/// How long a listener waits after a failed accept before trying again.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Once shutdown is asked for, how long a connection with nothing in flight is still served
+/// before it is closed: time to flush the last answers and for polite peers to close first.
+const LINGER: Duration = Duration::from_millis(100);
+
+/// Length of the connection preface every HTTP/2 client sends first (RFC 9113, 3.4).
+const H2_PREFACE_LEN: usize = 24;
+
+/// Most calls one HTTP/2 connection may have open at once (hyper's default, made explicit;
+/// tonic's own server left it unbounded). Clients queue or open another connection past it.
+const MAX_STREAMS_PER_CONNECTION: u32 = 200;
+
+/// What a listener speaks, with its timeouts.
+#[derive(Debug, Clone, Copy)]
+pub enum Protocol {
+    /// HTTP/1.1. `header_read_timeout` is the longest wait for a request's headers, counted
+    /// from the connection's start or from the end of the previous answer.
+    Http1 { header_read_timeout: Duration },
+    /// HTTP/2 only (gRPC). `handshake_timeout` is the longest wait for the connection
+    /// preface; then a PING goes out after each `keepalive_interval` without traffic, and the
+    /// connection is closed when one is not acknowledged within `keepalive_timeout`.
+    Http2 {
+        handshake_timeout: Duration,
+        keepalive_interval: Duration,
+        keepalive_timeout: Duration,
+    },
+}
+
+/// Serves `service` on every connection `listener` accepts, at most `max_connections` at
+/// once, until `stopped` turns true; then stops accepting, lets calls in flight finish and
+/// returns once every connection is closed.
+pub async fn serve<S, B>(
+    listener: TcpListener,
+    protocol: Protocol,
+    max_connections: usize,
+    service: S,
+    mut stopped: watch::Receiver<bool>,
+) where
+    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let addr = listener.local_addr().ok();
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    let mut connections = JoinSet::new();
+    let mut failing = false;
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = stop_asked(&mut stopped) => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop_asked(&mut stopped) => break,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                failing = false;
+                // Nagle's algorithm with delayed ACKs adds ~40 ms to small answers.
+                let _ = stream.set_nodelay(true);
+                connections.spawn(serve_connection(
+                    stream,
+                    protocol,
+                    service.clone(),
+                    stopped.clone(),
+                    slot,
+                ));
+            }
+            // That peer gave up before it was accepted; the next one may be fine.
+            Err(e) if is_peer_error(&e) => continue,
+            Err(error) => {
+                if failing {
+                    tracing::debug!(?addr, %error, "cannot accept a connection");
+                } else {
+                    tracing::warn!(?addr, %error, pause = ?ACCEPT_ERROR_PAUSE, "cannot accept connections; retrying after each pause");
+                    failing = true;
+                }
+                drop(slot);
+                tokio::select! {
+                    _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
+                    _ = stop_asked(&mut stopped) => break,
+                }
+            }
+        }
+        while connections.try_join_next().is_some() {}
+    }
+    // Closing the listening socket: new clients are refused instead of left waiting.
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+async fn stop_asked(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|&stop| stop).await;
+}
+
+fn is_peer_error(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+    )
+}
+
+async fn serve_connection<S, B>(
+    stream: TcpStream,
+    protocol: Protocol,
+    service: S,
+    stopped: watch::Receiver<bool>,
+    _slot: OwnedSemaphorePermit,
+) where
+    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let in_flight = Arc::new(InFlight::default());
+    let service = {
+        let in_flight = in_flight.clone();
+        hyper::service::service_fn(move |request| {
+            let call = InFlight::enter(&in_flight);
+            let answer = service.clone().oneshot(request);
+            async move {
+                let response = answer.await;
+                drop(call);
+                response
+            }
+        })
+    };
+    let result = match protocol {
+        Protocol::Http1 {
+            header_read_timeout,
+        } => {
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            drive(
+                pin!(connection),
+                |connection| connection.graceful_shutdown(),
+                &in_flight,
+                stopped,
+            )
+            .await
+        }
+        Protocol::Http2 {
+            handshake_timeout,
+            keepalive_interval,
+            keepalive_timeout,
+        } => {
+            let connection = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(keepalive_interval)
+                .keep_alive_timeout(keepalive_timeout)
+                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+                .serve_connection(
+                    TokioIo::new(HandshakeDeadline::new(stream, handshake_timeout)),
+                    service,
+                );
+            drive(
+                pin!(connection),
+                |connection| connection.graceful_shutdown(),
+                &in_flight,
+                stopped,
+            )
+            .await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "connection closed");
+    }
+}
+
+/// Runs `connection` until it ends or shutdown is asked for; then asks it to finish
+/// gracefully (HTTP/1: close once the answer in progress is sent; HTTP/2: GOAWAY) and waits
+/// until it has closed or has had nothing in flight for [`LINGER`], whichever comes first:
+/// a peer that stopped talking does not hold the shutdown.
+async fn drive<C>(
+    mut connection: Pin<&mut C>,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+    in_flight: &InFlight,
+    mut stopped: watch::Receiver<bool>,
+) -> hyper::Result<()>
+where
+    C: Future<Output = hyper::Result<()>>,
+{
+    tokio::select! {
+        result = connection.as_mut() => return result,
+        _ = stop_asked(&mut stopped) => {}
+    }
+    graceful_shutdown(connection.as_mut());
+    tokio::select! {
+        result = connection.as_mut() => result,
+        _ = in_flight.settled() => Ok(()),
+    }
+}
+
+/// The calls of one connection that have been received (headers read) and not yet answered.
+#[derive(Default)]
+struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+struct Call(Arc<InFlight>);
+
+impl InFlight {
+    fn enter(this: &Arc<Self>) -> Call {
+        this.count.fetch_add(1, Ordering::AcqRel);
+        Call(this.clone())
+    }
+
+    /// Returns once nothing has been in flight for [`LINGER`].
+    async fn settled(&self) {
+        loop {
+            loop {
+                let idle = self.idle.notified();
+                let mut idle = pin!(idle);
+                idle.as_mut().enable();
+                if self.count.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                idle.await;
+            }
+            tokio::time::sleep(LINGER).await;
+            if self.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// A connection that must deliver the HTTP/2 preface before a deadline: until
+/// [`H2_PREFACE_LEN`] bytes have arrived, a read still waiting at the deadline fails with
+/// `TimedOut`, which ends the connection. After that it is the plain stream.
+struct HandshakeDeadline {
+    stream: TcpStream,
+    deadline: Option<Pin<Box<Sleep>>>,
+    received: usize,
+}
+
+impl HandshakeDeadline {
+    fn new(stream: TcpStream, timeout: Duration) -> Self {
+        Self {
+            stream,
+            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
+            received: 0,
+        }
+    }
+}
+
+impl AsyncRead for HandshakeDeadline {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Some(deadline) = &mut this.deadline {
+            match &polled {
+                Poll::Ready(Ok(())) => {
+                    this.received += buf.filled().len() - before;
+                    if this.received >= H2_PREFACE_LEN {
+                        this.deadline = None;
+                    }
+                }
+                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no HTTP/2 connection preface within the handshake timeout",
+                    )));
+                }
+                _ => {}
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for HandshakeDeadline {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
