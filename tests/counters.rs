@@ -244,7 +244,7 @@ async fn a_page_of_a_huge_memory_store_is_bounded() {
 }
 
 /// A namespace's 3000 counters among 200,000 unrelated keys: the listing pages from the client
-/// (SCAN and MGET, no script), and no command it sends keeps Redis busy for long.
+/// (SCAN and MGET, no long script), and no command it sends keeps Redis busy for long.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_listing_among_many_unrelated_keys_runs_no_long_command() {
     let redis = RedisProcess::start();
@@ -261,8 +261,8 @@ async fn a_redis_listing_among_many_unrelated_keys_runs_no_long_command() {
 
     // From here on: what the listing makes Redis do. One script over the whole keyspace took
     // about 200 ms here; a SCAN of 1000 keys takes about 0.5 ms on average, but a busy machine
-    // (this suite on 2 cores) stretches single commands past 10 ms now and then. So: no script,
-    // SCANs short on average, and no single command anywhere near the script's time.
+    // (this suite on 2 cores) stretches single commands past 10 ms now and then. So: no long
+    // script, SCANs short on average, and no single command anywhere near the script's time.
     for command in [
         &["CONFIG", "SET", "slowlog-log-slower-than", "50000"][..],
         &["SLOWLOG", "RESET"],
@@ -279,21 +279,26 @@ async fn a_redis_listing_among_many_unrelated_keys_runs_no_long_command() {
         "commands slower than 50 ms: {slow}"
     );
     let stats = cli(redis.port, &["INFO", "commandstats"]).unwrap();
-    assert!(!stats.contains("cmdstat_eval"), "a script ran: {stats}");
-    let scan_usec_per_call: f64 = stats
-        .lines()
-        .find_map(|line| line.strip_prefix("cmdstat_scan:"))
-        .and_then(|line| {
-            line.split(',')
-                .find_map(|f| f.strip_prefix("usec_per_call="))
-        })
-        .and_then(|usec| usec.parse().ok())
-        .unwrap_or_else(|| panic!("no SCAN ran: {stats}"));
-    assert!(
-        scan_usec_per_call < 3000.0,
-        "SCANs took {scan_usec_per_call} µs on average"
-    );
+    // Scripts may run meanwhile (the readiness probe's ping is one), but only short ones.
+    for script in ["eval", "evalsha"] {
+        if let Some(usec) = usec_per_call(&stats, script) {
+            assert!(usec < 1000.0, "{script} took {usec} µs on average: {stats}");
+        }
+    }
+    let scan = usec_per_call(&stats, "scan").unwrap_or_else(|| panic!("no SCAN ran: {stats}"));
+    assert!(scan < 3000.0, "SCANs took {scan} µs on average");
     assert!(pages.iter().all(|p| p.len() <= 1000));
     assert_each_once(&pages, 3_000);
     server.shutdown().await;
+}
+
+/// A command's average time in `INFO commandstats`, if it ran.
+fn usec_per_call(stats: &str, command: &str) -> Option<f64> {
+    let line = stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:")))?;
+    line.split(',')
+        .find_map(|field| field.strip_prefix("usec_per_call="))?
+        .parse()
+        .ok()
 }
