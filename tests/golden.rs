@@ -263,7 +263,7 @@ async fn stored_values_are_the_golden_ones_both_ways() {
             .query_async(&mut connection)
             .await
             .unwrap();
-        let listed = storage.counters(namespace, &[i as u64], NOW).await.unwrap();
+        let listed = common::list_all(&storage, namespace, &[i as u64], NOW).await;
         let read: Vec<_> = listed
             .iter()
             .filter(|c| c.key == key)

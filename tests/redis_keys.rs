@@ -109,10 +109,10 @@ async fn a_namespace_cannot_reach_into_another_namespaces_counters() {
         outcome[0].admitted,
         "namespace `a` was charged by namespace {intruder:?}"
     );
-    let listed = storage.counters("a", &[1], NOW).await.unwrap();
+    let listed = common::list_all(&storage, "a", &[1], NOW).await;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].key.values(), [victim_value]);
-    let listed = storage.counters(intruder, &[2], NOW).await.unwrap();
+    let listed = common::list_all(&storage, intruder, &[2], NOW).await;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].key.values(), ["z"]);
 }
@@ -131,7 +131,7 @@ async fn listing_a_namespace_shows_exactly_its_counters() {
             .unwrap();
     }
     for (i, namespace) in namespaces.iter().enumerate() {
-        let listed = storage.counters(namespace, &[1], NOW).await.unwrap();
+        let listed = common::list_all(&storage, namespace, &[1], NOW).await;
         let values: Vec<Vec<&str>> = listed.iter().map(|c| c.key.values()).collect();
         assert_eq!(values, [[format!("n{i}")]], "namespace {namespace:?}");
     }

@@ -7,8 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, LazyLock};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -22,7 +23,7 @@ use crate::request::RequestBounds;
 use crate::request::{Descriptor, Request};
 use crate::rls::headers;
 use crate::status::ServerStatus;
-use crate::storage::StorageError;
+use crate::storage::{ListError, PageRequest, StorageError};
 use crate::throttle::{LOG_EVERY, Throttle};
 
 mod asm;
@@ -118,13 +119,59 @@ struct CounterView<'a> {
     expires_in_seconds: u64,
 }
 
-async fn get_counters(State(state): State<AppState>, Path(namespace): Path<String>) -> Response {
-    let counters = match state.limiter.counters(&namespace).await {
-        Ok(counters) => counters,
-        Err(e) => return storage_error(&e),
+/// One page of a namespace's counters: `?limit=` (default 1000, at most 10,000) and
+/// `?cursor=`; the body is the JSON list Limitador answers, and when there is more, the
+/// `Link` (`rel="next"`) and `X-Next-Cursor` headers tell where to go on.
+async fn get_counters(
+    State(state): State<AppState>,
+    Path(namespace): Path<String>,
+    uri: Uri,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
+    let params = match query {
+        Ok(Query(params)) => params,
+        Err(rejection) => return bad_request(rejection.body_text()),
+    };
+    let mut limit = None;
+    let mut cursor = None;
+    for (name, value) in &params {
+        let slot = match name.as_str() {
+            "limit" => &mut limit,
+            "cursor" => &mut cursor,
+            other => {
+                return bad_request(format!(
+                    "unknown query parameter `{other}` (expected `limit` and `cursor`)"
+                ));
+            }
+        };
+        if slot.replace(value.as_str()).is_some() {
+            return bad_request(format!("query parameter `{name}` given more than once"));
+        }
+    }
+    let limit = match limit.map(str::parse::<usize>) {
+        None => PageRequest::DEFAULT_LIMIT,
+        Some(Ok(n)) if (1..=PageRequest::MAX_LIMIT).contains(&n) => n,
+        Some(_) => {
+            return bad_request(format!(
+                "query parameter `limit` must be a whole number from 1 to {}",
+                PageRequest::MAX_LIMIT
+            ));
+        }
+    };
+    let page = match state
+        .limiter
+        .counters(&namespace, PageRequest { cursor, limit })
+        .await
+    {
+        Ok(page) => page,
+        Err(ListError::InvalidCursor(reason)) => {
+            return bad_request(format!("query parameter `cursor`: {reason}"));
+        }
+        Err(ListError::Storage(e)) => return storage_error(&e),
     };
     let now = state.limiter.now_ms();
-    let views: Vec<CounterView<'_>> = counters
+    let views: Vec<CounterView<'_>> = page
+        .items
         .iter()
         .map(|(limit, counter)| {
             let state = limit.algorithm.current(Some(counter.state), now);
@@ -141,7 +188,18 @@ async fn get_counters(State(state): State<AppState>, Path(namespace): Path<Strin
             }
         })
         .collect();
-    Json(views).into_response()
+    let mut response = Json(views).into_response();
+    if let Some(next) = page.next {
+        let link = format!("<{}?limit={limit}&cursor={next}>; rel=\"next\"", uri.path());
+        let headers = response.headers_mut();
+        if let Ok(value) = HeaderValue::try_from(link) {
+            headers.insert(header::LINK, value);
+        }
+        if let Ok(value) = HeaderValue::try_from(next) {
+            headers.insert(HeaderName::from_static("x-next-cursor"), value);
+        }
+    }
+    response
 }
 
 /// A counter's state as of now (refills and expiry applied).

@@ -21,7 +21,7 @@ pub use crate::call::{Call, Code, Verdict};
 use crate::clock::Clock;
 use crate::limits::{EvalError, Limit, LimitId, LimitSet};
 pub use crate::request::{Descriptor, Request};
-use crate::storage::{CounterSnapshot, Storage, StorageError};
+use crate::storage::{CounterSnapshot, ListError, Page, PageRequest, Storage, StorageError};
 use crate::throttle::{LOG_EVERY, Throttle};
 pub use decision::{Decision, DescriptorStatus, LimitStatus};
 use plan::plan;
@@ -227,23 +227,37 @@ impl Limiter {
         }
     }
 
-    /// The live counters of a namespace, with their limits.
+    /// One page of the live counters of a namespace, with their limits (see
+    /// [`Page`]: bounded work, not atomic). The page's limit is taken within
+    /// `1..=PageRequest::MAX_LIMIT`.
     pub async fn counters(
         &self,
         namespace: &str,
-    ) -> Result<Vec<(Arc<Limit>, CounterSnapshot)>, StorageError> {
+        page: PageRequest<'_>,
+    ) -> Result<Page<(Arc<Limit>, CounterSnapshot)>, ListError> {
         let limits = self.limits.load_full();
         let keys: Vec<_> = limits.namespace(namespace).iter().map(|l| l.key).collect();
         if keys.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Page {
+                items: Vec::new(),
+                next: None,
+            });
         }
+        let page = PageRequest {
+            limit: page.limit.clamp(1, PageRequest::MAX_LIMIT),
+            ..page
+        };
         let snapshots = self
             .storage
-            .counters(namespace, &keys, self.clock.now_ms())
+            .counters(namespace, &keys, page, self.clock.now_ms())
             .await?;
-        Ok(snapshots
-            .into_iter()
-            .filter_map(|s| limits.by_key(s.key.limit).map(|l| (l.clone(), s)))
-            .collect())
+        Ok(Page {
+            items: snapshots
+                .items
+                .into_iter()
+                .filter_map(|s| limits.by_key(s.key.limit).map(|l| (l.clone(), s)))
+                .collect(),
+            next: snapshots.next,
+        })
     }
 }

@@ -6,19 +6,32 @@
 //! off the request path; the number of live counters is bounded by `capacity`, and a request
 //! that would need a new counter beyond it fails with [`StorageError::CapacityExhausted`]
 //! instead of silently evicting (resetting) a live one.
+//!
+//! Listing (the admin API) runs on a blocking thread, never on the threads that answer
+//! decisions, and holds one shard's lock at a time for at most [`LIST_STEP`] entries; a page
+//! looks at most [`LIST_BUDGET`] entries. Its cursor is `<shard>.<position in the shard's
+//! iteration order>`, which stays valid while the shard is not changed.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 
-use super::{Batch, CounterKey, CounterSnapshot, LimitId, Storage, StorageError};
+use super::{
+    Batch, CounterKey, CounterSnapshot, LimitId, ListError, Page, PageRequest, Storage,
+    StorageError, parse_cursor,
+};
 use crate::algorithm::{CounterState, GroupOutcome, evaluate};
 
 const SHARDS: usize = 64;
+/// Entries a listing looks at under one lock.
+const LIST_STEP: usize = 4096;
+/// Entries one page looks at, at most (a few milliseconds).
+const LIST_BUDGET: usize = 256 * 1024;
 
 type Shard = HashMap<CounterKey, Stored>;
 
@@ -30,7 +43,8 @@ struct Stored {
 }
 
 pub struct MemoryStorage {
-    shards: Box<[Mutex<Shard>]>,
+    /// Shared with listings, which run on blocking threads.
+    shards: Arc<[Mutex<Shard>]>,
     hasher: RandomState,
     live: AtomicUsize,
     capacity: usize,
@@ -143,6 +157,50 @@ impl MemoryStorage {
 
 struct NoRoom;
 
+/// One page of the live counters of `limits`, from `shard`, `position` on.
+fn list(
+    shards: &[Mutex<Shard>],
+    limits: &[LimitId],
+    (mut shard, mut position): (usize, usize),
+    limit: usize,
+    now_ms: u64,
+) -> Page<CounterSnapshot> {
+    let mut items = Vec::new();
+    let mut budget = LIST_BUDGET;
+    while shard < shards.len() {
+        if items.len() >= limit || budget == 0 {
+            return Page {
+                items,
+                next: Some(format!("{shard}.{position}")),
+            };
+        }
+        let step = LIST_STEP.min(budget);
+        let map = shards[shard].lock();
+        let mut at = position;
+        for (key, stored) in map.iter().skip(position) {
+            if at - position >= step || items.len() >= limit {
+                break;
+            }
+            at += 1;
+            if stored.expires_at_ms > now_ms && limits.contains(&key.limit) {
+                items.push(CounterSnapshot {
+                    key: key.clone(),
+                    state: stored.state,
+                });
+            }
+        }
+        let entries = map.len();
+        drop(map);
+        budget -= at.saturating_sub(position);
+        if at >= entries {
+            (shard, position) = (shard + 1, 0);
+        } else {
+            position = at;
+        }
+    }
+    Page { items, next: None }
+}
+
 #[async_trait]
 impl Storage for MemoryStorage {
     async fn apply(
@@ -157,24 +215,29 @@ impl Storage for MemoryStorage {
         &self,
         _namespace: &str,
         limits: &[LimitId],
+        page: PageRequest<'_>,
         now_ms: u64,
-    ) -> Result<Vec<CounterSnapshot>, StorageError> {
-        let mut found = Vec::new();
-        for shard in self.shards.iter() {
-            let shard = shard.lock();
-            found.extend(
-                shard
-                    .iter()
-                    .filter(|(key, stored)| {
-                        stored.expires_at_ms > now_ms && limits.contains(&key.limit)
-                    })
-                    .map(|(key, stored)| CounterSnapshot {
-                        key: key.clone(),
-                        state: stored.state,
-                    }),
-            );
-        }
-        Ok(found)
+    ) -> Result<Page<CounterSnapshot>, ListError> {
+        let start = match page.cursor {
+            None => (0, 0),
+            Some(cursor) => {
+                let (shard, position) = parse_cursor(cursor)?;
+                match (usize::try_from(shard), usize::try_from(position)) {
+                    (Ok(shard), Ok(position)) if shard < SHARDS => (shard, position),
+                    _ => {
+                        return Err(ListError::InvalidCursor(format!(
+                            "{cursor:?} is beyond the end of the counters"
+                        )));
+                    }
+                }
+            }
+        };
+        let shards = self.shards.clone();
+        let limits = limits.to_vec();
+        let limit = page.limit;
+        tokio::task::spawn_blocking(move || list(&shards, &limits, start, limit, now_ms))
+            .await
+            .map_err(|e| ListError::Storage(StorageError::Unavailable(e.to_string())))
     }
 
     fn live_counters(&self) -> Option<usize> {

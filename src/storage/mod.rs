@@ -127,6 +127,88 @@ pub struct CounterSnapshot {
     pub state: CounterState,
 }
 
+/// Which page of a namespace's counters to list.
+#[derive(Debug, Clone, Copy)]
+pub struct PageRequest<'a> {
+    /// Where to resume: `None` for the first page, else the `next` of the page before. Cursors
+    /// are opaque to clients; each storage reads its own.
+    pub cursor: Option<&'a str>,
+    /// At most this many counters.
+    pub limit: usize,
+}
+
+impl PageRequest<'_> {
+    /// A page's size when the client does not say.
+    pub const DEFAULT_LIMIT: usize = 1000;
+    /// The largest page a client may ask for.
+    pub const MAX_LIMIT: usize = 10_000;
+}
+
+impl Default for PageRequest<'_> {
+    fn default() -> Self {
+        Self {
+            cursor: None,
+            limit: Self::DEFAULT_LIMIT,
+        }
+    }
+}
+
+/// One page of a listing. Each page is bounded work: it may hold fewer than the limit (even
+/// none) and still have a next page. The listing has ended when `next` is `None`.
+///
+/// A listing is not atomic: a counter created, expired or moved while the pages are read may
+/// be listed twice or not at all; one that stays unchanged (and the store around it) is listed
+/// exactly once.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// The cursor of the next page.
+    pub next: Option<String>,
+}
+
+/// Why a page could not be listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListError {
+    /// The cursor is not one this storage hands out (the reason says why).
+    InvalidCursor(String),
+    Storage(StorageError),
+}
+
+impl From<StorageError> for ListError {
+    fn from(error: StorageError) -> Self {
+        ListError::Storage(error)
+    }
+}
+
+impl fmt::Display for ListError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListError::InvalidCursor(reason) => write!(f, "invalid cursor: {reason}"),
+            ListError::Storage(error) => error.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for ListError {}
+
+/// Reads a cursor of the form `<a>.<b>` (two decimal numbers), the form both storages use.
+fn parse_cursor(cursor: &str) -> Result<(u64, u64), ListError> {
+    let invalid = || {
+        ListError::InvalidCursor(format!(
+            "{cursor:?} is not a cursor this server handed out (use the `next` cursor of the previous page)"
+        ))
+    };
+    let (a, b) = cursor.split_once('.').ok_or_else(invalid)?;
+    let number = |text: &str| {
+        let digits = !text.is_empty() && text.bytes().all(|c| c.is_ascii_digit());
+        digits.then(|| text.parse::<u64>().ok()).flatten()
+    };
+    Ok((
+        number(a).ok_or_else(invalid)?,
+        number(b).ok_or_else(invalid)?,
+    ))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StorageError {
     /// The configured bound on live counters is reached and none has expired; a new counter
@@ -171,13 +253,15 @@ pub trait Storage: Send + Sync + 'static {
         now_ms: u64,
     ) -> Result<Vec<GroupOutcome>, StorageError>;
 
-    /// The live (unexpired) counters of the given limits, all of `namespace`.
+    /// One page of the live (unexpired) counters of the given limits, all of `namespace`:
+    /// bounded work, and never long on the threads that answer decisions (see [`Page`]).
     async fn counters(
         &self,
         namespace: &str,
         limits: &[LimitId],
+        page: PageRequest<'_>,
         now_ms: u64,
-    ) -> Result<Vec<CounterSnapshot>, StorageError>;
+    ) -> Result<Page<CounterSnapshot>, ListError>;
 
     /// Frees what has expired; called periodically off the request path.
     fn reclaim_expired(&self, _now_ms: u64) {}
@@ -212,5 +296,28 @@ mod tests {
             format!("0:9:abcdefghi10:abcdefghij123:{long}3:1:2")
         );
         assert_eq!(key.values(), values);
+    }
+
+    #[test]
+    fn cursors_are_two_decimal_numbers() {
+        assert_eq!(parse_cursor("0.0"), Ok((0, 0)));
+        assert_eq!(parse_cursor("18446744073709551615.7"), Ok((u64::MAX, 7)));
+        for bad in [
+            "",
+            ".",
+            "1",
+            "1.",
+            ".1",
+            "1.2.3",
+            "-1.0",
+            "+1.0",
+            "a.b",
+            "18446744073709551616.0",
+        ] {
+            assert!(
+                matches!(parse_cursor(bad), Err(ListError::InvalidCursor(_))),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -25,6 +25,12 @@
 //! counters. The value is the counter's state, packed (see decide.lua), and the key expires when
 //! the state no longer matters: nothing grows forever. The key format and the packed values
 //! outlive upgrades: tests/golden.rs pins them (README, "Upgrades and the Redis key format").
+//!
+//! Listing a namespace's counters (the admin API) pages from the client: each round trip is one
+//! `SCAN … MATCH <namespace prefix>* COUNT 1000` and one `MGET` of the keys it found, sent to the
+//! node that owns the namespace's slot, so Redis never runs a long command for it. A page stops
+//! when full, at the end of the keyspace, or after [`LIST_BUDGET`]; its cursor is
+//! `<SCAN cursor>.<keys of that SCAN's answer already listed>`.
 
 use std::borrow::Cow;
 use std::io::Write;
@@ -36,10 +42,14 @@ use redis::aio::ConnectionLike;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, ErrorKind, RedisWrite, Script, ServerErrorKind, ToRedisArgs, Value};
 use tokio::sync::OnceCell;
 
-use super::{Batch, CounterKey, CounterSnapshot, LimitId, Storage, StorageError};
+use super::{
+    Batch, CounterKey, CounterSnapshot, LimitId, ListError, Page, PageRequest, Storage,
+    StorageError, parse_cursor,
+};
 use crate::algorithm::{
     Algorithm, BucketState, CounterOutcome, CounterState, GroupOutcome, MAX_COUNT, SlidingState,
     WindowState,
@@ -49,10 +59,16 @@ use crate::algorithm::{
 /// return.
 const CHUNK: usize = 4000;
 
+/// The `COUNT` of a listing's `SCAN`s: keys Redis looks at per round trip (well under a
+/// millisecond). Fixed, so that repeating a `SCAN` repeats its answer.
+const SCAN_COUNT: usize = 1000;
+/// How long one page of a listing keeps sending round trips (each bounded by the storage
+/// timeout); then it ends early, with a cursor to go on from.
+const LIST_BUDGET: Duration = Duration::from_secs(1);
+
 pub struct RedisStorage {
     connection: Connection,
     decide: Script,
-    list: Script,
     ping: Script,
     /// `<` and `CHUNK` `d`s: the `struct` formats of decide.lua's arguments are its prefixes.
     format: String,
@@ -121,7 +137,6 @@ impl RedisStorage {
         Ok(Self {
             connection,
             decide: Script::new(include_str!("decide.lua")),
-            list: Script::new(include_str!("list.lua")),
             ping: Script::new("return redis.call('TIME')"),
             format: format!("<{}", "d".repeat(CHUNK)),
             prefix: prefix.to_string(),
@@ -199,6 +214,68 @@ impl RedisStorage {
             ))),
         }
     }
+}
+
+impl RedisStorage {
+    /// Runs a listing's `cmd` on the node that owns the slot of `slot_key` (in a cluster), within
+    /// the timeout.
+    async fn list_call(&self, slot_key: &str, cmd: Cmd) -> Result<Value, StorageError> {
+        let call = async {
+            match &self.connection {
+                Connection::Standalone(manager) => manager
+                    .clone()
+                    .req_packed_command(&cmd)
+                    .await?
+                    .extract_error(),
+                Connection::Cluster(cluster) => {
+                    let (client, connection) = cluster.as_ref();
+                    let connection = connection
+                        .get_or_try_init(|| client.get_async_connection())
+                        .await?;
+                    let route = Route::with_key(slot_key, SlotAddr::Master);
+                    let routing =
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                    connection
+                        .clone()
+                        .route_command(cmd, routing)
+                        .await?
+                        .extract_error()
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(StorageError::Unavailable(format!(
+                "{}: {}",
+                self.display_url,
+                redact(&e.to_string())
+            ))),
+            Err(_) => Err(StorageError::Unavailable(format!(
+                "{}: no answer within {:?}",
+                self.display_url, self.timeout
+            ))),
+        }
+    }
+}
+
+/// `SCAN`'s answer: the next cursor and the keys.
+fn parse_scan(reply: Value) -> Option<(u64, Vec<Vec<u8>>)> {
+    let Value::Array(parts) = reply else {
+        return None;
+    };
+    let [Value::BulkString(cursor), Value::Array(keys)] = <[Value; 2]>::try_from(parts).ok()?
+    else {
+        return None;
+    };
+    let cursor = std::str::from_utf8(&cursor).ok()?.parse().ok()?;
+    let keys = keys
+        .into_iter()
+        .map(|key| match key {
+            Value::BulkString(key) => Some(key),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    Some((cursor, keys))
 }
 
 /// `EVALSHA` of `script`, loading it first when the server answers `NOSCRIPT`.
@@ -290,36 +367,72 @@ impl Storage for RedisStorage {
         &self,
         namespace: &str,
         limits: &[LimitId],
+        page: PageRequest<'_>,
         now_ms: u64,
-    ) -> Result<Vec<CounterSnapshot>, StorageError> {
-        let namespace_prefix = self.namespace_prefix(namespace);
-        let mut cmd = evalsha_cmd(&self.list, 1, 0);
-        cmd.arg(&namespace_prefix)
-            .arg(format!("{}*", glob_escape(&namespace_prefix)));
-        let reply = self.run(&cmd, &self.list).await?;
-        let Value::Array(items) = reply else {
-            return Ok(Vec::new());
+    ) -> Result<Page<CounterSnapshot>, ListError> {
+        // `<SCAN cursor>.<keys of that SCAN's answer already listed>`.
+        let (mut cursor, mut skip) = match page.cursor {
+            None => (0, 0),
+            Some(text) => parse_cursor(text)?,
         };
-        let mut found = Vec::new();
-        for pair in items.chunks(2) {
-            let [Value::BulkString(key), Value::BulkString(value)] = pair else {
-                continue;
-            };
-            let Ok(key) = std::str::from_utf8(key) else {
-                continue;
-            };
-            let Some(key) = key.strip_prefix(&namespace_prefix).and_then(parse_key) else {
-                continue;
-            };
-            let Some(state) = parse_state(value) else {
-                continue;
-            };
-            let expired = matches!(state, CounterState::Window(w) if w.expires_at_ms <= now_ms);
-            if limits.contains(&key.limit) && !expired {
-                found.push(CounterSnapshot { key, state });
+        let namespace_prefix = self.namespace_prefix(namespace);
+        let pattern = format!("{}*", glob_escape(&namespace_prefix));
+        let deadline = Instant::now() + LIST_BUDGET;
+        let mut items = Vec::new();
+        loop {
+            let mut scan = Cmd::new();
+            scan.arg("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT);
+            let (next, keys) = parse_scan(self.list_call(&namespace_prefix, scan).await?)
+                .ok_or_else(|| StorageError::Unavailable("unexpected reply to SCAN".into()))?;
+            let unseen = keys.get(skip as usize..).unwrap_or_default();
+            let taken = unseen.len().min(page.limit.saturating_sub(items.len()));
+            if taken > 0 {
+                let mut mget = Cmd::new();
+                mget.arg("MGET").arg(&unseen[..taken]);
+                let reply = self.list_call(&namespace_prefix, mget).await?;
+                let Value::Array(values) = reply else {
+                    return Err(StorageError::Unavailable("unexpected reply to MGET".into()).into());
+                };
+                for (key, value) in unseen[..taken].iter().zip(&values) {
+                    let Value::BulkString(value) = value else {
+                        continue; // expired since the SCAN
+                    };
+                    let key = std::str::from_utf8(key).ok();
+                    let Some(key) = key
+                        .and_then(|k| k.strip_prefix(&namespace_prefix))
+                        .and_then(parse_key)
+                    else {
+                        continue;
+                    };
+                    let Some(state) = parse_state(value) else {
+                        continue;
+                    };
+                    let expired =
+                        matches!(state, CounterState::Window(w) if w.expires_at_ms <= now_ms);
+                    if limits.contains(&key.limit) && !expired {
+                        items.push(CounterSnapshot { key, state });
+                    }
+                }
+            }
+            if taken < unseen.len() {
+                // The page is full within this SCAN's answer: the next page repeats it.
+                let next = Some(format!("{cursor}.{}", skip + taken as u64));
+                return Ok(Page { items, next });
+            }
+            if next == 0 {
+                return Ok(Page { items, next: None });
+            }
+            (cursor, skip) = (next, 0);
+            if items.len() >= page.limit || Instant::now() >= deadline {
+                let next = Some(format!("{cursor}.0"));
+                return Ok(Page { items, next });
             }
         }
-        Ok(found)
     }
 
     async fn ping(&self) -> Result<(), StorageError> {

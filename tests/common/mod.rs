@@ -30,7 +30,9 @@ use ratekeeper::request::RequestBounds;
 use ratekeeper::rls::headers::RateLimitHeaders;
 use ratekeeper::server::{self, Running, Settings};
 use ratekeeper::status::ServerStatus;
-use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage, StorageError};
+use ratekeeper::storage::{
+    CounterSnapshot, MemoryStorage, PageRequest, RedisStorage, Storage, StorageError,
+};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -97,6 +99,8 @@ pub struct Options {
     pub edited_while_starting: Option<String>,
     /// ASM's `RATE_LIMIT_CONFIG` rules (JSON), in the namespace `asm`, beside the file's.
     pub asm_rate_limit_config: Option<String>,
+    /// A Redis the test owns, instead of the backend's shared one.
+    pub redis_url: Option<String>,
 }
 
 impl Default for Options {
@@ -110,6 +114,7 @@ impl Default for Options {
             limit_name_in_labels: false,
             edited_while_starting: None,
             asm_rate_limit_config: None,
+            redis_url: None,
         }
     }
 }
@@ -220,6 +225,24 @@ impl TestServer {
             .into_inner()
     }
 
+    /// Every live counter of a namespace (all the pages of its listing).
+    pub async fn counters(&self, namespace: &str) -> Vec<(Arc<Limit>, CounterSnapshot)> {
+        let mut counters = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = PageRequest {
+                cursor: cursor.as_deref(),
+                ..PageRequest::default()
+            };
+            let page = self.limiter.counters(namespace, page).await.unwrap();
+            counters.extend(page.items);
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => return counters,
+            }
+        }
+    }
+
     pub async fn shutdown(mut self) {
         if let Some(running) = self.running.take() {
             running.shutdown().await.unwrap();
@@ -236,12 +259,39 @@ fn storage(options: &Options) -> Arc<dyn Storage> {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
-    let url = match options.backend {
-        Backend::Memory => return Arc::new(MemoryStorage::new(options.capacity)),
-        Backend::Redis => redis::shared_url(),
-        Backend::RedisCluster => redis::shared_cluster_url(),
+    let url = match (options.backend, &options.redis_url) {
+        (Backend::Memory, _) => return Arc::new(MemoryStorage::new(options.capacity)),
+        (_, Some(url)) => url.clone(),
+        (Backend::Redis, None) => redis::shared_url(),
+        (Backend::RedisCluster, None) => redis::shared_cluster_url(),
     };
     Arc::new(RedisStorage::open(&url, &prefix, Duration::from_secs(2)).unwrap())
+}
+
+/// Every live counter of `limits` in `namespace`, straight from a storage (all the pages).
+pub async fn list_all(
+    storage: &dyn Storage,
+    namespace: &str,
+    limits: &[u64],
+    now_ms: u64,
+) -> Vec<CounterSnapshot> {
+    let mut counters = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = PageRequest {
+            cursor: cursor.as_deref(),
+            ..PageRequest::default()
+        };
+        let page = storage
+            .counters(namespace, limits, page, now_ms)
+            .await
+            .unwrap();
+        counters.extend(page.items);
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => return counters,
+        }
+    }
 }
 
 /// Runs each scenario `async fn name(backend: Backend)` once per storage, as
