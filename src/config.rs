@@ -136,6 +136,12 @@ pub struct Cli {
     #[arg(long, env = "RATE_LIMIT_CONFIG", value_name = "JSON")]
     pub rate_limit_config: Option<String>,
 
+    /// Not ready (HTTP /readyz 503, gRPC health NOT_SERVING) while the storage may evict live
+    /// counters (Redis with a maxmemory-policy other than noeviction): an evicted counter is a
+    /// budget reset without a trace. Without it, ratekeeper logs an error and serves.
+    #[arg(long, env = "REFUSE_EVICTING_STORAGE", value_parser = clap::builder::FalseyValueParser::new())]
+    pub refuse_evicting_storage: bool,
+
     #[command(flatten)]
     pub bounds: BoundsArgs,
 

@@ -119,7 +119,8 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
         connections: cli.connections.into(),
         http_auth_token,
     };
-    let running = server::start(settings, limiter, Arc::new(ServerStatus::default()))
+    let status = ServerStatus::default().refusing_evicting_storage(cli.refuse_evicting_storage);
+    let running = server::start(settings, limiter, Arc::new(status))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen: {e}"))?;
     shutdown_signal().await;

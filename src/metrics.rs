@@ -24,7 +24,7 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
-const DESCRIPTIONS: [(&str, &str); 17] = [
+const DESCRIPTIONS: [(&str, &str); 18] = [
     ("limitador_up", "Limitador is running"),
     (
         "datastore_partitioned",
@@ -58,6 +58,10 @@ const DESCRIPTIONS: [(&str, &str); 17] = [
     ),
     ("ratekeeper_active_counters", "Counters held by the storage"),
     ("ratekeeper_storage_errors", "Storage failures, by kind"),
+    (
+        "ratekeeper_storage_may_evict",
+        "1 while the storage may evict live counters (Redis maxmemory-policy)",
+    ),
     (
         "ratekeeper_limits_reloads",
         "Limits file reloads, by result (ok, failed)",
@@ -345,6 +349,11 @@ pub fn rpc(call: Call, outcome: Outcome, elapsed: Duration) {
     let c = call as usize;
     metrics.calls[c][outcome as usize].increment(1);
     metrics.duration[c].record(elapsed.as_secs_f64());
+}
+
+/// 1 while the storage may evict live counters (Redis's `maxmemory-policy`).
+pub fn storage_may_evict(evicts: bool) {
+    gauge!("ratekeeper_storage_may_evict").set(if evicts { 1.0 } else { 0.0 });
 }
 
 pub fn storage_reachable(reachable: bool) {

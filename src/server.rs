@@ -293,6 +293,7 @@ async fn check_health(
 ) -> std::io::Result<()> {
     let mut every = tokio::time::interval(HEALTH_EVERY);
     let mut last = None;
+    let mut evictions = EvictionCheck::default();
     loop {
         tokio::select! {
             _ = every.tick() => {}
@@ -300,26 +301,70 @@ async fn check_health(
         }
         let storage = limiter.storage();
         let reachable = storage.ping().await.is_ok();
+        if reachable {
+            evictions.check(storage.as_ref(), &status).await;
+        }
         if let Some(count) = storage.live_counters() {
             metrics::active_counters(count);
         }
         metrics::upkeep();
-        if last == Some(reachable) {
+        status.set_storage_reachable(reachable);
+        let ready = status.is_ready();
+        if last == Some((reachable, ready)) {
             continue;
         }
-        last = Some(reachable);
-        status.set_storage_reachable(reachable);
+        last = Some((reachable, ready));
         metrics::storage_reachable(reachable);
-        let serving = if reachable {
+        let serving = if ready {
             ServingStatus::Serving
         } else {
-            tracing::warn!("storage unreachable: health is NOT_SERVING");
+            let reason = status.not_ready_because().unwrap_or_default();
+            tracing::warn!(%reason, "not ready: health is NOT_SERVING");
             ServingStatus::NotServing
         };
         health.set_service_status("", serving).await;
         for service in SERVICES {
             health.set_service_status(service, serving).await;
         }
+    }
+}
+
+/// Whether the storage may evict live counters (resetting budgets without a trace), asked when
+/// it is first reached and every [`EVICTION_EVERY`] after: said loudly when it changes, kept in
+/// `/status`, a metric and (with `--refuse-evicting-storage`) readiness.
+#[derive(Default)]
+struct EvictionCheck {
+    next: Option<tokio::time::Instant>,
+    last: Option<Result<Option<String>, String>>,
+}
+
+/// How often the storage's eviction setting is asked again (it can be changed at run time).
+const EVICTION_EVERY: Duration = Duration::from_secs(60);
+
+impl EvictionCheck {
+    async fn check(&mut self, storage: &dyn crate::storage::Storage, status: &ServerStatus) {
+        let now = tokio::time::Instant::now();
+        if self.next.is_some_and(|next| now < next) {
+            return;
+        }
+        self.next = Some(now + EVICTION_EVERY);
+        let seen = storage.evicts().await.map_err(|e| e.to_string());
+        if self.last.as_ref() == Some(&seen) {
+            return;
+        }
+        match &seen {
+            Ok(Some(reason)) => tracing::error!(
+                %reason,
+                "the storage may EVICT live counters: budgets would reset silently when it is full; \
+                 set maxmemory-policy noeviction (see the README, Redis)"
+            ),
+            Ok(None) => tracing::info!("the storage does not evict counters"),
+            Err(error) => tracing::info!(%error, "cannot tell whether the storage evicts counters"),
+        }
+        let evicts = seen.as_ref().ok().cloned().flatten();
+        metrics::storage_may_evict(evicts.is_some());
+        status.set_storage_evicts(evicts);
+        self.last = Some(seen);
     }
 }
 

@@ -10,6 +10,10 @@ pub struct ServerStatus {
     config: Mutex<ConfigStatus>,
     /// The storage answered its last health check.
     storage_reachable: AtomicBool,
+    /// Why the storage may drop live counters on its own (Redis evicting keys), if it may.
+    storage_evicts: Mutex<Option<String>>,
+    /// `--refuse-evicting-storage`: not ready while the storage may evict counters.
+    refuse_evicting: bool,
 }
 
 struct ConfigStatus {
@@ -39,6 +43,8 @@ impl Default for ServerStatus {
                 errors_since_applied: 0,
             }),
             storage_reachable: AtomicBool::new(true),
+            storage_evicts: Mutex::new(None),
+            refuse_evicting: false,
         }
     }
 }
@@ -59,9 +65,34 @@ impl ServerStatus {
         self.storage_reachable.store(reachable, Ordering::Relaxed);
     }
 
-    /// Ready to serve: the storage can be reached.
+    /// Not ready while the storage may evict counters (`--refuse-evicting-storage`).
+    pub fn refusing_evicting_storage(mut self, refuse: bool) -> Self {
+        self.refuse_evicting = refuse;
+        self
+    }
+
+    /// Whether (and why) the storage may drop live counters on its own.
+    pub fn set_storage_evicts(&self, reason: Option<String>) {
+        *self.storage_evicts.lock() = reason;
+    }
+
+    /// Ready to serve: the storage can be reached (and, when asked, does not evict counters).
     pub fn is_ready(&self) -> bool {
-        self.storage_reachable.load(Ordering::Relaxed)
+        self.not_ready_because().is_none()
+    }
+
+    /// Why the server is not ready, if it is not.
+    pub fn not_ready_because(&self) -> Option<String> {
+        if !self.storage_reachable.load(Ordering::Relaxed) {
+            return Some("storage unreachable (or read-only)".to_string());
+        }
+        let evicts = self.storage_evicts.lock();
+        match (&*evicts, self.refuse_evicting) {
+            (Some(reason), true) => Some(format!(
+                "the storage may evict live counters ({reason}); --refuse-evicting-storage is set"
+            )),
+            _ => None,
+        }
     }
 
     pub fn config_version(&self) -> u64 {
@@ -75,6 +106,7 @@ impl ServerStatus {
             "config_applied_at": config.applied_at,
             "config_version": config.version,
             "config_err_since": config.errors_since_applied,
+            "storage_evicts": self.storage_evicts.lock().clone(),
         })
     }
 }

@@ -328,3 +328,101 @@ async fn reports_answered_unavailable_while_redis_is_paused_never_charge_later()
         server.log()
     );
 }
+
+/// `INFO stats`' `total_connections_received` of the Redis on `port`.
+fn connections_received(port: u16) -> u64 {
+    let info = cli(port, &["INFO", "stats"]).unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_became_a_read_only_replica_is_not_ready_until_promoted_again() {
+    let redis = RedisProcess::start();
+    let primary = RedisProcess::start();
+    let server = ratekeeper(&redis.url(), &[]).await;
+    assert_eq!(code(&server.should(llm_tokens("ivy", 1)).await), Code::Ok);
+    assert_eq!(ready(&server).await, 200);
+
+    // A failover turned the node behind ratekeeper's address into a replica.
+    let port = primary.port.to_string();
+    cli(redis.port, &["REPLICAOF", "127.0.0.1", &port]).unwrap();
+    let connections = connections_received(redis.port);
+    let limit = Duration::from_secs(10);
+    assert!(
+        eventually(limit, async || ready(&server).await == 503).await,
+        "a read-only replica looked ready; log:\n{}",
+        server.log()
+    );
+    assert_eq!(health(&server).await, ServingStatus::NotServing);
+    let refused = server.try_should(llm_tokens("ivy", 1)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert!(
+        connections_received(redis.port) > connections,
+        "READONLY did not make ratekeeper connect anew"
+    );
+
+    // Promoted again: ready, and charges count.
+    cli(redis.port, &["REPLICAOF", "NO", "ONE"]).unwrap();
+    assert!(
+        eventually(limit, async || ready(&server).await == 200).await,
+        "not ready after the promotion; log:\n{}",
+        server.log()
+    );
+    let r = server.should(llm_tokens("ivy", 1)).await;
+    assert_eq!(code(&r), Code::Ok);
+    assert_eq!(health(&server).await, ServingStatus::Serving);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicting_redis_is_reported_and_refused_when_asked() {
+    let redis = RedisProcess::start();
+    cli(redis.port, &["CONFIG", "SET", "maxmemory", "100mb"]).unwrap();
+    cli(
+        redis.port,
+        &["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"],
+    )
+    .unwrap();
+
+    // By default: served, said loudly, in /status and in a metric.
+    let server = ratekeeper(&redis.url(), &[]).await;
+    let limit = Duration::from_secs(10);
+    let evicts = async || server.status().await["storage_evicts"].clone();
+    assert!(
+        eventually(limit, async || evicts().await.is_string()).await,
+        "/status does not say the storage evicts; log:\n{}",
+        server.log()
+    );
+    let reason = evicts().await;
+    assert!(reason.as_str().unwrap().contains("allkeys-lru"), "{reason}");
+    assert!(server.log().contains("EVICT"), "{}", server.log());
+    let metrics = reqwest::get(format!("http://{}/metrics", server.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ratekeeper_storage_may_evict 1"),
+        "{metrics}"
+    );
+    assert_eq!(ready(&server).await, 200);
+
+    // With --refuse-evicting-storage: not ready, and /readyz says why.
+    let strict = ratekeeper(&redis.url(), &["--refuse-evicting-storage"]).await;
+    assert!(
+        eventually(limit, async || ready(&strict).await == 503).await,
+        "an evicting Redis looked ready; log:\n{}",
+        strict.log()
+    );
+    let body = reqwest::get(format!("http://{}/readyz", strict.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(body.contains("evict"), "{body}");
+    assert_eq!(health(&strict).await, ServingStatus::NotServing);
+}

@@ -94,10 +94,9 @@ async fn get_metrics() -> Response {
 
 /// Ready while the storage can be reached.
 async fn get_ready(State(state): State<AppState>) -> Response {
-    if state.status.is_ready() {
-        "ready".into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "storage unreachable").into_response()
+    match state.status.not_ready_because() {
+        None => "ready".into_response(),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
     }
 }
 

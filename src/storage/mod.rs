@@ -276,6 +276,13 @@ pub trait Storage: Send + Sync + 'static {
         None
     }
 
+    /// Whether the storage may drop live counters on its own, resetting budgets (Redis with an
+    /// evicting `maxmemory-policy`): `Ok(Some(why))` if it may, `Ok(None)` if it never does,
+    /// an error when it cannot tell.
+    async fn evicts(&self) -> Result<Option<String>, StorageError> {
+        Ok(None)
+    }
+
     /// Whether the storage can be reached now (for health and readiness).
     async fn ping(&self) -> Result<(), StorageError> {
         Ok(())

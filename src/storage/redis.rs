@@ -34,9 +34,10 @@
 
 use std::borrow::Cow;
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use redis::aio::ConnectionLike;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -83,9 +84,46 @@ pub struct RedisStorage {
 }
 
 enum Connection {
-    Standalone(ConnectionManager),
+    Standalone(Standalone),
     /// Connected on first use, so the server starts while the cluster is down.
     Cluster(Box<(ClusterClient, OnceCell<ClusterConnection>)>),
+}
+
+/// A standalone Redis: one multiplexed connection, replaced when the node it reaches turned
+/// into a read-only replica (a failover behind the same address or DNS name promoted another).
+struct Standalone {
+    manager: ArcSwap<ConnectionManager>,
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// When it was last replaced: at most once a second, however many calls saw READONLY.
+    replaced_at: Mutex<Option<Instant>>,
+}
+
+impl Standalone {
+    fn manager(&self) -> ConnectionManager {
+        ConnectionManager::clone(&self.manager.load())
+    }
+
+    /// Connects anew (lazily), so the next call reaches whatever the address leads to now.
+    fn reconnect(&self, display_url: &str) {
+        {
+            let mut replaced_at = self.replaced_at.lock().unwrap_or_else(|e| e.into_inner());
+            if replaced_at.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *replaced_at = Some(Instant::now());
+        }
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(manager) => {
+                self.manager.store(Arc::new(manager));
+                tracing::warn!(
+                    url = display_url,
+                    "Redis answered READONLY (a replica): reconnecting"
+                );
+            }
+            Err(error) => tracing::warn!(url = display_url, %error, "cannot reconnect to Redis"),
+        }
+    }
 }
 
 impl RedisStorage {
@@ -130,14 +168,22 @@ impl RedisStorage {
                 .set_response_timeout(Some(timeout))
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_secs(1));
-            Connection::Standalone(
-                ConnectionManager::new_lazy_with_config(client, config).map_err(bad)?,
-            )
+            let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                .map_err(bad)?;
+            Connection::Standalone(Standalone {
+                manager: ArcSwap::from_pointee(manager),
+                client,
+                config,
+                replaced_at: Mutex::new(None),
+            })
         };
         Ok(Self {
             connection,
             decide: Script::new(include_str!("decide.lua")),
-            ping: Script::new("return redis.call('TIME')"),
+            // A write, so a node that became a read-only replica is not taken for healthy.
+            ping: Script::new(
+                "redis.call('SET', KEYS[1], '1', 'PX', 60000) return redis.call('TIME')",
+            ),
             format: format!("<{}", "d".repeat(CHUNK)),
             prefix: prefix.to_string(),
             timeout,
@@ -189,9 +235,11 @@ impl RedisStorage {
     /// that does not know the script yet (`NOSCRIPT`: new, restarted, failed over) is given it,
     /// and the command is sent again.
     async fn run(&self, cmd: &Cmd, script: &Script) -> Result<Value, StorageError> {
-        let call = async {
+        self.bounded(async {
             match &self.connection {
-                Connection::Standalone(manager) => evalsha(&mut manager.clone(), cmd, script).await,
+                Connection::Standalone(standalone) => {
+                    evalsha(&mut standalone.manager(), cmd, script).await
+                }
                 Connection::Cluster(cluster) => {
                     let (client, connection) = cluster.as_ref();
                     let connection = connection
@@ -200,14 +248,30 @@ impl RedisStorage {
                     evalsha(&mut connection.clone(), cmd, script).await
                 }
             }
-        };
+        })
+        .await
+    }
+
+    /// Waits for `call` at most the timeout; an error is the storage's, and READONLY (the node
+    /// is a replica now) replaces a standalone connection.
+    async fn bounded(
+        &self,
+        call: impl Future<Output = redis::RedisResult<Value>>,
+    ) -> Result<Value, StorageError> {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(StorageError::Unavailable(format!(
-                "{}: {}",
-                self.display_url,
-                redact(&e.to_string())
-            ))),
+            Ok(Err(e)) => {
+                if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+                    && let Connection::Standalone(standalone) = &self.connection
+                {
+                    standalone.reconnect(&self.display_url);
+                }
+                Err(StorageError::Unavailable(format!(
+                    "{}: {}",
+                    self.display_url,
+                    redact(&e.to_string())
+                )))
+            }
             Err(_) => Err(StorageError::Unavailable(format!(
                 "{}: no answer within {:?}",
                 self.display_url, self.timeout
@@ -222,8 +286,8 @@ impl RedisStorage {
     async fn list_call(&self, slot_key: &str, cmd: Cmd) -> Result<Value, StorageError> {
         let call = async {
             match &self.connection {
-                Connection::Standalone(manager) => manager
-                    .clone()
+                Connection::Standalone(standalone) => standalone
+                    .manager()
                     .req_packed_command(&cmd)
                     .await?
                     .extract_error(),
@@ -243,18 +307,25 @@ impl RedisStorage {
                 }
             }
         };
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(StorageError::Unavailable(format!(
-                "{}: {}",
-                self.display_url,
-                redact(&e.to_string())
-            ))),
-            Err(_) => Err(StorageError::Unavailable(format!(
-                "{}: no answer within {:?}",
-                self.display_url, self.timeout
-            ))),
-        }
+        self.bounded(call).await
+    }
+}
+
+/// The value of a `CONFIG GET <name>` answer (a map, or a flat list of name and value; a
+/// cluster may answer with one of those per node, of which the first counts).
+fn config_value(reply: &Value) -> Option<String> {
+    let text = |v: &Value| match v {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
+    };
+    match reply {
+        Value::Array(items) if items.len() == 2 => text(&items[1]),
+        Value::Map(pairs) => pairs
+            .first()
+            .and_then(|(_, v)| text(v).or_else(|| config_value(v))),
+        Value::Array(items) => items.first().and_then(config_value),
+        _ => None,
     }
 }
 
@@ -433,6 +504,45 @@ impl Storage for RedisStorage {
                 return Ok(Page { items, next });
             }
         }
+    }
+
+    async fn evicts(&self) -> Result<Option<String>, StorageError> {
+        let setting = |name: &'static str| async move {
+            let mut cmd = redis::cmd("CONFIG");
+            cmd.arg("GET").arg(name);
+            let reply = self
+                .bounded(async {
+                    match &self.connection {
+                        Connection::Standalone(standalone) => {
+                            standalone.manager().req_packed_command(&cmd).await
+                        }
+                        Connection::Cluster(cluster) => {
+                            let (client, connection) = cluster.as_ref();
+                            let connection = connection
+                                .get_or_try_init(|| client.get_async_connection())
+                                .await?;
+                            connection.clone().req_packed_command(&cmd).await
+                        }
+                    }
+                })
+                .await?;
+            config_value(&reply).ok_or_else(|| {
+                StorageError::Unavailable(format!(
+                    "{}: CONFIG GET {name}: {reply:?}",
+                    self.display_url
+                ))
+            })
+        };
+        let policy = setting("maxmemory-policy").await?;
+        let maxmemory = setting("maxmemory").await?;
+        // Without a memory limit nothing is evicted; with one, any policy but `noeviction`
+        // may drop counters (every counter key has a TTL, so `volatile-*` policies too).
+        if policy == "noeviction" || maxmemory == "0" {
+            return Ok(None);
+        }
+        Ok(Some(format!(
+            "maxmemory-policy {policy} with maxmemory {maxmemory}"
+        )))
     }
 
     async fn ping(&self) -> Result<(), StorageError> {
