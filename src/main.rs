@@ -26,6 +26,9 @@ fn main() -> ExitCode {
         Ok(limits) => limits,
         Err(e) => {
             eprintln!("{e}");
+            if cli.validate {
+                eprintln!("FAILED: {}", plural(e.problems.len(), "problem"));
+            }
             return ExitCode::FAILURE;
         }
     };
@@ -38,6 +41,14 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
+        // The summary goes to stderr, so stdout stays the limits as YAML.
+        let namespaces: std::collections::HashSet<&str> =
+            limits.iter().map(|l| l.namespace.as_str()).collect();
+        eprintln!(
+            "OK: {} in {}",
+            plural(limits.len(), "limit"),
+            plural(namespaces.len(), "namespace")
+        );
         return ExitCode::SUCCESS;
     }
     if limits.is_empty() {
@@ -132,6 +143,15 @@ fn http_auth_token(cli: &Cli) -> anyhow::Result<Option<HttpToken>> {
     HttpToken::new(&token)
         .map(Some)
         .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// "1 limit", "3 limits".
+fn plural(count: usize, noun: &str) -> String {
+    if count == 1 {
+        format!("{count} {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
 }
 
 async fn shutdown_signal() {

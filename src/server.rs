@@ -108,8 +108,8 @@ pub async fn start(
     limiter: Arc<Limiter>,
     status: Arc<ServerStatus>,
 ) -> std::io::Result<Running> {
-    let rls_listener = TcpListener::bind(settings.rls_addr).await?;
-    let http_listener = TcpListener::bind(settings.http_addr).await?;
+    let rls_listener = bind(settings.rls_addr, "gRPC").await?;
+    let http_listener = bind(settings.http_addr, "HTTP").await?;
     let rls_addr = rls_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
     let (stop, stopped) = watch::channel(false);
@@ -232,6 +232,13 @@ pub async fn start(
         stop,
         tasks,
     })
+}
+
+/// Binds a listener; its error names the address (and which listener) it was for.
+async fn bind(addr: SocketAddr, listener: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{listener} on {addr}: {e}")))
 }
 
 impl Running {
