@@ -40,11 +40,24 @@ fn validate(file: &Path) -> Result<(), String> {
         "{} holds no resource: the validator would pass it",
         file.display()
     );
+    let probe = run_tool("python3", &["-c", "import kubernetes_validate"], "python3");
+    assert!(
+        probe.status.success(),
+        "kubernetes-validate is missing: pip install 'kubernetes-validate==1.37.*'"
+    );
     let mut complaints = String::new();
     for version in KUBERNETES_VERSIONS {
         let output = run_tool(
-            "kubernetes-validate",
-            &["--strict", "--quiet", "-k", version, file.to_str().unwrap()],
+            "python3",
+            &[
+                "-m",
+                "kubernetes_validate",
+                "--strict",
+                "--quiet",
+                "-k",
+                version,
+                file.to_str().unwrap(),
+            ],
             "pip install 'kubernetes-validate==1.37.*'",
         );
         if !output.status.success() {
