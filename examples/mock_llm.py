@@ -13,7 +13,8 @@ POST /v1/chat/completions
     With `"stream": true` the answer is Server-Sent Events (`text/event-stream`): one chunk per
     word of the reply, then, when `stream_options.include_usage` is true, a final chunk with
     `"choices": []` and `usage` (as OpenAI sends it), then `data: [DONE]`.
-    The header `x-mock-usage: none` leaves `usage` out (JSON and SSE alike).
+    The header `x-mock-usage: none` leaves `usage` out (JSON and SSE alike), and
+    `x-mock-delay-ms: n` answers after n milliseconds (a generation in flight; at most 10 s).
 GET /stats
     {"requests": n}: how many requests the mock served, /stats itself not included. Tests use it
     to prove that rejected requests never reached the upstream.
@@ -97,6 +98,11 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(400, {"error": {"message": "bad token count", "type": "invalid_request_error"}})
             return
         total = max(total, 0)
+        try:
+            delay_ms = min(max(int(self.headers.get("x-mock-delay-ms") or 0), 0), 10_000)
+        except ValueError:
+            delay_ms = 0
+        time.sleep(delay_ms / 1000)
         prompt = min(total, 5)
         usage = {"prompt_tokens": prompt, "completion_tokens": total - prompt, "total_tokens": total}
         with_usage = (self.headers.get("x-mock-usage") or "").lower() != "none"

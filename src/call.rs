@@ -21,10 +21,12 @@ pub enum Call {
 pub enum Context {
     /// The request as a whole, with the request-level cost (0 means 1).
     Request { hits: u64 },
-    /// One descriptor: its own cost when it sent one (even 0), else the request's.
+    /// One descriptor: its own cost when it sent one (even 0), else the request's; a refund
+    /// when it says so (Envoy's `is_negative_hits`).
     Descriptor {
         hits: Option<u64>,
         request_hits: u64,
+        refund: bool,
     },
 }
 
@@ -87,9 +89,17 @@ impl Call {
                 };
                 (policy, cost)
             }
-            Context::Descriptor { hits, request_hits } => {
+            Context::Descriptor {
+                hits,
+                request_hits,
+                refund,
+            } => {
                 let cost = hits.unwrap_or(request_hits.max(1));
                 match self {
+                    // A read-only call changes nothing, not even by a refund: it asks nothing.
+                    Call::CheckRateLimit if refund => (Policy::CheckOnly, 0),
+                    // A refund gives back exactly what it carries, whoever sends it.
+                    _ if refund => (Policy::Refund, cost),
                     // Envoy: a present 0 is a pure check; any other cost is usage to count.
                     Call::ShouldRateLimit if cost == 0 => (Policy::CheckOnly, 0),
                     Call::ShouldRateLimit => (Policy::Charge, cost),
@@ -152,7 +162,22 @@ mod tests {
         let own = |hits| Context::Descriptor {
             hits,
             request_hits: 0,
+            refund: false,
         };
+        let refund = |hits| Context::Descriptor {
+            hits,
+            request_hits: 0,
+            refund: true,
+        };
+        assert_eq!(
+            Call::ShouldRateLimit.policy(refund(Some(150))),
+            (Policy::Refund, 150)
+        );
+        assert_eq!(Call::Report.policy(refund(Some(0))), (Policy::Refund, 0));
+        assert_eq!(
+            Call::CheckRateLimit.policy(refund(Some(150))),
+            (Policy::CheckOnly, 0)
+        );
         assert_eq!(
             Call::ShouldRateLimit.policy(whole(0)),
             (Policy::AllOrNothing, 1)

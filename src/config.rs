@@ -27,9 +27,13 @@ use crate::server::{
                   environment variable shown; the command line wins."
 )]
 pub struct Cli {
-    /// The limits file (Limitador's YAML format).
-    #[arg(env = "LIMITS_FILE", value_name = "LIMITS_FILE")]
-    pub limits_file: PathBuf,
+    /// The limits file (Limitador's YAML format). Optional with `--rate-limit-config`.
+    #[arg(
+        env = "LIMITS_FILE",
+        value_name = "LIMITS_FILE",
+        required_unless_present = "rate_limit_config"
+    )]
+    pub limits_file: Option<PathBuf>,
 
     /// Address the gRPC rate limit services listen on.
     #[arg(short = 'b', long, env = "ENVOY_RLS_HOST", default_value = "0.0.0.0")]
@@ -124,6 +128,13 @@ pub struct Cli {
         conflicts_with = "http_auth_token"
     )]
     pub http_auth_token_file: Option<PathBuf>,
+
+    /// Alibaba ASM's token rate limit rules, as its example service reads them: a JSON list of
+    /// `{rate_limit_key_regex, max_tokens, tokens_per_fill, fill_interval_second,
+    /// redis_expired_seconds}`, applied to the `--asm-namespace` (which the limits file must
+    /// then leave alone).
+    #[arg(long, env = "RATE_LIMIT_CONFIG", value_name = "JSON")]
+    pub rate_limit_config: Option<String>,
 
     #[command(flatten)]
     pub bounds: BoundsArgs,
@@ -278,19 +289,25 @@ const DEFAULT_KEY_PREFIX: &str = "ratekeeper";
 
 impl Cli {
     /// The storage to use: the subcommand, else Redis when REDIS_URL is set (as Limitador
-    /// does), else memory.
-    pub fn storage(&self) -> StorageCommand {
+    /// does), else Redis when ASM's REDIS_ADDRESS is set ([`asm_redis_url`]), else memory.
+    pub fn storage(&self) -> Result<StorageCommand, String> {
         if let Some(storage) = &self.storage {
-            return storage.clone();
+            return Ok(storage.clone());
         }
-        match std::env::var("REDIS_URL") {
-            Ok(url) if !url.is_empty() => StorageCommand::Redis(RedisOptions {
-                url,
-                key_prefix: std::env::var("REDIS_KEY_PREFIX")
-                    .unwrap_or_else(|_| DEFAULT_KEY_PREFIX.to_string()),
-            }),
-            _ => StorageCommand::Memory(MemoryOptions::default()),
-        }
+        let env = |name| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let url = match (env("REDIS_URL"), env("REDIS_ADDRESS")) {
+            (Some(url), _) => url,
+            (None, Some(address)) => asm_redis_url(
+                &address,
+                env("REDIS_PASSWORD").as_deref(),
+                env("REDIS_DB_INDEX").as_deref(),
+            )?,
+            (None, None) => return Ok(StorageCommand::Memory(MemoryOptions::default())),
+        };
+        Ok(StorageCommand::Redis(RedisOptions {
+            url,
+            key_prefix: env("REDIS_KEY_PREFIX").unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_string()),
+        }))
     }
 
     /// The tracing filter: RUST_LOG if set, else from `-v`.
@@ -306,5 +323,69 @@ impl Cli {
             _ => "trace",
         }
         .to_string()
+    }
+}
+
+/// The Redis URL of the environment variables Alibaba ASM's example token rate limit service
+/// reads: `REDIS_ADDRESS` (`host:port`), `REDIS_PASSWORD` (sent as is to AUTH, so
+/// `user:password` works where the server accepts that form) and `REDIS_DB_INDEX` (default 0).
+pub fn asm_redis_url(
+    address: &str,
+    password: Option<&str>,
+    db_index: Option<&str>,
+) -> Result<String, String> {
+    if address.contains(['/', '@', '?', '#']) || address.chars().any(char::is_whitespace) {
+        return Err(format!("REDIS_ADDRESS must be host:port, not {address:?}"));
+    }
+    let db = match db_index {
+        None => 0,
+        Some(index) => index.trim().parse::<u32>().map_err(|_| {
+            format!("REDIS_DB_INDEX must be a database number (0, 1, ...), not {index:?}")
+        })?,
+    };
+    let auth = match password {
+        Some(password) => format!(":{}@", percent_encode(password)),
+        None => String::new(),
+    };
+    Ok(format!("redis://{auth}{address}/{db}"))
+}
+
+/// `text` with every byte but URL-unreserved ones (`A-Z a-z 0-9 - . _ ~`) as `%XX`.
+fn percent_encode(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn asm_redis_variables_make_a_url() {
+        assert_eq!(
+            asm_redis_url("r-bp1.redis.rds.aliyuncs.com:6379", None, None),
+            Ok("redis://r-bp1.redis.rds.aliyuncs.com:6379/0".to_string())
+        );
+        assert_eq!(
+            asm_redis_url("10.0.0.1:6380", Some("MyP@ss:w/rd%"), Some("3")),
+            Ok("redis://:MyP%40ss%3Aw%2Frd%25@10.0.0.1:6380/3".to_string())
+        );
+        assert!(
+            asm_redis_url("h:1", None, Some("one"))
+                .unwrap_err()
+                .contains("REDIS_DB_INDEX")
+        );
+        assert!(
+            asm_redis_url("redis://h:1", None, None)
+                .unwrap_err()
+                .contains("REDIS_ADDRESS")
+        );
     }
 }

@@ -9,7 +9,9 @@ use ratekeeper::clock::SystemClock;
 use ratekeeper::config::{Cli, RedisCachedOptions, StorageCommand};
 use ratekeeper::http::HttpToken;
 use ratekeeper::limiter::Limiter;
-use ratekeeper::limits::load_file;
+use ratekeeper::limits::{
+    FixedLimits, LimitSet, RATE_LIMIT_CONFIG, load_file, parse_rate_limit_config,
+};
 use ratekeeper::metrics::{self, Prometheus};
 use ratekeeper::server::{self, Settings};
 use ratekeeper::status::ServerStatus;
@@ -22,12 +24,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Kept until main returns: dropping it flushes the lines still queued.
     let _logging = init_logging(&cli);
-    let limits = match load_file(&cli.limits_file) {
+    let limits = match load_limits(&cli) {
         Ok(limits) => limits,
         Err(e) => {
             eprintln!("{e}");
             if cli.validate {
-                eprintln!("FAILED: {}", plural(e.problems.len(), "problem"));
+                eprintln!("FAILED: {}", plural(e.problems, "problem"));
             }
             return ExitCode::FAILURE;
         }
@@ -52,7 +54,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if limits.is_empty() {
-        tracing::warn!(file = %cli.limits_file.display(), "the limits file has no limits: every request will be allowed");
+        tracing::warn!("no limits loaded: every request will be allowed");
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -74,9 +76,49 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<()> {
+/// The limits file's limits (none without one) and ASM's `RATE_LIMIT_CONFIG` rules, if set.
+fn load_limits(cli: &Cli) -> Result<LimitSet, LoadError> {
+    let (limits, file) = match &cli.limits_file {
+        Some(path) => (
+            load_file(path).map_err(|e| LoadError {
+                message: e.to_string(),
+                problems: e.problems.len(),
+            })?,
+            path.display().to_string(),
+        ),
+        None => (LimitSet::default(), String::new()),
+    };
+    let Some(json) = &cli.rate_limit_config else {
+        return Ok(limits);
+    };
+    let rules = parse_rate_limit_config(json, &cli.asm_namespace).map_err(|e| LoadError {
+        message: e.to_string(),
+        problems: e.problems.len(),
+    })?;
+    let fixed = FixedLimits::new(RATE_LIMIT_CONFIG, &cli.asm_namespace, rules);
+    limits
+        .with_fixed(&file, Some(Arc::new(fixed)))
+        .map_err(|message| LoadError {
+            message,
+            problems: 1,
+        })
+}
+
+/// Why the limits could not be loaded, and how many problems that is (for `--validate`).
+struct LoadError {
+    message: String,
+    problems: usize,
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(cli.storage_timeout);
-    let storage: Arc<dyn Storage> = match cli.storage() {
+    let storage: Arc<dyn Storage> = match cli.storage().map_err(anyhow::Error::msg)? {
         StorageCommand::Memory(options) => Arc::new(MemoryStorage::new(options.cache)),
         StorageCommand::Redis(options)
         | StorageCommand::RedisCached(RedisCachedOptions { redis: options, .. }) => {
@@ -90,7 +132,7 @@ async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<(
             Arc::new(storage)
         }
     };
-    tracing::info!(limits = limits.len(), file = %cli.limits_file.display(), "limits loaded");
+    tracing::info!(limits = limits.len(), file = ?cli.limits_file, asm_rules = limits.fixed().is_some(), "limits loaded");
     metrics::install().map_err(|e| anyhow::anyhow!("cannot set up metrics: {e}"))?;
     metrics::limits_applied(0, limits.len());
     let observer = Arc::new(Prometheus::new(cli.limit_name_in_labels));
@@ -105,7 +147,7 @@ async fn run(cli: Cli, limits: ratekeeper::limits::LimitSet) -> anyhow::Result<(
         http_addr: SocketAddr::new(cli.http_ip, cli.http_port),
         rate_limit_headers: cli.rate_limit_headers,
         bounds: cli.bounds.into(),
-        limits_file: Some(cli.limits_file.clone()),
+        limits_file: cli.limits_file.clone(),
         grpc_reflection: cli.grpc_reflection_service,
         asm_namespace: cli.asm_namespace.clone(),
         connections: cli.connections.into(),

@@ -10,7 +10,8 @@
 //! be half-written: it is applied only once it has stayed the same for [`SETTLE`] (a writer
 //! that pauses longer than that mid-file should write a temp file and rename it). SIGHUP
 //! applies what is there at once. Whatever the path, new content must validate before it
-//! replaces the limits in force; an empty file is taken for a write in progress or an accident
+//! replaces the limits in force (limits that do not come from the file, ASM's
+//! `RATE_LIMIT_CONFIG` rules, are kept, and the file may not define their namespace); an empty file is taken for a write in progress or an accident
 //! and never applied (write `[]` to remove every limit). Counters of limits that did not
 //! change are kept (a counter belongs to the limit's identity, not to the file); counters of
 //! limits no longer loaded are freed.
@@ -23,7 +24,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
 use crate::limiter::Limiter;
-use crate::limits::LimitSet;
+use crate::limits::{FixedLimits, LimitSet};
 use crate::limits::{digest, load_bytes};
 use crate::metrics;
 use crate::status::ServerStatus;
@@ -190,7 +191,8 @@ impl Reloader {
         }
         self.settling = None;
         self.last_seen = Some(seen);
-        match validate(&self.path, &bytes) {
+        let fixed = self.limiter.limits().fixed().cloned();
+        match validate(&self.path, &bytes, fixed) {
             Ok(limits) => {
                 let count = limits.len();
                 self.limiter.replace_limits(limits);
@@ -213,11 +215,17 @@ impl Reloader {
     }
 }
 
-fn validate(path: &Path, bytes: &[u8]) -> Result<LimitSet, String> {
+/// The limits of the file's new content, with the `fixed` ones in force (ASM's rules) kept.
+fn validate(
+    path: &Path,
+    bytes: &[u8],
+    fixed: Option<Arc<FixedLimits>>,
+) -> Result<LimitSet, String> {
     if std::str::from_utf8(bytes).is_ok_and(|text| text.trim().is_empty()) {
         return Err("the file is empty (write `[]` to remove every limit)".to_string());
     }
-    load_bytes(path, bytes).map_err(|e| e.to_string())
+    let limits = load_bytes(path, bytes).map_err(|e| e.to_string())?;
+    limits.with_fixed(&path.display().to_string(), fixed)
 }
 
 /// SIGHUP as a stream of (); never yields where there are no such signals.

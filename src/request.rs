@@ -31,6 +31,8 @@ pub struct Descriptor {
     pub entries: Vec<(String, String)>,
     /// The descriptor's own cost, when the client sent one (even 0).
     pub hits: Option<u64>,
+    /// The cost is a refund (Envoy's `is_negative_hits`): given back, not charged.
+    pub refund: bool,
 }
 
 impl Descriptor {
@@ -42,6 +44,7 @@ impl Descriptor {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             hits: None,
+            refund: false,
         }
     }
 }

@@ -15,8 +15,14 @@ use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 
 /// Runs the binary to completion (for commands that exit on their own, e.g. `--help`).
 fn run(args: &[&str]) -> Output {
-    let mut child = command()
-        .args(args)
+    let mut command = command();
+    command.args(args);
+    run_command(command, args)
+}
+
+/// Runs `command` to completion, bounded; `args` describe it in failures.
+fn run_command(mut command: std::process::Command, args: &[&str]) -> Output {
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -172,6 +178,75 @@ fn cannot_listen_names_the_address() {
             "{flags:?}: {err}"
         );
     }
+}
+
+/// A bad `RATE_LIMIT_CONFIG` (ASM's rules) stops the server at start, naming the rule and
+/// the field; so does a limits file that also has limits in the ASM namespace.
+#[test]
+fn bad_rate_limit_config_is_refused_naming_the_rule_and_field() {
+    let rule = |regex: &str, max_tokens: &str| {
+        format!(
+            r#"{{"rate_limit_key_regex": {regex:?}, "max_tokens": {max_tokens}, "tokens_per_fill": 50, "fill_interval_second": 30, "redis_expired_seconds": 300}}"#
+        )
+    };
+    let good = rule("regular-user.*", "200");
+    let cases: [(String, &[&str], &[&str]); 6] = [
+        ("not json".into(), &[], &["RATE_LIMIT_CONFIG", "not valid JSON"]),
+        (
+            format!("[{good}, {}]", rule("(subscriber", "1000")),
+            &[],
+            &["rule #2", "index 1", "rate_limit_key_regex", "invalid regex"],
+        ),
+        (
+            format!("[{}, {good}]", rule("subscriber.*", "0")),
+            &[],
+            &["rule #1", "index 0", "max_tokens"],
+        ),
+        (
+            format!("[{}]", rule("subscriber.*", "-5")),
+            &[],
+            &["rule #1", "max_tokens"],
+        ),
+        (
+            r#"[{"rate_limit_key_regex": "a", "max_tokens": 1, "tokens_per_fill": 1, "fill_interval_second": 1}]"#.into(),
+            &[],
+            &["rule #1", "redis_expired_seconds"],
+        ),
+        // Good rules, but the file has limits in their namespace too: both sources are named.
+        (
+            format!("[{good}]"),
+            &["limits/asm-user-types.yaml"],
+            &["\"asm\"", "limits/asm-user-types.yaml", "RATE_LIMIT_CONFIG"],
+        ),
+    ];
+    for (config, file, mentions) in cases {
+        let mut child = command();
+        child
+            .env("RATE_LIMIT_CONFIG", &config)
+            .args(["-b", "127.0.0.1", "-p", "0", "-B", "127.0.0.1", "-P", "0"])
+            .args(file);
+        let output = run_command(child, file);
+        assert!(!output.status.success(), "{config}: the server started");
+        let err = stderr(&output);
+        for mention in mentions {
+            assert!(
+                err.contains(mention),
+                "{config}: stderr lacks {mention:?}:\n{err}"
+            );
+        }
+    }
+    // The good rules alone start (and `--validate` shows them as limits).
+    let mut validate = command();
+    validate
+        .env("RATE_LIMIT_CONFIG", format!("[{good}]"))
+        .arg("--validate");
+    let output = run_command(validate, &["--validate"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("name: regular-user.*"),
+        "{}",
+        stdout(&output)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -278,6 +278,10 @@ impl Built {
 /// What both builds share: the command line, ports, probes, shutdown and limits agree.
 fn check_consistent(built: &Built) -> Cli {
     let cli = built.cli();
+    let limits_file = cli
+        .limits_file
+        .clone()
+        .expect("the container names a limits file");
     let pod = &built.one("Deployment")["spec"]["template"]["spec"];
     let container = built.container();
 
@@ -330,10 +334,7 @@ fn check_consistent(built: &Built) -> Cli {
     let mounts = container["volumeMounts"].as_sequence().unwrap();
     let mount = mounts
         .iter()
-        .find(|m| {
-            cli.limits_file
-                .starts_with(m["mountPath"].as_str().unwrap())
-        })
+        .find(|m| limits_file.starts_with(m["mountPath"].as_str().unwrap()))
         .expect("the limits file is on a mounted volume");
     assert!(
         mount["subPath"].is_null(),
@@ -347,14 +348,13 @@ fn check_consistent(built: &Built) -> Cli {
         .unwrap();
     let config_map = built.one("ConfigMap");
     assert_eq!(volume["configMap"]["name"], config_map["metadata"]["name"]);
-    let key = cli
-        .limits_file
+    let key = limits_file
         .strip_prefix(mount["mountPath"].as_str().unwrap())
         .unwrap();
     let text = config_map["data"][key.to_str().unwrap()]
         .as_str()
         .expect("the ConfigMap holds the limits file");
-    let limits = ratekeeper::limits::load_bytes(&cli.limits_file, text.as_bytes())
+    let limits = ratekeeper::limits::load_bytes(&limits_file, text.as_bytes())
         .unwrap_or_else(|e| panic!("the ConfigMap's limits do not load: {e}"));
     assert!(!limits.is_empty());
     cli
@@ -365,7 +365,7 @@ fn the_base_runs_one_replica_in_memory() {
     for dir in [deploy_dir(), deploy_dir().join("base")] {
         let built = Built::of(&dir);
         let cli = check_consistent(&built);
-        assert!(matches!(cli.storage(), StorageCommand::Memory(_)));
+        assert!(matches!(cli.storage(), Ok(StorageCommand::Memory(_))));
         // Each replica would count on its own.
         assert_eq!(built.one("Deployment")["spec"]["replicas"], 1);
     }
@@ -375,7 +375,7 @@ fn the_base_runs_one_replica_in_memory() {
 fn the_redis_overlay_runs_replicas_sharing_redis() {
     let built = Built::of(&deploy_dir().join("overlays/redis"));
     let cli = check_consistent(&built);
-    assert!(matches!(cli.storage(), StorageCommand::Redis(_)));
+    assert!(matches!(cli.storage(), Ok(StorageCommand::Redis(_))));
     assert!(
         built.one("Deployment")["spec"]["replicas"]
             .as_u64()

@@ -59,9 +59,10 @@ fn random_batch(rng: &mut Rng, algorithms: &[Algorithm]) -> Batch<'static> {
     }
     let groups = (0..1 + rng.below(3))
         .map(|_| {
-            let policy = match rng.below(3) {
+            let policy = match rng.below(4) {
                 0 => Policy::AllOrNothing,
                 1 => Policy::CheckOnly,
+                2 => Policy::Refund,
                 _ => Policy::Charge,
             };
             let cost = match rng.below(10) {
@@ -121,4 +122,78 @@ async fn redis_decides_exactly_as_memory_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_decides_exactly_as_memory_does() {
     compare(common::redis::shared_cluster_url(), 7).await;
+}
+
+/// Any limit the file accepts works on Redis exactly as in memory, up to the longest `seconds`
+/// (Redis wrote a TTL of 10^17 ms or more as `1e+17`, which `SET … PX` refuses: such windows
+/// failed every call there while working in memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_limit_that_validates_decides_the_same_on_redis_up_to_the_bounds() {
+    let memory = MemoryStorage::new(10_000);
+    let prefix = format!("bounds{}", std::process::id());
+    let redis = RedisStorage::open(
+        &common::redis::shared_url(),
+        &prefix,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let shapes = [
+        "max_value: 5",
+        "max_value: 5, algorithm: token_bucket, refill_tokens: 2",
+        "max_value: 1, algorithm: token_bucket",
+        "max_value: 1, algorithm: sliding_window",
+        "max_value: 0, algorithm: sliding_window",
+    ];
+    let bound = 1_000_000_000_000u64;
+    let mut validated = Vec::new();
+    for (i, shape) in shapes.iter().enumerate() {
+        for seconds in [
+            bound,
+            bound + 1,
+            100_000_000_000_000,
+            u64::MAX / 1000,
+            u64::MAX,
+        ] {
+            let text = format!("- {{namespace: bounds, seconds: {seconds}, {shape}}}");
+            let Ok(limits) = ratekeeper::limits::parse_limits("bounds.yaml", &text) else {
+                continue;
+            };
+            validated.push((*shape, seconds));
+            let key = CounterKey::new(i as u64, [seconds.to_string()]);
+            let counters = vec![CounterRequest {
+                key,
+                algorithm: limits[0].algorithm,
+            }];
+            let mut now = 1_767_225_600_000u64;
+            for (policy, cost) in [
+                (Policy::AllOrNothing, 1),
+                (Policy::Charge, 7),
+                (Policy::CheckOnly, 0),
+                (Policy::AllOrNothing, 1),
+            ] {
+                let batch = Batch {
+                    namespace: "bounds",
+                    counters: counters.clone(),
+                    groups: vec![Group {
+                        policy,
+                        cost,
+                        counters: vec![0],
+                    }],
+                };
+                let expected = memory.apply(&batch, now).await.unwrap();
+                let actual = redis.apply(&batch, now).await.unwrap_or_else(|e| {
+                    panic!("{shape}, seconds {seconds} validates but fails on Redis: {e}")
+                });
+                assert_eq!(actual, expected, "{shape}, seconds {seconds}");
+                now += 1_000;
+            }
+        }
+    }
+    // The longest `seconds` is accepted for every algorithm (the test is not vacuous).
+    for shape in shapes {
+        assert!(
+            validated.contains(&(shape, bound)),
+            "{shape}: {validated:?}"
+        );
+    }
 }

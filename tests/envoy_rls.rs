@@ -295,7 +295,54 @@ async fn a_failing_expression_skips_its_limit_without_harm(backend: Backend) {
     assert_eq!(failed.load(std::sync::atomic::Ordering::Relaxed), 3);
 }
 
+async fn refunds_give_back_what_an_estimate_took(backend: Backend) {
+    let yaml = r#"
+- {name: window, namespace: fixed, max_value: 100, seconds: 60, variables: ["descriptors[0].user"]}
+- {name: bucket, namespace: bucket, algorithm: token_bucket, max_value: 100, seconds: 60, refill_tokens: 10, variables: ["descriptors[0].user"]}
+- {name: sliding, namespace: sliding, algorithm: sliding_window, max_value: 100, seconds: 60, variables: ["descriptors[0].user"]}
+"#;
+    let server = TestServer::on(backend, yaml).await;
+    let alice = [("user", "alice")];
+    for ns in ["fixed", "bucket", "sliding"] {
+        // The request path charges an estimate of 60.
+        let r = server
+            .should(request(ns, vec![descriptor_with_hits(&alice, 60)], 0))
+            .await;
+        assert_eq!(code(&r), Code::Ok, "{ns}");
+        assert_eq!(r.statuses[0].limit_remaining, 40, "{ns}");
+        // At stream end: the real usage (25) is charged and the estimate refunded, in one call.
+        let done = vec![descriptor_with_hits(&alice, 25), refund(&alice, 60)];
+        let r = server.should(request(ns, done, 0)).await;
+        assert_eq!(code(&r), Code::Ok, "{ns}");
+        assert_eq!(
+            r.statuses[0].limit_remaining, 15,
+            "{ns}: the charge came first"
+        );
+        assert_eq!(r.statuses[1].limit_remaining, 75, "{ns}: 25 really used");
+        // A refund larger than what was used leaves a full budget, never more.
+        let r = server
+            .should(request(ns, vec![refund(&alice, 500)], 0))
+            .await;
+        assert_eq!(code(&r), Code::Ok, "{ns}");
+        assert_eq!(r.statuses[0].limit_remaining, 100, "{ns}");
+        let r = server
+            .should(request(ns, vec![descriptor_with_hits(&alice, 100)], 0))
+            .await;
+        assert_eq!(code(&r), Code::Ok, "{ns}: the whole budget, not more");
+        assert_eq!(r.statuses[0].limit_remaining, 0, "{ns}");
+        // A refund never creates a counter.
+        let r = server
+            .should(request(ns, vec![refund(&[("user", "bob")], 10)], 0))
+            .await;
+        assert_eq!(code(&r), Code::Ok, "{ns}");
+        let counters = server.limiter.counters(ns).await.unwrap();
+        let users: Vec<_> = counters.iter().map(|(_, c)| c.key.values()).collect();
+        assert_eq!(users, [["alice"]], "{ns}");
+    }
+}
+
 on_every_storage!(
+    refunds_give_back_what_an_estimate_took,
     limitador_path_counts_request_hits_and_zero_means_one,
     limitador_path_is_all_or_nothing,
     every_descriptor_gets_a_status_even_without_a_limit,

@@ -532,3 +532,24 @@ async fn a_huge_cost_saturates_in_the_metrics_instead_of_wrapping() {
     // 30 + (2^53 - 1), where counters saturate; a wrapped counter reads 29 (a reset).
     assert!(hits >= 9_007_199_254_740_991.0, "authorized_hits is {hits}");
 }
+
+#[tokio::test]
+async fn a_reload_never_rescales_a_continuous_bucket_kept_by_its_id() {
+    let limits = |seconds: u64| {
+        format!(
+            "- {{id: tokens, namespace: reload, algorithm: token_bucket, max_value: 100, seconds: {seconds}, variables: ['descriptors[0].user']}}\n"
+        )
+    };
+    let server = TestServer::start(&limits(60)).await;
+    let alice = || request("reload", vec![descriptor(&[("user", "alice")])], 50);
+    assert_eq!(code(&server.should(alice()).await), Code::Ok);
+    assert_eq!(remaining_for(&server, "alice").await, 50);
+    // Only `seconds` changes: the same level would mean other tokens (it is kept in units of
+    // 1/period), so alice gets a new bucket, never her 50 tokens rescaled to 0.
+    let path = server.limits_path().to_path_buf();
+    let temp = path.with_extension("tmp");
+    std::fs::write(&temp, limits(3600)).unwrap();
+    std::fs::rename(&temp, &path).unwrap();
+    wait_for_version(&server, 1).await;
+    assert_eq!(remaining_for(&server, "alice").await, 100);
+}

@@ -45,6 +45,14 @@ impl FixedWindow {
         }
     }
 
+    /// Returns `amount` previously charged: usage goes down, never below zero.
+    pub fn refund(&self, window: WindowState, amount: u64) -> WindowState {
+        WindowState {
+            used: window.used.saturating_sub(amount),
+            ..window
+        }
+    }
+
     pub fn is_over(&self, window: WindowState, _now_ms: u64) -> bool {
         window.used > self.max
     }

@@ -42,6 +42,16 @@ macro_rules! with_state {
 }
 
 impl Algorithm {
+    /// The algorithm's number in the Redis script's arguments (decide.lua's `FIXED_WINDOW`,
+    /// `TOKEN_BUCKET`, `SLIDING_WINDOW`; a test compares them).
+    pub const fn wire(&self) -> u8 {
+        match self {
+            Algorithm::FixedWindow(_) => 0,
+            Algorithm::TokenBucket(_) => 1,
+            Algorithm::SlidingWindow(_) => 2,
+        }
+    }
+
     /// The state in force at `now` (refreshed: expired windows, refills); a missing state, or
     /// one of another kind, reads as new.
     pub fn current(&self, stored: Option<CounterState>, now_ms: u64) -> CounterState {
@@ -76,6 +86,10 @@ impl Algorithm {
 
     pub fn charge(&self, state: CounterState, cost: u64) -> CounterState {
         with_state!(*self, state, |a, s| a.charge(s, cost).into(), state)
+    }
+
+    pub fn refund(&self, state: CounterState, amount: u64) -> CounterState {
+        with_state!(*self, state, |a, s| a.refund(s, amount).into(), state)
     }
 
     /// Usage past the limit (after a charge).
@@ -158,6 +172,22 @@ pub enum Policy {
     CheckOnly,
     /// Usage that already happened: always charged; over when usage after it exceeds the limit.
     Charge,
+    /// A charge taken back (Envoy's `is_negative_hits`): usage goes down (never below zero, a
+    /// bucket never above its capacity). Never refuses, never creates a counter.
+    Refund,
+}
+
+impl Policy {
+    /// The policy's number in the Redis script's arguments (decide.lua's `ALL_OR_NOTHING`,
+    /// `CHECK_ONLY`, `CHARGE`, `REFUND`; a test compares them).
+    pub const fn wire(self) -> u8 {
+        match self {
+            Policy::AllOrNothing => 0,
+            Policy::CheckOnly => 1,
+            Policy::Charge => 2,
+            Policy::Refund => 3,
+        }
+    }
 }
 
 /// A group of counters decided together, by index into the request's counter list.
@@ -222,6 +252,9 @@ fn evaluate_group(
         .iter()
         .map(|&i| limits[i].current(states[i], now_ms))
         .collect();
+    if group.policy == Policy::Refund {
+        return refund_group(limits, states, dirty, group, views, now_ms);
+    }
     let check_cost = match group.policy {
         Policy::CheckOnly => group.cost.max(1),
         _ => group.cost,
@@ -243,7 +276,7 @@ fn evaluate_group(
             let limit = &limits[i];
             let charge = match group.policy {
                 Policy::AllOrNothing => admitted,
-                Policy::CheckOnly => false,
+                Policy::CheckOnly | Policy::Refund => false,
                 Policy::Charge => true,
             };
             let after = if charge {
@@ -278,6 +311,46 @@ fn evaluate_group(
         })
         .collect();
     GroupOutcome { admitted, counters }
+}
+
+/// A refund: each counter that exists gets `group.cost` back; a counter the storage does not
+/// hold (or whose state has run out) is left alone, so a refund never creates one.
+fn refund_group(
+    limits: &[Algorithm],
+    states: &mut [Option<CounterState>],
+    dirty: &mut [bool],
+    group: &Group,
+    views: SmallVec<[CounterState; 4]>,
+    now_ms: u64,
+) -> GroupOutcome {
+    let counters = group
+        .counters
+        .iter()
+        .zip(views)
+        .map(|(&i, view)| {
+            let limit = &limits[i];
+            let after = match states[i] {
+                Some(_) => limit.refund(view, group.cost),
+                None => view,
+            };
+            if after != view {
+                states[i] = Some(after);
+                dirty[i] = true;
+            }
+            CounterOutcome {
+                over: false,
+                remaining: limit.remaining(after, now_ms),
+                reset_in_ms: limit.reset_in_ms(after, now_ms),
+                retry_after_ms: Some(0),
+                charged: 0,
+                overshoot: 0,
+            }
+        })
+        .collect();
+    GroupOutcome {
+        admitted: true,
+        counters,
+    }
 }
 
 #[cfg(test)]
@@ -412,6 +485,31 @@ mod tests {
         );
         assert!(!out[0].admitted);
         assert_eq!(out[0].counters[0].retry_after_ms, None);
+    }
+
+    #[test]
+    fn a_refund_gives_back_never_below_zero_and_never_creates_a_counter() {
+        let limits = [window(10)];
+        let mut states = [None];
+        let mut dirty = [false];
+        let out = evaluate(&limits, &mut states, &mut dirty, &one(Policy::Refund, 5), 0);
+        assert!(out[0].admitted);
+        assert_eq!((states[0], dirty[0]), (None, false), "no counter made");
+
+        evaluate(&limits, &mut states, &mut dirty, &one(Policy::Charge, 8), 0);
+        let mut dirty = [false];
+        let out = evaluate(&limits, &mut states, &mut dirty, &one(Policy::Refund, 5), 1);
+        assert_eq!(used(states[0]), Some(3));
+        assert_eq!(out[0].counters[0].remaining, 7);
+        assert_eq!(out[0].counters[0].charged, 0);
+        evaluate(
+            &limits,
+            &mut states,
+            &mut dirty,
+            &one(Policy::Refund, 50),
+            2,
+        );
+        assert_eq!(used(states[0]), Some(0), "floored at zero");
     }
 
     #[test]

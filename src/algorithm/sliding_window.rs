@@ -86,6 +86,15 @@ impl SlidingWindow {
         }
     }
 
+    /// Returns `amount` previously charged: the current window's count goes down, never below
+    /// zero (what the previous window counted is history).
+    pub fn refund(&self, state: SlidingState, amount: u64) -> SlidingState {
+        SlidingState {
+            current: state.current.saturating_sub(amount),
+            ..state
+        }
+    }
+
     pub fn is_over(&self, state: SlidingState, now_ms: u64) -> bool {
         self.used(state, now_ms) > self.limit()
     }

@@ -105,6 +105,15 @@ impl TokenBucket {
         }
     }
 
+    /// Returns `amount` tokens previously taken: the bucket refills, never above its capacity.
+    pub fn refund(&self, state: BucketState, amount: u64) -> BucketState {
+        let units = i128::from(state.units) + i128::from(amount) * i128::from(self.scale);
+        BucketState {
+            units: units.min(i128::from(self.capacity)) as i64,
+            ..state
+        }
+    }
+
     fn lowest(&self) -> i128 {
         i128::from(self.capacity) - i128::from(MAX_COUNT)
     }

@@ -8,9 +8,10 @@
 //!   absent or 0, prompt + completion) to every key, even past the limit (debt).
 //!
 //! Each key is one descriptor `{key: <the key>}` in the namespace `--asm-namespace`, judged on
-//! its own; limits pick keys with CEL, e.g. `descriptors[0].key.matches('^regular-user')`.
-//! Where ASM applies the first rule whose regex matches, ratekeeper applies every limit whose
-//! conditions match (all must have room), so overlapping rules compose instead of shadowing.
+//! its own. Its limits come from ASM's own `RATE_LIMIT_CONFIG` (turned into limits by
+//! [`crate::limits::parse_rate_limit_config`], first matching rule wins) or from the limits
+//! file, where limits pick keys with CEL, e.g. `descriptors[0].key.matches('regular-user.*')`,
+//! and every limit whose conditions match applies (all must have room).
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -111,6 +112,7 @@ fn request(state: &AppState, keys: &[String], cost: u64) -> Request {
             .map(|key| Descriptor {
                 entries: vec![("key".to_string(), key.clone())],
                 hits: Some(cost),
+                refund: false,
             })
             .collect(),
         hits: 0,

@@ -177,6 +177,7 @@ async fn decide(state: &AppState, body: &[u8], call: Call) -> Response {
         descriptors: vec![Descriptor {
             entries: info.values.into_iter().collect(),
             hits: None,
+            refund: false,
         }],
         // As on gRPC, a request-level cost of 0 counts as 1.
         hits: info.delta,

@@ -35,10 +35,10 @@ pub struct PlannedContext {
 }
 
 /// Splits a request into contexts (DESIGN.md "Hits"): when no descriptor carries its own
-/// cost, the whole request is one context (Limitador); otherwise each descriptor is its own
-/// (Envoy).
+/// cost (or is a refund), the whole request is one context (Limitador); otherwise each
+/// descriptor is its own (Envoy).
 fn contexts(request: &Request) -> SmallVec<[(Range<usize>, Context); 1]> {
-    let per_descriptor = request.descriptors.iter().any(|d| d.hits.is_some());
+    let per_descriptor = (request.descriptors.iter()).any(|d| d.hits.is_some() || d.refund);
     if !per_descriptor {
         let whole = Context::Request { hits: request.hits };
         return smallvec::smallvec![(0..request.descriptors.len(), whole)];
@@ -51,6 +51,7 @@ fn contexts(request: &Request) -> SmallVec<[(Range<usize>, Context); 1]> {
             let own = Context::Descriptor {
                 hits: descriptor.hits,
                 request_hits: request.hits,
+                refund: descriptor.refund,
             };
             (i..i + 1, own)
         })

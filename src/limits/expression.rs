@@ -455,6 +455,7 @@ mod tests {
                     })
                     .collect(),
                 hits: None,
+                refund: false,
             })
             .collect()
     }

@@ -31,6 +31,12 @@ impl std::error::Error for LimitsError {}
 
 const ALGORITHMS: [&str; 3] = ["fixed_window", "token_bucket", "sliding_window"];
 
+/// The longest `seconds` (about 31,700 years), for every algorithm and storage: every time in
+/// milliseconds a storage computes (now + seconds × 1000, TTLs) then stays an integer below
+/// 2^53, exact in the doubles Redis scripts compute with and written out by Redis as digits
+/// (it formats a larger number as `1e+17`, which `SET … PX` refuses).
+pub const MAX_SECONDS: u64 = 1_000_000_000_000;
+
 /// One entry's fields as read, each checked on its own so that every problem of an entry is
 /// reported at once (a typed deserializer stops at the first). A required field that is
 /// missing or of the wrong type is `None`, with its problem recorded.
@@ -289,6 +295,14 @@ fn build_limit(entry: serde_yaml::Value) -> Result<Limit, Vec<String>> {
     if raw.seconds == Some(0) {
         problems.push("field `seconds` must be at least 1, found 0".to_string());
     }
+    if let Some(seconds) = raw.seconds
+        && seconds > MAX_SECONDS
+    {
+        problems.push(format!(
+            "field `seconds` must be at most {MAX_SECONDS} (about 31,700 years; every storage \
+             keeps times exact in milliseconds up to there)"
+        ));
+    }
     for (field, value) in [("name", &raw.name), ("id", &raw.id)] {
         if value.as_deref() == Some("") {
             problems.push(format!("field `{field}` must not be empty when given"));
@@ -397,6 +411,26 @@ mod tests {
         assert_eq!(limits[0].name.as_deref(), Some("free"));
         assert_eq!(limits[0].variables.len(), 1);
         assert!(limits[1].conditions.is_empty());
+    }
+
+    #[test]
+    fn seconds_are_bounded_for_every_algorithm() {
+        for algorithm in ALGORITHMS {
+            let entry = |seconds: u64| {
+                format!(
+                    "- {{namespace: a, max_value: 0, seconds: {seconds}, algorithm: {algorithm}}}"
+                )
+            };
+            assert!(
+                parse_limits("t", &entry(MAX_SECONDS)).is_ok(),
+                "{algorithm}"
+            );
+            let p = problems(&entry(MAX_SECONDS + 1));
+            assert!(
+                p[0].contains("`seconds` must be at most 1000000000000"),
+                "{p:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Limits: the model, loading and validating Limitador-format YAML, CEL matching, and the
 //! per-namespace index the limiter reads.
 
+mod asm;
 mod expression;
 mod file;
 mod index;
@@ -18,6 +19,7 @@ pub use crate::storage::LimitId;
 use index::LimitIndex;
 use serde::Serialize;
 
+pub use asm::{AsmConfigError, RATE_LIMIT_CONFIG, parse_rate_limit_config};
 pub use expression::{EvalError, Expression, Input};
 pub use file::{LimitsError, digest, load_bytes, load_file, parse_limits};
 
@@ -156,6 +158,32 @@ pub struct LimitSet {
     by_key: HashMap<LimitId, Arc<Limit>>,
     /// Digest of the file content the limits were read from ([`file::digest`]).
     content_digest: Option<u64>,
+    /// Limits from elsewhere than the file, kept when the file is reloaded.
+    fixed: Option<Arc<FixedLimits>>,
+}
+
+/// Limits that do not come from the limits file (ASM's `RATE_LIMIT_CONFIG`): they stay in
+/// force when the file is reloaded, and own their namespace: the file may have no limits in it.
+pub struct FixedLimits {
+    /// What they come from, for errors ("RATE_LIMIT_CONFIG").
+    pub source: String,
+    pub namespace: String,
+    limits: Vec<Arc<Limit>>,
+}
+
+impl FixedLimits {
+    /// `limits` (all in `namespace`) from `source`.
+    pub fn new(
+        source: impl Into<String>,
+        namespace: impl Into<String>,
+        limits: Vec<Limit>,
+    ) -> Self {
+        Self {
+            source: source.into(),
+            namespace: namespace.into(),
+            limits: limits.into_iter().map(Arc::new).collect(),
+        }
+    }
 }
 
 /// The limits of one namespace, in file order, indexed by what they require.
@@ -179,8 +207,12 @@ impl Namespace {
 
 impl LimitSet {
     pub fn new(limits: Vec<Limit>) -> Self {
+        Self::of(limits.into_iter().map(Arc::new))
+    }
+
+    fn of(limits: impl IntoIterator<Item = Arc<Limit>>) -> Self {
         let mut set = Self::default();
-        for limit in limits.into_iter().map(Arc::new) {
+        for limit in limits {
             set.by_key.insert(limit.key, limit.clone());
             set.by_namespace
                 .entry(limit.namespace.clone())
@@ -202,6 +234,32 @@ impl LimitSet {
 
     pub fn content_digest(&self) -> Option<u64> {
         self.content_digest
+    }
+
+    /// These limits, read from `file`, with `fixed` added to them; an error naming both
+    /// sources when the file has limits in `fixed`'s namespace.
+    pub fn with_fixed(self, file: &str, fixed: Option<Arc<FixedLimits>>) -> Result<Self, String> {
+        let Some(fixed) = fixed else {
+            return Ok(self);
+        };
+        if self.by_namespace.contains_key(&fixed.namespace) {
+            return Err(format!(
+                "namespace {:?} has limits both in the limits file {file} and in {}; each \
+                 namespace takes its limits from one source: remove them from the file, or \
+                 leave {} unset",
+                fixed.namespace, fixed.source, fixed.source
+            ));
+        }
+        let limits: Vec<Arc<Limit>> = self.iter().chain(&fixed.limits).cloned().collect();
+        let mut set = Self::of(limits);
+        set.content_digest = self.content_digest;
+        set.fixed = Some(fixed);
+        Ok(set)
+    }
+
+    /// The limits kept across reloads of the file, if any.
+    pub fn fixed(&self) -> Option<&Arc<FixedLimits>> {
+        self.fixed.as_ref()
     }
 
     pub fn namespace(&self, namespace: &str) -> &[Arc<Limit>] {
@@ -275,11 +333,23 @@ impl Limit {
         } = fields;
         let seconds_text = seconds.to_string();
         let kind_text = kind.identity();
+        // A continuous bucket keeps its level in units of 1/`seconds` token: with another
+        // period the same level would mean another number of tokens, so a limit that keeps its
+        // `id` but changes `seconds` starts new buckets instead of rescaling the old ones.
+        // (Without `id`, `seconds` is part of the identity anyway.)
+        let period_text = matches!(
+            kind,
+            AlgorithmKind::TokenBucket {
+                refill_tokens: None
+            }
+        )
+        .then(|| format!("period/{seconds}"));
         let key = match &id {
             Some(id) => fingerprint(
                 ["id", namespace.as_str(), id.as_str()]
                     .into_iter()
-                    .chain((!kind_text.is_empty()).then_some(kind_text.as_str())),
+                    .chain((!kind_text.is_empty()).then_some(kind_text.as_str()))
+                    .chain(period_text.as_deref()),
             ),
             None => {
                 let mut sorted: Vec<&str> = conditions.iter().map(Expression::source).collect();
@@ -335,5 +405,41 @@ mod tests {
         assert_eq!(limits[1].applies(&input, &mut values), Ok(false));
         assert_eq!(limits[2].applies(&input, &mut values), Ok(true));
         assert_eq!(values.as_slice(), ["fixed", "null"]);
+    }
+
+    fn asm_rules() -> Option<Arc<FixedLimits>> {
+        let json = r#"[{"rate_limit_key_regex": "k", "max_tokens": 5, "tokens_per_fill": 1,
+            "fill_interval_second": 1, "redis_expired_seconds": 1}]"#;
+        let rules = parse_rate_limit_config(json, "asm").unwrap();
+        Some(Arc::new(FixedLimits::new(RATE_LIMIT_CONFIG, "asm", rules)))
+    }
+
+    #[test]
+    fn fixed_limits_join_the_files_and_own_their_namespace() {
+        let file = LimitSet::new(
+            file::parse_limits("f.yaml", "- {namespace: other, max_value: 1, seconds: 1}").unwrap(),
+        )
+        .from_content(7);
+        let set = file.with_fixed("f.yaml", asm_rules()).unwrap();
+        assert_eq!(set.len(), 2);
+        assert_eq!(set.namespace("asm")[0].max_value, 5);
+        assert_eq!(set.content_digest(), Some(7));
+        assert_eq!(set.fixed().map(|f| f.namespace.as_str()), Some("asm"));
+
+        // The file may not have limits in the namespace of the fixed ones.
+        let clashing = LimitSet::new(
+            file::parse_limits("f.yaml", "- {namespace: asm, max_value: 1, seconds: 1}").unwrap(),
+        );
+        let e = clashing.with_fixed("f.yaml", asm_rules()).err().unwrap();
+        assert!(
+            e.contains("\"asm\"") && e.contains("f.yaml") && e.contains(RATE_LIMIT_CONFIG),
+            "{e}"
+        );
+        // An empty list of rules still owns its namespace.
+        let none = Some(Arc::new(FixedLimits::new(RATE_LIMIT_CONFIG, "asm", vec![])));
+        let clashing = LimitSet::new(
+            file::parse_limits("f.yaml", "- {namespace: asm, max_value: 1, seconds: 1}").unwrap(),
+        );
+        assert!(clashing.with_fixed("f.yaml", none).is_err());
     }
 }

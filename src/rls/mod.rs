@@ -165,6 +165,7 @@ fn to_request(request: RateLimitRequest, bounds: &RequestBounds) -> Result<Reque
             .map(|d| Descriptor {
                 entries: d.entries.into_iter().map(|e| (e.key, e.value)).collect(),
                 hits: d.hits_addend,
+                refund: d.is_negative_hits,
             })
             .collect(),
         hits: u64::from(request.hits_addend),

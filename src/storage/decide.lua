@@ -8,15 +8,30 @@
 --          time until the state no longer matters. A value of another shape reads as no state.
 -- ARGV     pairs of a `struct` format ('<' and one 'd' per number) and the numbers it packs,
 --          little-endian doubles (one pair unless there are thousands of numbers). The
---          numbers, in order: now_ms, then for each counter its kind and
---          parameters (0 fixed window: max, period_ms; 1 token bucket: capacity, scale, quantum,
---          step_ms; 2 sliding window: max, period_ms), then for each group: policy
---          (0 all-or-nothing, 1 check only, 2 charge), cost, k, and k counter indices (1-based).
--- Returns  for each group, for each of its counters, packed as '<Bddddd': flags (1: over, 2: the
---          group is admitted), remaining, reset_in_ms, retry_after_ms (-1: never), charged,
---          overshoot; all concatenated. (A group without counters is admitted.)
+--          numbers, in order: now_ms (ratekeeper's clock: windows and refills), deadline_ms
+--          (Redis's clock, 0: none), then for each counter its algorithm and parameters
+--          (FIXED_WINDOW: max, period_ms; TOKEN_BUCKET: capacity, scale, quantum, step_ms;
+--          SLIDING_WINDOW: max, period_ms), then for each group: its policy, cost, k, and k
+--          counter indices (1-based).
+-- Returns  '<Bd': DECIDED or TOO_LATE, and Redis's clock (TIME) in ms. TOO_LATE: Redis ran the
+--          call after its deadline (the caller has given up on it, or is about to) and nothing
+--          was read or written. DECIDED is followed by, for each group, for each of its
+--          counters, packed as '<Bddddd': flags (1: over, 2: the group is admitted), remaining,
+--          reset_in_ms, retry_after_ms (-1: never), charged, overshoot; all concatenated. (A
+--          group without counters is admitted.)
+--
+-- The rules are written once: each algorithm is a set of functions over one counter (below),
+-- and one loop applies a group's policy to its counters with them, whatever the mix.
+
+-- The wire numbers, the same as Rust's (`Policy::wire`, `Algorithm::wire`; a unit test in
+-- src/storage/redis.rs compares them).
+local ALL_OR_NOTHING, CHECK_ONLY, CHARGE, REFUND = 0, 1, 2, 3
+local FIXED_WINDOW, TOKEN_BUCKET, SLIDING_WINDOW = 0, 1, 2
+local TOO_LATE, DECIDED = 0, 1
+
 local MAX_COUNT = 9007199254740991
-local unpack, min, max = struct.unpack, math.min, math.max
+local unpack, pack, floor, min, max = struct.unpack, struct.pack, math.floor, math.min, math.max
+
 local num = {unpack(ARGV[1], ARGV[2])}
 num[#num] = nil -- (unpack's last result is the position after the data)
 for c = 3, #ARGV, 2 do -- further chunks, for batches too large for one unpack
@@ -25,160 +40,13 @@ for c = 3, #ARGV, 2 do -- further chunks, for batches too large for one unpack
 end
 local last = #num
 local now = num[1]
-local n = #KEYS
 
-if n == 1 and num[2] == 0 then
-  -- One fixed window, the most common call: the rules of the fixed-window path below, with the
-  -- state in locals. Every group holds the counter or nothing.
-  local limit, period = num[3], num[4]
-  local stored = redis.call('GET', KEYS[1])
-  local tag, u, e
-  if stored and #stored == 17 then tag, u, e = unpack('<Bdd', stored) end
-  if not (tag == 1 and u >= 0 and e > now) then u, e = 0, now + period end
-  local reset = max(e - now, 0)
-  local dirty, out, o = false, nil, 0
-  local a = 5
-  while a <= last do
-    local policy, cost, k = num[a], num[a + 1], num[a + 2]
-    a = a + 3 + k
-    if k == 1 then
-      local check = cost
-      if policy == 1 and check < 1 then check = 1 end
-      local over = u + check > limit
-      local group_flag = over and 0 or 2
-      local beyond_before = max(u - limit, 0)
-      local retry = 0
-      if policy ~= 2 and over then
-        if check <= limit then retry = reset else retry = -1 end
-      end
-      local charged = 0
-      if (policy == 0 and not over) or policy == 2 then
-        u = min(u + cost, MAX_COUNT)
-        dirty = true
-        charged = min(cost, MAX_COUNT)
-      end
-      if policy == 2 then
-        over = u > limit
-        if over then
-          if 1 <= limit then retry = reset else retry = -1 end
-        end
-      end
-      local record = struct.pack('<Bddddd', group_flag + (over and 1 or 0), max(limit - u, 0),
-        reset, retry, charged, max(max(u - limit, 0) - beyond_before, 0))
-      o = o + 1
-      if o == 1 then out = record elseif o == 2 then out = {out, record} else out[o] = record end
-    end
-  end
-  if dirty then
-    local ttl = e - now
-    if ttl < 1 then ttl = 1 end
-    redis.call('SET', KEYS[1], struct.pack('<Bdd', 1, u, e), 'PX', ttl)
-  end
-  if o == 0 then return '' end
-  if o == 1 then return out end
-  return table.concat(out)
-end
-
--- Several counters: where each counter's kind sits in `num` (its parameters follow), and
--- whether all are fixed windows (decided below without the generic machinery).
-local at, only_windows = {}, true
-local a = 2
-for i = 1, n do
-  at[i] = a
-  if num[a] == 0 then
-    a = a + 3
-  else
-    only_windows = false
-    if num[a] == 1 then a = a + 5 else a = a + 3 end
-  end
-end
-local groups_at = a
-
-if only_windows then
-  -- Fixed windows only: the same rules as the generic path below, inlined.
-  local used, ends, dirty = {}, {}, {}
-  for i = 1, n do
-    local stored = redis.call('GET', KEYS[i])
-    local tag, u, e
-    if stored and #stored == 17 then tag, u, e = unpack('<Bdd', stored) end
-    if tag == 1 and u >= 0 and e > now then
-      used[i], ends[i] = u, e
-    else
-      used[i], ends[i] = 0, now + num[at[i] + 2]
-    end
-  end
-  local out, o, refused = {}, 0, {}
-  local pack = struct.pack
-  a = groups_at
-  while a <= last do
-    local policy, cost, k = num[a], num[a + 1], num[a + 2]
-    local first = a + 3
-    a = first + k
-    local check = cost
-    if policy == 1 and check < 1 then check = 1 end
-    local admitted = true
-    for j = 1, k do
-      local i = num[first + j - 1]
-      local r = used[i] + check > num[at[i] + 1]
-      refused[j] = r
-      if r then admitted = false end
-    end
-    local group_flag = admitted and 2 or 0
-    local charge = (policy == 0 and admitted) or policy == 2
-    for j = 1, k do
-      local i = num[first + j - 1]
-      local u, limit, reset = used[i], num[at[i] + 1], max(ends[i] - now, 0)
-      local beyond_before = max(u - limit, 0)
-      local over, retry = refused[j], 0
-      if policy ~= 2 and u + check > limit then
-        if check <= limit then retry = reset else retry = -1 end
-      end
-      local charged = 0
-      if charge then
-        u = min(u + cost, MAX_COUNT)
-        used[i], dirty[i] = u, true
-        charged = min(cost, MAX_COUNT)
-      end
-      if policy == 2 then
-        over = u > limit
-        if over then
-          if 1 <= limit then retry = reset else retry = -1 end
-        end
-      end
-      o = o + 1
-      out[o] = pack('<Bddddd', group_flag + (over and 1 or 0), max(limit - u, 0), reset, retry,
-        charged, max(max(u - limit, 0) - beyond_before, 0))
-    end
-  end
-  for i = 1, n do
-    if dirty[i] then
-      local ttl = ends[i] - now
-      if ttl < 1 then ttl = 1 end
-      redis.call('SET', KEYS[i], struct.pack('<Bdd', 1, used[i], ends[i]), 'PX', ttl)
-    end
-  end
-  if o == 1 then return out[1] end
-  return table.concat(out)
-end
-
--- The generic path: any mix of algorithms.
-
-local function idiv(x, y) -- floor(x / y), exact
-  if y < 1 then y = 1 end
-  local q = math.floor(x / y)
-  if q * y > x then q = q - 1 elseif (q + 1) * y <= x then q = q + 1 end
-  return q
-end
-
-local function cdiv(x, y) -- ceil(x / y), exact
-  if y < 1 then y = 1 end
-  local q = idiv(x, y)
-  if q * y < x then q = q + 1 end
-  return q
-end
-
--- Per counter: kind, parameters p1..p4, state s1..s3.
-local kind, p1, p2, p3, p4, s1, s2, s3, dirty = {}, {}, {}, {}, {}, {}, {}, {}, {}
+-- A call its caller answered as failed must never take effect later: Redis's own clock says
+-- whether it is too late, against a deadline ratekeeper has put on Redis's clock.
+local time = redis.call('TIME')
+local redis_ms = time[1] * 1000 + floor(time[2] / 1000)
+if num[2] > 0 and redis_ms > num[2] then return pack('<Bd', TOO_LATE, redis_ms) end
+local head = pack('<Bd', DECIDED, redis_ms)
 
 -- The numbers of a stored value packed as `format` whose tag is `tag`; nil otherwise.
 local function fields(stored, tag, format, size)
@@ -189,195 +57,282 @@ local function fields(stored, tag, format, size)
   return x, y, z
 end
 
--- The state in force now (expired windows dropped, refills added); a missing state is new.
-local function load(i, stored)
-  local k = kind[i]
-  if k == 0 then
-    local used, ends = fields(stored, 1, '<Bdd', 17)
-    if used and used >= 0 and ends > now then
-      s1[i], s2[i] = used, ends
-    else
-      s1[i], s2[i] = 0, now + p2[i]
-    end
-  elseif k == 1 then
-    local units, refilled = fields(stored, 2, '<Bdd', 17)
-    if units then
-      local steps = 0
-      if now > refilled then steps = math.floor((now - refilled) / p4[i]) end
-      s1[i] = units + math.min(steps * p3[i], 2 * MAX_COUNT)
-      s2[i] = refilled + steps * p4[i]
-    end
-    -- Full again is the same as new: refill steps start over at the next charge.
-    if not units or s1[i] >= p1[i] then
-      s1[i], s2[i] = p1[i], now
-    end
+-- The counters, with their parameters (their state is loaded below), and which algorithms the
+-- call uses.
+local counters, windows, buckets, slidings = {}, false, false, false
+local a = 3
+for i = 1, #KEYS do
+  local algorithm = num[a]
+  if algorithm == FIXED_WINDOW then
+    windows = true
+    counters[i] = {algorithm = algorithm, rules = false, max = num[a + 1],
+      period = num[a + 2], used = 0, ends = 0, refused = false, dirty = false}
+    a = a + 3
+  elseif algorithm == TOKEN_BUCKET then
+    buckets = true
+    counters[i] = {algorithm = algorithm, rules = false, capacity = num[a + 1],
+      scale = num[a + 2], quantum = num[a + 3], step = num[a + 4], units = 0, refilled = 0,
+      refused = false, dirty = false}
+    a = a + 5
   else
-    local start, current, previous = fields(stored, 3, '<Bddd', 25)
-    if start then
-      local windows = 0
-      if now > start then windows = math.floor((now - start) / p2[i]) end
-      if windows == 0 then
-        s1[i], s2[i], s3[i] = start, current, previous
-      elseif windows == 1 then
-        s1[i], s2[i], s3[i] = start + p2[i], 0, current
+    slidings = true
+    counters[i] = {algorithm = algorithm, rules = false, max = num[a + 1],
+      period = num[a + 2], start = 0, current = 0, previous = 0, refused = false,
+      dirty = false}
+    a = a + 3
+  end
+end
+
+local idiv, cdiv -- exact integer division (the bucket and the sliding window use them)
+if buckets or slidings then
+  function idiv(x, y) -- floor(x / y), exact
+    if y < 1 then y = 1 end
+    local q = floor(x / y)
+    if q * y > x then q = q - 1 elseif (q + 1) * y <= x then q = q + 1 end
+    return q
+  end
+
+  function cdiv(x, y) -- ceil(x / y), exact
+    if y < 1 then y = 1 end
+    local q = idiv(x, y)
+    if q * y < x then q = q + 1 end
+    return q
+  end
+end
+
+-- Each algorithm's rules, over a counter `c` (a table of its parameters and its state):
+--   load(c, stored)  the state in force now (expired windows dropped, refills added); a
+--                    missing state is new
+--   admits(c, cost)  would `cost` be admitted?
+--   charge(c, cost)  counts `cost`
+--   refund(c, cost)  gives `cost` back (usage never below zero, a bucket never above its
+--                    capacity); true if that changed the state
+--   view(c, cost)    what the counter says now: remaining; reset_in (time until it is back to
+--                    its full budget); retry_after (time until `cost` would be admitted, -1 if
+--                    never); beyond (whole tokens beyond the limit); over (usage past the limit)
+--   encode(c)        the stored value, and its TTL
+-- Made only when a counter uses the algorithm (making functions and tables is what costs most
+-- time here): most calls use one.
+
+local window -- parameters max, period; state used, ends
+if windows then
+  window = {
+    load = function(c, stored)
+      local used, ends = fields(stored, 1, '<Bdd', 17)
+      if used and used >= 0 and ends > now then
+        c.used, c.ends = used, ends
       else
-        s1[i], s2[i], s3[i] = now, 0, 0
+        c.used, c.ends = 0, now + c.period
       end
-    else
-      s1[i], s2[i], s3[i] = now, 0, 0
+    end,
+    admits = function(c, cost) return c.used + cost <= c.max end,
+    charge = function(c, cost) c.used = min(c.used + cost, MAX_COUNT) end,
+    refund = function(c, cost)
+      local before = c.used
+      c.used = max(c.used - cost, 0)
+      return c.used ~= before
+    end,
+    view = function(c, cost)
+      local used, limit, reset = c.used, c.max, max(c.ends - now, 0)
+      local retry = 0
+      if used + cost > limit then
+        if cost <= limit then retry = reset else retry = -1 end
+      end
+      return max(limit - used, 0), reset, retry, max(used - limit, 0), used > limit
+    end,
+    encode = function(c) return pack('<Bdd', 1, c.used, c.ends), max(c.ends - now, 1) end,
+  }
+end
+
+local bucket -- parameters capacity, scale, quantum, step; state units, refilled
+if buckets then
+  -- Time until the level reaches `target` units.
+  local function time_to(c, target)
+    local deficit = target - c.units
+    if deficit <= 0 then return 0 end
+    local quantum = c.quantum
+    if quantum < 1 then quantum = 1 end
+    local steps = cdiv(deficit, quantum)
+    if steps > idiv(MAX_COUNT, c.step) then return MAX_COUNT end
+    return max(steps * c.step - max(now - c.refilled, 0), 0)
+  end
+  bucket = {
+    load = function(c, stored)
+      local units, refilled = fields(stored, 2, '<Bdd', 17)
+      if units then
+        local steps = 0
+        if now > refilled then steps = floor((now - refilled) / c.step) end
+        c.units = units + min(steps * c.quantum, 2 * MAX_COUNT)
+        c.refilled = refilled + steps * c.step
+      end
+      -- Full again is the same as new: refill steps start over at the next charge.
+      if not units or c.units >= c.capacity then
+        c.units, c.refilled = c.capacity, now
+      end
+    end,
+    admits = function(c, cost) return c.units >= cost * c.scale end,
+    charge = function(c, cost)
+      c.units = max(c.units - cost * c.scale, c.capacity - MAX_COUNT)
+    end,
+    refund = function(c, cost)
+      local before = c.units
+      c.units = min(c.units + cost * c.scale, c.capacity)
+      -- Full again is the same as new (as in `load`): refill steps start over at the next charge.
+      if c.units >= c.capacity then c.refilled = now end
+      return c.units ~= before
+    end,
+    view = function(c, cost)
+      local units, scale = c.units, c.scale
+      local retry = -1
+      if cost * scale <= c.capacity then retry = time_to(c, cost * scale) end
+      return idiv(max(units, 0), scale), time_to(c, c.capacity), retry,
+        idiv(max(-units, 0), scale), units < 0
+    end,
+    encode = function(c)
+      return pack('<Bdd', 2, c.units, c.refilled), max(time_to(c, c.capacity), 1)
+    end,
+  }
+end
+
+local sliding -- parameters max, period; state start, current, previous
+if slidings then
+  -- The estimate in token*ms.
+  local function used(c)
+    local elapsed = min(now - c.start, c.period)
+    return c.previous * (c.period - elapsed) + c.current * c.period
+  end
+  local function reset_in(c)
+    local until_ = now
+    if c.current > 0 then
+      until_ = c.start + 2 * c.period
+    elseif c.previous > 0 then
+      until_ = c.start + c.period
     end
-    -- Nothing counts any more: the same as new, the grid starts over at the next charge.
-    if s2[i] == 0 and s3[i] == 0 then s1[i] = now end
+    return max(until_ - now, 0)
   end
-end
-
--- Sliding window: the estimate in token*ms.
-local function sliding_used(i)
-  local elapsed = math.min(now - s1[i], p2[i])
-  return s3[i] * (p2[i] - elapsed) + s2[i] * p2[i]
-end
-
-local function admits(i, cost)
-  local k = kind[i]
-  if k == 0 then return s1[i] + cost <= p1[i] end
-  if k == 1 then return s1[i] >= cost * p2[i] end
-  return sliding_used(i) + cost * p2[i] <= p1[i] * p2[i]
-end
-
-local function charge(i, cost)
-  local k = kind[i]
-  if k == 0 then s1[i] = math.min(s1[i] + cost, MAX_COUNT)
-  elseif k == 1 then s1[i] = math.max(s1[i] - cost * p2[i], p1[i] - MAX_COUNT)
-  else s2[i] = math.min(s2[i] + cost, MAX_COUNT) end
-  dirty[i] = true
-end
-
-local function is_over(i)
-  local k = kind[i]
-  if k == 0 then return s1[i] > p1[i] end
-  if k == 1 then return s1[i] < 0 end
-  return sliding_used(i) > p1[i] * p2[i]
-end
-
-local function beyond(i)
-  local k = kind[i]
-  if k == 0 then return math.max(s1[i] - p1[i], 0) end
-  if k == 1 then return idiv(math.max(-s1[i], 0), p2[i]) end
-  return math.max(s2[i] - p1[i], 0)
-end
-
-local function remaining(i)
-  local k = kind[i]
-  if k == 0 then return math.max(p1[i] - s1[i], 0) end
-  if k == 1 then return idiv(math.max(s1[i], 0), p2[i]) end
-  local left = p1[i] * p2[i] - sliding_used(i)
-  if left <= 0 then return 0 end
-  return idiv(left, p2[i])
-end
-
--- Token bucket: time until the level reaches `target` units.
-local function bucket_time_to(i, target)
-  local deficit = target - s1[i]
-  if deficit <= 0 then return 0 end
-  local quantum = p3[i]
-  if quantum < 1 then quantum = 1 end
-  local steps = cdiv(deficit, quantum)
-  if steps > idiv(MAX_COUNT, p4[i]) then return MAX_COUNT end
-  return math.max(steps * p4[i] - math.max(now - s2[i], 0), 0)
-end
-
-local function reset_in(i)
-  local k = kind[i]
-  if k == 0 then return math.max(s2[i] - now, 0) end
-  if k == 1 then return bucket_time_to(i, p1[i]) end
-  local untill = now
-  if s2[i] > 0 then untill = s1[i] + 2 * p2[i] elseif s3[i] > 0 then untill = s1[i] + p2[i] end
-  return math.max(untill - now, 0)
-end
-
--- Time until `cost` would be admitted; -1 if never.
-local function retry_after(i, cost)
-  local k = kind[i]
-  if k == 0 then
-    if admits(i, cost) then return 0 end
-    if cost <= p1[i] then return reset_in(i) end
-    return -1
+  local function retry_after(c, cost)
+    local limit, period = c.max, c.period
+    if cost > limit then return -1 end
+    local elapsed = min(now - c.start, period)
+    local function fits_from(weighted, held)
+      local room = limit - cost - held
+      if room < 0 then return nil end
+      if weighted == 0 then return 0 end
+      return max(period - idiv(room * period, weighted), 0)
+    end
+    local from = fits_from(c.previous, c.current)
+    if from ~= nil and from < period then return max(from - elapsed, 0) end
+    local next = fits_from(c.current, 0)
+    if next == nil then return -1 end
+    return (period - elapsed) + next
   end
-  if k == 1 then
-    local needed = cost * p2[i]
-    if needed > p1[i] then return -1 end
-    return bucket_time_to(i, needed)
+  sliding = {
+    load = function(c, stored)
+      local start, current, previous = fields(stored, 3, '<Bddd', 25)
+      local period = c.period
+      c.start, c.current, c.previous = now, 0, 0
+      if start then
+        local windows = 0
+        if now > start then windows = floor((now - start) / period) end
+        if windows == 0 then
+          c.start, c.current, c.previous = start, current, previous
+        elseif windows == 1 then
+          c.start, c.current, c.previous = start + period, 0, current
+        end
+      end
+      -- Nothing counts any more: the same as new, the grid starts over at the next charge.
+      if c.current == 0 and c.previous == 0 then c.start = now end
+    end,
+    admits = function(c, cost) return used(c) + cost * c.period <= c.max * c.period end,
+    charge = function(c, cost) c.current = min(c.current + cost, MAX_COUNT) end,
+    refund = function(c, cost)
+      local before = c.current
+      c.current = max(c.current - cost, 0)
+      -- Nothing counts any more: the same as new (as in `load`).
+      if c.current == 0 and c.previous == 0 then c.start = now end
+      return c.current ~= before
+    end,
+    view = function(c, cost)
+      local left = c.max * c.period - used(c)
+      local remaining = 0
+      if left > 0 then remaining = idiv(left, c.period) end
+      return remaining, reset_in(c), retry_after(c, cost), max(c.current - c.max, 0), left < 0
+    end,
+    encode = function(c)
+      return pack('<Bddd', 3, c.start, c.current, c.previous), max(reset_in(c), 1)
+    end,
+  }
+end
+
+-- Each counter's state in force now.
+for i = 1, #KEYS do
+  local c = counters[i]
+  if c.algorithm == FIXED_WINDOW then
+    c.rules = window
+  elseif c.algorithm == TOKEN_BUCKET then
+    c.rules = bucket
+  else
+    c.rules = sliding
   end
-  local limit, period = p1[i], p2[i]
-  if cost > limit then return -1 end
-  local elapsed = math.min(now - s1[i], period)
-  local function fits_from(weighted, held)
-    local room = limit - cost - held
-    if room < 0 then return nil end
-    if weighted == 0 then return 0 end
-    return math.max(period - idiv(room * period, weighted), 0)
-  end
-  local from = fits_from(s3[i], s2[i])
-  if from ~= nil and from < period then return math.max(from - elapsed, 0) end
-  local next = fits_from(s2[i], 0)
-  if next == nil then return -1 end
-  return (period - elapsed) + next
+  local stored = redis.call('GET', KEYS[i])
+  c.exists = stored ~= false -- a refund never creates a counter
+  c.rules.load(c, stored)
 end
 
-local function encode(i)
-  local k = kind[i]
-  if k == 0 then return struct.pack('<Bdd', 1, s1[i], s2[i]) end
-  if k == 1 then return struct.pack('<Bdd', 2, s1[i], s2[i]) end
-  return struct.pack('<Bddd', 3, s1[i], s2[i], s3[i])
-end
-
-for i = 1, n do
-  local b = at[i]
-  kind[i] = num[b]
-  p1[i], p2[i] = num[b + 1], num[b + 2]
-  if kind[i] == 1 then p3[i], p4[i] = num[b + 3], num[b + 4] end
-  dirty[i] = false
-  load(i, redis.call('GET', KEYS[i]))
-end
-
-local out = {}
-a = groups_at
+-- The groups, in order: a later group sees an earlier one's charges.
+local out, o = nil, 0 -- the records: one string, or a table of them once there are two
 while a <= last do
   local policy, cost, k = num[a], num[a + 1], num[a + 2]
-  a = a + 3
+  local first = a + 3
+  a = first + k
   local check = cost
-  if policy == 1 and check < 1 then check = 1 end
-  local members, refused, admitted = {}, {}, true
-  for j = 1, k do
-    local i = num[a]
-    a = a + 1
-    members[j] = i
-    refused[j] = not admits(i, check)
-    if refused[j] then admitted = false end
+  if policy == CHECK_ONLY and check < 1 then check = 1 end
+  local admitted = true
+  for j = first, a - 1 do
+    local c = counters[num[j]]
+    c.refused = policy ~= REFUND and not c.rules.admits(c, check) -- a refund never refuses
+    if c.refused then admitted = false end
   end
+  local charges = policy == CHARGE or (policy == ALL_OR_NOTHING and admitted)
   local group_flag = admitted and 2 or 0
-  for j = 1, k do
-    local i = members[j]
-    local beyond_before = beyond(i)
-    local over, retry = refused[j], 0
-    if policy ~= 2 then retry = retry_after(i, check) end
+  for j = first, a - 1 do
+    local c = counters[num[j]]
+    local rules = c.rules
+    local _, _, retry, beyond_before = rules.view(c, check)
     local charged = 0
-    if (policy == 0 and admitted) or policy == 2 then
-      charge(i, cost)
-      charged = math.min(cost, MAX_COUNT)
+    if charges then
+      rules.charge(c, cost)
+      c.dirty = true
+      charged = min(cost, MAX_COUNT)
+    elseif policy == REFUND and (c.exists or c.dirty) and rules.refund(c, cost) then
+      c.dirty = true
     end
-    if policy == 2 then
-      over = is_over(i)
-      if over then retry = retry_after(i, 1) end
+    local remaining, reset, retry_one, beyond, over = rules.view(c, 1)
+    if policy == REFUND then
+      over, retry, beyond = false, 0, beyond_before
+    elseif policy == CHARGE then
+      -- The usage happened: over when past the limit; retry when one more fits.
+      if not over then retry_one = 0 end
+      retry = retry_one
+    else
+      over = c.refused
     end
-    out[#out + 1] = struct.pack('<Bddddd', group_flag + (over and 1 or 0), remaining(i),
-      reset_in(i), retry, charged, math.max(beyond(i) - beyond_before, 0))
+    local record = pack('<Bddddd', group_flag + (over and 1 or 0), remaining, reset, retry,
+      charged, max(beyond - beyond_before, 0))
+    o = o + 1
+    if o == 1 then out = record elseif o == 2 then out = {out, record} else out[o] = record end
   end
 end
 
-for i = 1, n do
-  if dirty[i] then
-    redis.call('SET', KEYS[i], encode(i), 'PX', math.max(reset_in(i), 1))
+for i = 1, #KEYS do
+  local c = counters[i]
+  if c.dirty then
+    local value, ttl = c.rules.encode(c)
+    -- Redis writes a number argument with '%.17g': digits for every TTL here (integers below
+    -- 2^53: limits/file.rs bounds `seconds`), never '1e+17', which PX refuses.
+    redis.call('SET', KEYS[i], value, 'PX', ttl)
   end
 end
-return table.concat(out)
+if o == 0 then return head end
+if o == 1 then return head .. out end
+return head .. table.concat(out)

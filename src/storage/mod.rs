@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use crate::algorithm::{Algorithm, CounterState, Group, GroupOutcome};
 
 pub use memory::MemoryStorage;
-pub use redis::RedisStorage;
+pub use redis::{RedisStorage, counter_key};
 
 /// Identifies a limit's counters: a stable fingerprint of what makes two limits "the same" in
 /// Limitador (namespace, seconds, conditions, variables — or the `id` when given), computed by

@@ -4,14 +4,32 @@
 //! it reads, decides and writes all the request's counters atomically, in one round trip.
 //! Connections are multiplexed, so concurrent requests pipeline instead of queueing.
 //!
-//! Key layout: `<prefix>:{<namespace>}:<limit id, 16 hex>:<values>`, where `<values>` is each
-//! variable value as `<byte length>:<value>`. The `{namespace}` hash tag puts every counter of a
-//! namespace in one cluster slot, so one script can touch all of a request's counters. The
-//! value is the counter's state, packed (see decide.lua), and the key expires when the state no
-//! longer matters: nothing grows forever.
+//! A call answered as failed never takes effect later: each call carries a deadline on Redis's
+//! clock, half the timeout after it was sent, and the script does nothing when it runs later
+//! (a Redis that was paused, swapped out or overloaded). ratekeeper's clock need not agree with
+//! Redis's: every reply (and every health ping) carries Redis's `TIME`, and `TIME − ratekeeper's
+//! monotonic clock when the reply is read` is a lower bound of the offset between the two
+//! clocks (low by the reply's travel time). ratekeeper uses the largest such bound of the last
+//! 10 to 20 seconds (a late-read reply does not spoil it; a clock that steps back is followed
+//! within 20 s), so deadlines err early. The deadline is `sent + offset + timeout / 2` on
+//! Redis's clock: a script that passes it started within half the timeout of the send,
+//! leaving the other half for its reply. Until the first reply, calls carry no deadline. In a
+//! cluster, the offset is learned from whichever node answered last: the nodes' clocks must
+//! agree with each other to well within half the timeout (they need not agree with
+//! ratekeeper's).
+//!
+//! Key layout: `<prefix>:{<namespace tag>}:<limit id, 16 hex>:<values>`, where the namespace
+//! tag is the namespace with `%`, `{` and `}` percent-encoded ([`namespace_tag`]) and
+//! `<values>` is each variable value as `<byte length>:<value>`. The `{…}` hash tag puts every
+//! counter of a namespace in one cluster slot, so one script can touch all of a request's
+//! counters. The value is the counter's state, packed (see decide.lua), and the key expires when
+//! the state no longer matters: nothing grows forever. The key format and the packed values
+//! outlive upgrades: tests/golden.rs pins them (README, "Upgrades and the Redis key format").
 
+use std::borrow::Cow;
 use std::io::Write;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::aio::ConnectionLike;
@@ -23,8 +41,8 @@ use tokio::sync::OnceCell;
 
 use super::{Batch, CounterKey, CounterSnapshot, LimitId, Storage, StorageError};
 use crate::algorithm::{
-    Algorithm, BucketState, CounterOutcome, CounterState, GroupOutcome, MAX_COUNT, Policy,
-    SlidingState, WindowState,
+    Algorithm, BucketState, CounterOutcome, CounterState, GroupOutcome, MAX_COUNT, SlidingState,
+    WindowState,
 };
 
 /// Numbers per argument of decide.lua: well below the 8000 values one Lua `struct.unpack` may
@@ -40,6 +58,10 @@ pub struct RedisStorage {
     format: String,
     prefix: String,
     timeout: Duration,
+    /// ratekeeper's monotonic clock: milliseconds since this instant.
+    epoch: Instant,
+    /// Redis's clock minus ratekeeper's monotonic clock, in ms, as replies show it.
+    redis_offset: Mutex<ClockOffset>,
     /// The URL with any password masked, for logs and errors.
     display_url: String,
 }
@@ -57,6 +79,12 @@ impl RedisStorage {
     /// `redis+cluster://[user:password@]host1:port1,host2:port2` (or `rediss+cluster://`) for a
     /// cluster given by any of its nodes.
     pub fn open(url: &str, prefix: &str, timeout: Duration) -> Result<Self, String> {
+        if prefix.contains(['{', '}']) {
+            // The first `{` of a key would open the hash tag inside the prefix.
+            return Err(format!(
+                "invalid key prefix {prefix:?}: it must not contain `{{` or `}}`"
+            ));
+        }
         let display_url = redact(url);
         let bad = |e: redis::RedisError| format!("invalid Redis URL {display_url}: {e}");
         let connection = if let Some((scheme, rest)) = cluster_scheme(url) {
@@ -94,10 +122,12 @@ impl RedisStorage {
             connection,
             decide: Script::new(include_str!("decide.lua")),
             list: Script::new(include_str!("list.lua")),
-            ping: Script::new("return redis.call('PING')"),
+            ping: Script::new("return redis.call('TIME')"),
             format: format!("<{}", "d".repeat(CHUNK)),
             prefix: prefix.to_string(),
             timeout,
+            epoch: Instant::now(),
+            redis_offset: Mutex::new(ClockOffset::default()),
             display_url,
         })
     }
@@ -106,23 +136,38 @@ impl RedisStorage {
         &self.display_url
     }
 
-    fn namespace_prefix(&self, namespace: &str) -> String {
-        format!("{}:{{{namespace}}}:", self.prefix)
+    /// ratekeeper's monotonic clock, in ms.
+    fn local_ms(&self) -> i64 {
+        i64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(i64::MAX)
     }
 
-    /// A counter's key, as `apply` writes it into the command.
-    #[cfg(test)]
-    fn key(&self, namespace: &str, key: &CounterKey) -> Vec<u8> {
-        let mut cmd = Cmd::new();
-        cmd.arg(CounterKeyArg {
-            prefix: &self.prefix,
-            namespace,
-            key,
-        });
-        match cmd.args_iter().next() {
-            Some(redis::Arg::Simple(bytes)) => bytes.to_vec(),
-            _ => Vec::new(),
+    /// The deadline, on Redis's clock, of a call sent at `sent_ms` (ratekeeper's clock); 0 (none)
+    /// while the offset between the clocks is unknown.
+    fn deadline(&self, sent_ms: i64) -> u64 {
+        let offset = match self.redis_offset.lock() {
+            Ok(offset) => offset.estimate(),
+            Err(_) => None,
+        };
+        let Some(offset) = offset else {
+            return 0;
+        };
+        let half = i64::try_from(self.timeout.as_millis() / 2).unwrap_or(i64::MAX);
+        let deadline = sent_ms.saturating_add(offset).saturating_add(half);
+        // (A deadline before Redis's epoch is already past: 1 ms after it, not 0, which is none.)
+        u64::try_from(deadline).unwrap_or(0).max(1)
+    }
+
+    /// Learns about the offset between the clocks from Redis's `TIME` in a reply read now.
+    fn observe_redis_time(&self, redis_ms: i64) {
+        let now = self.local_ms();
+        if let Ok(mut offset) = self.redis_offset.lock() {
+            offset.observe(redis_ms.saturating_sub(now), now);
         }
+    }
+
+    /// What every key of `namespace` starts with (and no key of another namespace does).
+    fn namespace_prefix(&self, namespace: &str) -> String {
+        format!("{}:{{{}}}:", self.prefix, namespace_tag(namespace))
     }
 
     /// Runs `cmd` (an `EVALSHA` of `script`) on the connection, within the timeout. A server
@@ -188,30 +233,20 @@ impl Storage for RedisStorage {
     ) -> Result<Vec<GroupOutcome>, StorageError> {
         // The numbers, as decide.lua reads them: little-endian doubles (exact below 2^53; a
         // larger one rounds as Lua's `tonumber` of its decimal form would).
-        let mut numbers = Vec::with_capacity(8 * (1 + 5 * batch.counters.len() + 8));
+        let mut numbers = Vec::with_capacity(8 * (2 + 5 * batch.counters.len() + 8));
         let mut push = |x: u64| numbers.extend_from_slice(&(x as f64).to_le_bytes());
         push(now_ms);
+        push(self.deadline(self.local_ms()));
         for counter in &batch.counters {
+            push(counter.algorithm.wire().into());
             match counter.algorithm {
-                Algorithm::FixedWindow(w) => {
-                    [0, w.max, w.period_ms].into_iter().for_each(&mut push)
-                }
-                Algorithm::TokenBucket(b) => {
-                    push(1);
-                    b.parameters().into_iter().for_each(&mut push);
-                }
-                Algorithm::SlidingWindow(w) => {
-                    [2, w.max, w.period_ms].into_iter().for_each(&mut push)
-                }
+                Algorithm::FixedWindow(w) => [w.max, w.period_ms].into_iter().for_each(&mut push),
+                Algorithm::TokenBucket(b) => b.parameters().into_iter().for_each(&mut push),
+                Algorithm::SlidingWindow(w) => [w.max, w.period_ms].into_iter().for_each(&mut push),
             }
         }
         for group in &batch.groups {
-            let policy = match group.policy {
-                Policy::AllOrNothing => 0,
-                Policy::CheckOnly => 1,
-                Policy::Charge => 2,
-            };
-            push(policy);
+            push(group.policy.wire().into());
             push(group.cost);
             push(group.counters.len() as u64);
             for &index in &group.counters {
@@ -225,10 +260,11 @@ impl Storage for RedisStorage {
             batch.counters.len(),
             64 + key_bytes + numbers.len() * 9 / 8,
         );
+        let tag = namespace_tag(batch.namespace);
         for counter in &batch.counters {
             cmd.arg(CounterKeyArg {
                 prefix: &self.prefix,
-                namespace: batch.namespace,
+                tag: &tag,
                 key: &counter.key,
             });
         }
@@ -236,8 +272,18 @@ impl Storage for RedisStorage {
             cmd.arg(&self.format[..1 + chunk.len() / 8]).arg(chunk);
         }
         let reply = self.run(&cmd, &self.decide).await?;
-        parse_outcomes(&reply, batch)
-            .ok_or_else(|| StorageError::Unavailable("unexpected reply from Redis".to_string()))
+        let unexpected = || StorageError::Unavailable("unexpected reply from Redis".to_string());
+        let (status, redis_ms, records) = parse_head(&reply).ok_or_else(unexpected)?;
+        self.observe_redis_time(redis_ms);
+        match status {
+            DECIDED => parse_outcomes(records, batch).ok_or_else(unexpected),
+            TOO_LATE => Err(StorageError::Unavailable(format!(
+                "{}: Redis ran the call after its deadline (half of {:?} after it was sent); \
+                 nothing was changed",
+                self.display_url, self.timeout
+            ))),
+            _ => Err(unexpected()),
+        }
     }
 
     async fn counters(
@@ -279,17 +325,86 @@ impl Storage for RedisStorage {
     async fn ping(&self) -> Result<(), StorageError> {
         let mut cmd = evalsha_cmd(&self.ping, 1, 0);
         cmd.arg(format!("{}:ping", self.prefix));
-        self.run(&cmd, &self.ping).await.map(|_| ())
+        let reply = self.run(&cmd, &self.ping).await?;
+        if let Some(redis_ms) = parse_time(&reply) {
+            self.observe_redis_time(redis_ms);
+        }
+        Ok(())
     }
 }
 
-/// decide.lua's reply: for each group, for each of its counters, a flags byte (1: over, 2: the
-/// group is admitted) and five little-endian doubles.
-fn parse_outcomes(reply: &Value, batch: &Batch) -> Option<Vec<GroupOutcome>> {
-    const RECORD: usize = 1 + 5 * 8;
+/// The first byte of decide.lua's reply (its `DECIDED`, `TOO_LATE`; a test compares them).
+const TOO_LATE: u8 = 0;
+const DECIDED: u8 = 1;
+
+/// Lower bounds of (Redis's clock − ratekeeper's monotonic clock): the largest of the current
+/// period and of the one before, so that a low sample (a reply read late) changes nothing and a
+/// clock stepping back is followed within two periods.
+#[derive(Debug, Default)]
+struct ClockOffset {
+    period_start_ms: i64,
+    current: Option<i64>,
+    previous: Option<i64>,
+}
+
+impl ClockOffset {
+    const PERIOD_MS: i64 = 10_000;
+
+    fn observe(&mut self, sample: i64, now_ms: i64) {
+        let elapsed = now_ms.saturating_sub(self.period_start_ms);
+        if self.current.is_none() || elapsed >= Self::PERIOD_MS {
+            self.previous = if elapsed < 2 * Self::PERIOD_MS {
+                self.current
+            } else {
+                None
+            };
+            self.current = None;
+            self.period_start_ms = now_ms;
+        }
+        self.current = Some(self.current.map_or(sample, |c| c.max(sample)));
+    }
+
+    fn estimate(&self) -> Option<i64> {
+        self.current.max(self.previous)
+    }
+}
+
+/// decide.lua's reply head: its status, Redis's clock in ms, and the records that follow.
+fn parse_head(reply: &Value) -> Option<(u8, i64, &[u8])> {
     let Value::BulkString(bytes) = reply else {
         return None;
     };
+    let (&status, rest) = bytes.split_first()?;
+    let time = f64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+    // Milliseconds since 1970, as the script computes them: an integer well below 2^53.
+    let exact = time.fract() == 0.0 && (0.0..=MAX_COUNT as f64).contains(&time);
+    exact.then_some((status, time as i64, &rest[8..]))
+}
+
+/// `TIME`'s reply (seconds, microseconds), in ms.
+fn parse_time(reply: &Value) -> Option<i64> {
+    let Value::Array(parts) = reply else {
+        return None;
+    };
+    let number = |v: &Value| -> Option<i64> {
+        match v {
+            Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+            Value::Int(i) => Some(*i),
+            _ => None,
+        }
+    };
+    match parts.as_slice() {
+        [seconds, micros] => number(seconds)?
+            .checked_mul(1000)?
+            .checked_add(number(micros)? / 1000),
+        _ => None,
+    }
+}
+
+/// decide.lua's records: for each group, for each of its counters, a flags byte (1: over, 2:
+/// the group is admitted) and five little-endian doubles.
+fn parse_outcomes(bytes: &[u8], batch: &Batch) -> Option<Vec<GroupOutcome>> {
+    const RECORD: usize = 1 + 5 * 8;
     let mut records = bytes.chunks_exact(RECORD);
     if !records.remainder().is_empty() {
         return None;
@@ -366,10 +481,49 @@ fn parse_state(value: &[u8]) -> Option<CounterState> {
     })
 }
 
+/// The namespace inside a key's hash tag: `%`, `{` and `}` percent-encoded (`%25`, `%7B`, `%7D`)
+/// and every other byte as it is, so that no namespace can end the tag early (`}`), extend it or
+/// leave it empty, and two namespaces never share a tag. The empty namespace (no limit has one)
+/// is `%`, which no other namespace's tag is. The one place keys get their namespace.
+pub fn namespace_tag(namespace: &str) -> Cow<'_, str> {
+    if namespace.is_empty() {
+        return Cow::Borrowed("%");
+    }
+    if !namespace.contains(['%', '{', '}']) {
+        return Cow::Borrowed(namespace);
+    }
+    let mut tag = String::with_capacity(namespace.len() + 8);
+    for c in namespace.chars() {
+        match c {
+            '%' => tag.push_str("%25"),
+            '{' => tag.push_str("%7B"),
+            '}' => tag.push_str("%7D"),
+            c => tag.push(c),
+        }
+    }
+    Cow::Owned(tag)
+}
+
+/// The Redis key of `key`, a counter of `namespace`, under `prefix`: the exact bytes `apply`
+/// sends.
+pub fn counter_key(prefix: &str, namespace: &str, key: &CounterKey) -> Vec<u8> {
+    let mut cmd = Cmd::new();
+    cmd.arg(CounterKeyArg {
+        prefix,
+        tag: &namespace_tag(namespace),
+        key,
+    });
+    match cmd.args_iter().next() {
+        Some(redis::Arg::Simple(bytes)) => bytes.to_vec(),
+        _ => Vec::new(),
+    }
+}
+
 /// A counter's Redis key, written straight into the command.
 struct CounterKeyArg<'a> {
     prefix: &'a str,
-    namespace: &'a str,
+    /// [`namespace_tag`] of the counter's namespace.
+    tag: &'a str,
     key: &'a CounterKey,
 }
 
@@ -383,7 +537,7 @@ impl ToRedisArgs for CounterKeyArg<'_> {
         for part in [
             self.prefix.as_bytes(),
             b":{",
-            self.namespace.as_bytes(),
+            self.tag.as_bytes(),
             b"}:",
             &hex,
             b":",
@@ -443,6 +597,7 @@ pub fn redact(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::algorithm::Policy;
 
     #[test]
     fn passwords_are_masked() {
@@ -462,13 +617,46 @@ mod tests {
             RedisStorage::open("redis://127.0.0.1:1", "rk", Duration::from_millis(5)).unwrap();
         let key = CounterKey::new(0xabc, ["alice:1", "", "ünï"]);
         assert_eq!(key.values(), ["alice:1", "", "ünï"]);
-        let prefix = storage.namespace_prefix("llm/route");
-        let text = String::from_utf8(storage.key("llm/route", &key)).unwrap();
-        assert_eq!(text, "rk:{llm/route}:0000000000000abc:7:alice:10:5:ünï");
-        assert_eq!(parse_key(text.strip_prefix(&prefix).unwrap()), Some(key));
+        for namespace in ["llm/route", "a}b{c%"] {
+            let prefix = storage.namespace_prefix(namespace);
+            let text = String::from_utf8(counter_key("rk", namespace, &key)).unwrap();
+            let rest = text.strip_prefix(&prefix).unwrap();
+            assert_eq!(rest, "0000000000000abc:7:alice:10:5:ünï");
+            assert_eq!(parse_key(rest), Some(key.clone()));
+        }
         let top = CounterKey::new(u64::MAX - 1, ["x"]);
-        let text = String::from_utf8(storage.key("n", &top)).unwrap();
+        let text = String::from_utf8(counter_key("rk", "n", &top)).unwrap();
         assert_eq!(text, "rk:{n}:fffffffffffffffe:1:x");
+    }
+
+    #[test]
+    fn namespace_tags_never_contain_braces_and_never_collide() {
+        assert_eq!(namespace_tag("llm/route"), "llm/route");
+        assert!(matches!(namespace_tag("llm/route"), Cow::Borrowed(_)));
+        assert_eq!(namespace_tag("a}b{c"), "a%7Db%7Bc");
+        assert_eq!(namespace_tag("100%"), "100%25");
+        assert_eq!(namespace_tag("%7D"), "%257D");
+        assert_eq!(namespace_tag(""), "%");
+        let namespaces = [
+            "", "%", "}", "{", "%7D", "%7B", "%25", "a", "a}", "{a}", "}{",
+        ];
+        let tags: std::collections::HashSet<_> =
+            namespaces.iter().map(|n| namespace_tag(n)).collect();
+        assert_eq!(tags.len(), namespaces.len(), "{tags:?}");
+        assert!(
+            tags.iter()
+                .all(|t| !t.is_empty() && !t.contains(['{', '}']))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_key_prefix_with_braces_is_refused() {
+        for prefix in ["a{b", "}", "{x}"] {
+            let error = RedisStorage::open("redis://127.0.0.1:1", prefix, Duration::from_millis(5))
+                .err()
+                .unwrap_or_default();
+            assert!(error.contains("must not contain"), "{prefix}: {error}");
+        }
     }
 
     #[test]
@@ -515,6 +703,60 @@ mod tests {
         ] {
             assert_eq!(parse_state(&garbage), None, "{garbage:?}");
         }
+    }
+
+    /// The numbers decide.lua names (`local A, B, C = 0, 1, 2`) are Rust's wire numbers.
+    #[test]
+    fn the_script_numbers_policies_and_algorithms_as_rust_does() {
+        let script = include_str!("decide.lua");
+        let constants = |names: &str| -> Vec<u8> {
+            let line = script
+                .lines()
+                .find(|l| l.starts_with(&format!("local {names} = ")))
+                .unwrap_or_else(|| panic!("decide.lua declares `local {names} = ...`"));
+            let values = &line[format!("local {names} = ").len()..];
+            values
+                .split(',')
+                .map(|v| v.trim().parse().unwrap())
+                .collect()
+        };
+        let policies = [
+            Policy::AllOrNothing,
+            Policy::CheckOnly,
+            Policy::Charge,
+            Policy::Refund,
+        ];
+        assert_eq!(
+            constants("ALL_OR_NOTHING, CHECK_ONLY, CHARGE, REFUND"),
+            policies.map(Policy::wire)
+        );
+        let algorithms = [
+            Algorithm::FixedWindow(crate::algorithm::FixedWindow::new(1, 1)),
+            Algorithm::TokenBucket(crate::algorithm::TokenBucket::continuous(1, 1)),
+            Algorithm::SlidingWindow(crate::algorithm::SlidingWindow::new(1, 1)),
+        ];
+        assert_eq!(
+            constants("FIXED_WINDOW, TOKEN_BUCKET, SLIDING_WINDOW"),
+            algorithms.map(|a| a.wire())
+        );
+        assert_eq!(constants("TOO_LATE, DECIDED"), [TOO_LATE, DECIDED]);
+    }
+
+    #[test]
+    fn the_clock_offset_is_the_largest_recent_lower_bound() {
+        let mut offset = ClockOffset::default();
+        assert_eq!(offset.estimate(), None);
+        offset.observe(1_000, 0);
+        offset.observe(960, 5); // a reply read 40 ms late
+        assert_eq!(offset.estimate(), Some(1_000));
+        offset.observe(990, 10_000); // a new period; the previous one still counts
+        assert_eq!(offset.estimate(), Some(1_000));
+        offset.observe(-5_000, 20_000); // Redis's clock stepped back 6 s: followed
+        assert_eq!(offset.estimate(), Some(990));
+        offset.observe(-5_000, 30_000);
+        assert_eq!(offset.estimate(), Some(-5_000));
+        offset.observe(7, 90_000); // long quiet: only the new sample
+        assert_eq!(offset.estimate(), Some(7));
     }
 
     #[test]

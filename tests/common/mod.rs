@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 use ratekeeper::clock::ManualClock;
 use ratekeeper::limiter::{Decided, Limiter, Observer};
-use ratekeeper::limits::{EvalError, Limit, load_file};
+use ratekeeper::limits::{
+    EvalError, FixedLimits, Limit, RATE_LIMIT_CONFIG, load_file, parse_rate_limit_config,
+};
 use ratekeeper::metrics::Prometheus;
 use ratekeeper::proto::envoy::extensions::common::ratelimit::v3::{
     RateLimitDescriptor, rate_limit_descriptor::Entry,
@@ -93,6 +95,8 @@ pub struct Options {
     /// Content written over the limits file after it is loaded and before the server starts:
     /// an edit that lands while the server is starting.
     pub edited_while_starting: Option<String>,
+    /// ASM's `RATE_LIMIT_CONFIG` rules (JSON), in the namespace `asm`, beside the file's.
+    pub asm_rate_limit_config: Option<String>,
 }
 
 impl Default for Options {
@@ -105,6 +109,7 @@ impl Default for Options {
             grpc_reflection: false,
             limit_name_in_labels: false,
             edited_while_starting: None,
+            asm_rate_limit_config: None,
         }
     }
 }
@@ -129,7 +134,14 @@ impl TestServer {
             .unwrap()
             .write_all(limits_yaml.as_bytes())
             .unwrap();
-        let limits = load_file(&path).unwrap();
+        let mut limits = load_file(&path).unwrap();
+        if let Some(json) = &options.asm_rate_limit_config {
+            let rules = parse_rate_limit_config(json, "asm").unwrap();
+            let fixed = FixedLimits::new(RATE_LIMIT_CONFIG, "asm", rules);
+            limits = limits
+                .with_fixed("limits.yaml", Some(Arc::new(fixed)))
+                .unwrap();
+        }
         if let Some(edited) = &options.edited_while_starting {
             std::fs::write(&path, edited).unwrap();
         }
@@ -303,6 +315,16 @@ pub fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
             .collect(),
         limit: None,
         hits_addend: None,
+        is_negative_hits: false,
+    }
+}
+
+/// A descriptor that gives `hits` back (Envoy >= 1.38's `is_negative_hits`).
+pub fn refund(entries: &[(&str, &str)], hits: u64) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        hits_addend: Some(hits),
+        is_negative_hits: true,
+        ..descriptor(entries)
     }
 }
 

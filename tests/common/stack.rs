@@ -98,6 +98,17 @@ impl Chat {
         self
     }
 
+    /// With `"max_tokens": tokens` in the body (what the refunds scenario estimates by).
+    pub fn max_tokens(mut self, tokens: u64) -> Chat {
+        self.body["max_tokens"] = json!(tokens);
+        self
+    }
+
+    /// The upstream answers after `ms` milliseconds: a generation in flight.
+    pub fn taking_ms(self, ms: u64) -> Chat {
+        self.with("x-mock-delay-ms", &ms.to_string())
+    }
+
     /// The upstream answers without `usage`.
     pub fn without_usage(mut self) -> Chat {
         self.usage = false;

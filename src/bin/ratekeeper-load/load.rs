@@ -215,6 +215,7 @@ impl Template {
                 entries,
                 limit: None,
                 hits_addend: descriptor_hits,
+                is_negative_hits: false,
             }],
             hits_addend: request_hits,
         }

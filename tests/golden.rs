@@ -1,0 +1,280 @@
+//! Golden values: what must survive an upgrade, pinned byte for byte.
+//!
+//! Counters outlive ratekeeper releases (in Redis, across rolling upgrades where old and new
+//! replicas share one Redis). A counter is found again only if the new release computes the
+//! same limit identity ([`Limit::key`](ratekeeper::limits::Limit), the FNV-1a fingerprint of
+//! what makes two limits "the same"), the same Redis key, and reads the stored value the same
+//! way. So these values are constants here, not recomputed by a copy of the code.
+//!
+//! **Changing any value in this file is a deliberate, documented act**: it orphans counters
+//! (budgets silently restart) or misreads them. Do it only with an entry in the README's
+//! "Upgrades and the Redis key format" section that says which counters are affected and what
+//! operators should do. (The last changes, both in this release: namespace tags, where `%`, `{` and `}`
+//! became `%25`, `%7B`, `%7D`; and the identity of a continuous token bucket with an `id`, which
+//! now includes its `seconds`.)
+
+mod common;
+
+use std::time::Duration;
+
+use ratekeeper::algorithm::{
+    Algorithm, BucketState, CounterState, FixedWindow, Group, Policy, SlidingState, SlidingWindow,
+    TokenBucket, WindowState,
+};
+use ratekeeper::limits::parse_limits;
+use ratekeeper::storage::counter_key;
+use ratekeeper::storage::{Batch, CounterKey, CounterRequest, RedisStorage, Storage};
+
+/// 2026-01-01T00:00:00Z.
+const NOW: u64 = 1_767_225_600_000;
+
+/// Representative limits: each algorithm, with and without `id`, Kuadrant-style namespaces.
+const LIMITS: &str = r#"
+- name: free
+  namespace: llm_tokens
+  max_value: 50
+  seconds: 60
+  conditions: ["descriptors[0]['tier'] == 'free'"]
+  variables: ["descriptors[0]['user_id']"]
+- id: gold-tokens
+  namespace: llm_tokens
+  max_value: 200
+  seconds: 60
+  conditions: ["descriptors[0]['tier'] == 'gold'"]
+  variables: ["descriptors[0]['user_id']"]
+- namespace: llm/llm-route
+  max_value: 100
+  seconds: 60
+  conditions: ["descriptors[0]['tokenlimit.free__ee9a5e2c'] == '1'", "descriptors[0]['x'] == 'y'"]
+  variables: ["descriptors[0]['auth.identity.userid']"]
+- name: regular-user
+  namespace: asm
+  algorithm: token_bucket
+  max_value: 200
+  seconds: 30
+  refill_tokens: 50
+  conditions: ["descriptors[0].key.startsWith('regular-user:')"]
+  variables: ["descriptors[0].key"]
+- id: continuous
+  namespace: kuadrant-system/toystore
+  algorithm: token_bucket
+  max_value: 1000
+  seconds: 60
+  variables: ["descriptors[0].user"]
+- namespace: llm_tokens
+  algorithm: token_bucket
+  max_value: 300
+  seconds: 60
+  variables: ["descriptors[0].user"]
+- namespace: team{a}
+  algorithm: sliding_window
+  max_value: 25
+  seconds: 2
+  variables: ["descriptors[0].user", "descriptors[0].model"]
+- id: window
+  namespace: "100%"
+  algorithm: sliding_window
+  max_value: 5
+  seconds: 1
+"#;
+
+/// Per limit above, in order: its identity, the values of one of its counters, and that
+/// counter's Redis key under the default prefix `ratekeeper`.
+const GOLDEN: [(u64, &[&str], &str); 8] = [
+    (
+        0x7cd19f4bbcb78639,
+        &["alice"],
+        "ratekeeper:{llm_tokens}:7cd19f4bbcb78639:5:alice",
+    ),
+    (
+        0xad1ef16ca0ed5f0c,
+        &["alice"],
+        "ratekeeper:{llm_tokens}:ad1ef16ca0ed5f0c:5:alice",
+    ),
+    (
+        0x957b7c56736876a9,
+        &["bob"],
+        "ratekeeper:{llm/llm-route}:957b7c56736876a9:3:bob",
+    ),
+    (
+        0x15994bfba5f0928d,
+        &["regular-user:carol"],
+        "ratekeeper:{asm}:15994bfba5f0928d:18:regular-user:carol",
+    ),
+    (
+        0x301bbf294005cc2b,
+        &["dave"],
+        "ratekeeper:{kuadrant-system/toystore}:301bbf294005cc2b:4:dave",
+    ),
+    (
+        0x17390eec343ad2f0,
+        &["erin"],
+        "ratekeeper:{llm_tokens}:17390eec343ad2f0:4:erin",
+    ),
+    (
+        0xe1ba71da589900d4,
+        &["frank", "gpt-4o"],
+        "ratekeeper:{team%7Ba%7D}:e1ba71da589900d4:5:frank6:gpt-4o",
+    ),
+    (
+        0x97f3d3764c6ecd0b,
+        &[],
+        "ratekeeper:{100%25}:97f3d3764c6ecd0b:",
+    ),
+];
+
+#[test]
+fn limit_identities_and_redis_keys_are_the_golden_ones() {
+    let limits = parse_limits("golden.yaml", LIMITS).unwrap();
+    assert_eq!(limits.len(), GOLDEN.len());
+    let mut actual = Vec::new();
+    for limit in &limits {
+        let (_, values, _) = GOLDEN[actual.len()];
+        let key = CounterKey::new(limit.key, values);
+        let redis_key =
+            String::from_utf8(counter_key("ratekeeper", &limit.namespace, &key)).expect("UTF-8");
+        actual.push((limit.key, values, redis_key));
+    }
+    let actual_text: Vec<String> = actual
+        .iter()
+        .map(|(id, values, key)| format!("(0x{id:016x}, &{values:?}, {key:?}),"))
+        .collect();
+    let golden: Vec<(u64, &[&str], String)> = GOLDEN
+        .iter()
+        .map(|&(id, values, key)| (id, values, key.to_string()))
+        .collect();
+    assert_eq!(
+        actual,
+        golden,
+        "limit identities or Redis keys changed; if deliberate (see this file's doc comment):\n{}",
+        actual_text.join("\n")
+    );
+}
+
+/// Per kind of state: a counter, the charge made on it at [`NOW`], the exact value decide.lua
+/// stores for it (a tag byte, then little-endian doubles; decide.lua's header), and the state
+/// that value means.
+fn states() -> [(Algorithm, u64, &'static str, CounterState); 4] {
+    [
+        // Fixed window: 1, used, window end.
+        (
+            Algorithm::FixedWindow(FixedWindow::new(50, 60_000)),
+            7,
+            "01 0000000000001c40 000026b96db77942",
+            CounterState::Window(WindowState {
+                used: 7,
+                expires_at_ms: NOW + 60_000,
+            }),
+        ),
+        // Token bucket refilled in steps (units are tokens): 2, level, last refill.
+        (
+            Algorithm::TokenBucket(TokenBucket::stepped(200, 50, 30_000)),
+            30,
+            "02 0000000000406540 000080aa6db77942",
+            CounterState::Bucket(BucketState {
+                units: 170,
+                refilled_at_ms: NOW,
+            }),
+        ),
+        // Token bucket refilled continuously (units are 1/60000 token): 2, level, last refill.
+        (
+            Algorithm::TokenBucket(TokenBucket::continuous(1000, 60_000)),
+            30,
+            "02 000000007ec08b41 000080aa6db77942",
+            CounterState::Bucket(BucketState {
+                units: 58_200_000,
+                refilled_at_ms: NOW,
+            }),
+        ),
+        // Sliding window: 3, window start, current, previous.
+        (
+            Algorithm::SlidingWindow(SlidingWindow::new(25, 2_000)),
+            3,
+            "03 000080aa6db77942 0000000000000840 0000000000000000",
+            CounterState::Sliding(SlidingState {
+                start_ms: NOW,
+                current: 3,
+                previous: 0,
+            }),
+        ),
+    ]
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn one_group(
+    namespace: &str,
+    key: CounterKey,
+    algorithm: Algorithm,
+    policy: Policy,
+    cost: u64,
+) -> Batch<'_> {
+    Batch {
+        namespace,
+        counters: vec![CounterRequest { key, algorithm }],
+        groups: vec![Group {
+            policy,
+            cost,
+            counters: vec![0],
+        }],
+    }
+}
+
+/// What this release writes is the golden value, and a golden value written by an earlier
+/// release is read as the state it means.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_values_are_the_golden_ones_both_ways() {
+    let url = common::redis::shared_url();
+    let prefix = format!("golden{}", std::process::id());
+    let storage = RedisStorage::open(&url, &prefix, Duration::from_secs(2)).unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let namespace = "llm/golden";
+    for (i, (algorithm, cost, golden, state)) in states().into_iter().enumerate() {
+        let golden = golden.replace(' ', "");
+        // Written by this release.
+        let key = CounterKey::new(i as u64, ["written"]);
+        let batch = one_group(namespace, key.clone(), algorithm, Policy::Charge, cost);
+        storage.apply(&batch, NOW).await.unwrap();
+        let stored: Vec<u8> = redis::cmd("GET")
+            .arg(counter_key(&prefix, namespace, &key))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        assert_eq!(
+            hex(&stored),
+            golden,
+            "{algorithm:?}: the stored value changed"
+        );
+
+        // Written by an earlier release: read back as the same state, and decided on.
+        let key = CounterKey::new(i as u64, ["earlier"]);
+        let bytes: Vec<u8> = (0..golden.len())
+            .step_by(2)
+            .map(|at| u8::from_str_radix(&golden[at..at + 2], 16).unwrap())
+            .collect();
+        let _: () = redis::cmd("SET")
+            .arg(counter_key(&prefix, namespace, &key))
+            .arg(bytes)
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let listed = storage.counters(namespace, &[i as u64], NOW).await.unwrap();
+        let read: Vec<_> = listed
+            .iter()
+            .filter(|c| c.key == key)
+            .map(|c| c.state)
+            .collect();
+        assert_eq!(read, [state], "{algorithm:?}");
+        let check = one_group(namespace, key, algorithm, Policy::CheckOnly, 0);
+        let outcome = storage.apply(&check, NOW).await.unwrap();
+        let expected = algorithm.remaining(algorithm.current(Some(state), NOW), NOW);
+        assert_eq!(outcome[0].counters[0].remaining, expected, "{algorithm:?}");
+        let new = algorithm.remaining(algorithm.current(None, NOW), NOW);
+        assert_ne!(expected, new, "the stored state is used, not a new one");
+    }
+}

@@ -1,0 +1,136 @@
+//! How long decide.lua runs inside Redis, per shape of call, as Redis itself measures it
+//! (`INFO commandstats`, `usec_per_call` of `evalsha`): a measurement, not an assertion.
+//!
+//! The calls are the ones `RedisStorage::apply` makes (the same keys and packed arguments).
+//! To compare versions of the script fairly on a busy machine, give several files in
+//! `LUA_SPEED_SCRIPTS` (comma-separated): rounds alternate between them on one redis-server.
+//! `LUA_SPEED_SHAPES=window` measures only the shapes whose name contains `window`.
+//! Redis measures the script alone, so a debug build measures the same as a release one.
+//!
+//! Run: `cargo test --test lua_speed -- --ignored --nocapture`
+//! e.g. `git show 2ceb609:src/storage/decide.lua > /tmp/old.lua;
+//!       LUA_SPEED_SCRIPTS=/tmp/old.lua,src/storage/decide.lua cargo test --test lua_speed ...`
+
+mod common;
+
+use common::redis::{RedisProcess, cli};
+
+const CALLS: usize = 10_000;
+const ROUNDS: usize = 5;
+const NOW: u64 = 1_767_225_600_000;
+
+/// A counter's kind and parameters, as decide.lua takes them.
+type Counter = Vec<u64>;
+
+fn window() -> Counter {
+    vec![0, 1_000_000_000, 60_000]
+}
+
+fn bucket() -> Counter {
+    vec![1, 1_000_000_000, 1, 50, 30_000]
+}
+
+fn sliding() -> Counter {
+    vec![2, 1_000_000, 60_000]
+}
+
+/// `EVALSHA` arguments of one call on `counters`, one all-or-nothing group of cost 1, with a
+/// deadline (on Redis's clock: far in the future) when the script takes one (scripts before
+/// the deadline was added, e.g. 2ceb609's, do not).
+fn call(
+    counters: &[Counter],
+    user: usize,
+    now: u64,
+    deadline: bool,
+) -> (Vec<String>, Vec<Vec<u8>>) {
+    let keys = (0..counters.len())
+        .map(|i| format!("speed:{{speed}}:{i:016x}:5:user{user}"))
+        .collect();
+    let mut numbers = vec![now];
+    if deadline {
+        numbers.push(4_000_000_000_000);
+    }
+    counters.iter().for_each(|c| numbers.extend(c));
+    numbers.extend([0, 1, counters.len() as u64]);
+    numbers.extend(1..=counters.len() as u64);
+    let format = format!("<{}", "d".repeat(numbers.len())).into_bytes();
+    let packed = numbers
+        .iter()
+        .flat_map(|&x| (x as f64).to_le_bytes())
+        .collect();
+    (keys, vec![format, packed])
+}
+
+/// `usec_per_call` of `evalsha` since the last reset.
+fn evalsha_usec(port: u16) -> f64 {
+    let stats = cli(port, &["INFO", "commandstats"]).unwrap_or_default();
+    stats
+        .lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .and_then(|l| l.split("usec_per_call=").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|x| x.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by hand"]
+async fn decide_lua_usec_per_call() {
+    let paths = std::env::var("LUA_SPEED_SCRIPTS")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/src/storage/decide.lua").into());
+    let scripts: Vec<(String, redis::Script, bool)> = paths
+        .split(',')
+        .map(|path| {
+            let text = std::fs::read_to_string(path).unwrap();
+            let deadline = text.contains("deadline_ms");
+            (path.to_string(), redis::Script::new(&text), deadline)
+        })
+        .collect();
+    let redis = RedisProcess::start();
+    let client = redis::Client::open(redis.url()).unwrap();
+    // No response timeout: a busy machine may stall a call for a while.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut connection = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap();
+    let shapes: [(&str, Vec<Counter>); 4] = [
+        ("one fixed window", vec![window()]),
+        ("three fixed windows", vec![window(), window(), window()]),
+        ("one token bucket", vec![bucket()]),
+        (
+            "mixed (window, bucket, sliding)",
+            vec![window(), bucket(), sliding()],
+        ),
+    ];
+    let only = std::env::var("LUA_SPEED_SHAPES").unwrap_or_default();
+    for (name, counters) in shapes.iter().filter(|(name, _)| name.contains(&only)) {
+        let mut figures = vec![Vec::new(); scripts.len()];
+        for _ in 0..ROUNDS {
+            for ((_, script, deadline), figures) in scripts.iter().zip(&mut figures) {
+                cli(redis.port, &["FLUSHALL"]).unwrap();
+                cli(redis.port, &["CONFIG", "RESETSTAT"]).unwrap();
+                for i in 0..CALLS {
+                    let (keys, args) = call(counters, i % 100, NOW + i as u64, *deadline);
+                    let mut invocation = script.prepare_invoke();
+                    keys.iter().for_each(|k| {
+                        invocation.key(k);
+                    });
+                    args.iter().for_each(|a| {
+                        invocation.arg(a);
+                    });
+                    let reply: Vec<u8> = invocation.invoke_async(&mut connection).await.unwrap();
+                    assert!(!reply.is_empty());
+                }
+                figures.push(evalsha_usec(redis.port));
+            }
+        }
+        for ((path, _, _), figures) in scripts.iter().zip(&mut figures) {
+            figures.sort_by(f64::total_cmp);
+            println!(
+                "{name:32} {path}: evalsha usec_per_call median {:.2} (rounds of {CALLS}: {figures:?})",
+                figures[ROUNDS / 2]
+            );
+        }
+    }
+}
