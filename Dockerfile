@@ -26,6 +26,9 @@ FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin ratekeeper
 
 COPY --from=builder /usr/local/bin/ratekeeper /usr/local/bin/ratekeeper
+# limitador-operator runs its image as `limitador-server ARGS` (see README: Replacing Limitador
+# under Kuadrant), so the same binary answers to that name too.
+RUN ln -s ratekeeper /usr/local/bin/limitador-server
 WORKDIR /app
 COPY limits ./limits
 

@@ -79,7 +79,7 @@ pub struct Cli {
     #[arg(long, env = "STRUCTURED_LOGS", value_parser = clap::builder::FalseyValueParser::new())]
     pub structured_logs: bool,
 
-    /// Serve gRPC reflection (grpc.reflection.v1) on the gRPC port.
+    /// Serve gRPC reflection (grpc.reflection.v1 and v1alpha) on the gRPC port.
     #[arg(long, env = "GRPC_REFLECTION_SERVICE", value_parser = clap::builder::FalseyValueParser::new())]
     pub grpc_reflection_service: bool,
 

@@ -28,6 +28,9 @@ fn main() -> ExitCode {
         Ok(limits) => limits,
         Err(e) => {
             eprintln!("{e}");
+            if cli.validate {
+                eprintln!("FAILED: {}", plural(e.problems, "problem"));
+            }
             return ExitCode::FAILURE;
         }
     };
@@ -40,6 +43,14 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
+        // The summary goes to stderr, so stdout stays the limits as YAML.
+        let namespaces: std::collections::HashSet<&str> =
+            limits.iter().map(|l| l.namespace.as_str()).collect();
+        eprintln!(
+            "OK: {} in {}",
+            plural(limits.len(), "limit"),
+            plural(namespaces.len(), "namespace")
+        );
         return ExitCode::SUCCESS;
     }
     if limits.is_empty() {
@@ -66,10 +77,13 @@ fn main() -> ExitCode {
 }
 
 /// The limits file's limits (none without one) and ASM's `RATE_LIMIT_CONFIG` rules, if set.
-fn load_limits(cli: &Cli) -> Result<LimitSet, String> {
+fn load_limits(cli: &Cli) -> Result<LimitSet, LoadError> {
     let (limits, file) = match &cli.limits_file {
         Some(path) => (
-            load_file(path).map_err(|e| e.to_string())?,
+            load_file(path).map_err(|e| LoadError {
+                message: e.to_string(),
+                problems: e.problems.len(),
+            })?,
             path.display().to_string(),
         ),
         None => (LimitSet::default(), String::new()),
@@ -77,9 +91,29 @@ fn load_limits(cli: &Cli) -> Result<LimitSet, String> {
     let Some(json) = &cli.rate_limit_config else {
         return Ok(limits);
     };
-    let rules = parse_rate_limit_config(json, &cli.asm_namespace).map_err(|e| e.to_string())?;
+    let rules = parse_rate_limit_config(json, &cli.asm_namespace).map_err(|e| LoadError {
+        message: e.to_string(),
+        problems: e.problems.len(),
+    })?;
     let fixed = FixedLimits::new(RATE_LIMIT_CONFIG, &cli.asm_namespace, rules);
-    limits.with_fixed(&file, Some(Arc::new(fixed)))
+    limits
+        .with_fixed(&file, Some(Arc::new(fixed)))
+        .map_err(|message| LoadError {
+            message,
+            problems: 1,
+        })
+}
+
+/// Why the limits could not be loaded, and how many problems that is (for `--validate`).
+struct LoadError {
+    message: String,
+    problems: usize,
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
@@ -152,6 +186,15 @@ fn http_auth_token(cli: &Cli) -> anyhow::Result<Option<HttpToken>> {
     HttpToken::new(&token)
         .map(Some)
         .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// "1 limit", "3 limits".
+fn plural(count: usize, noun: &str) -> String {
+    if count == 1 {
+        format!("{count} {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
 }
 
 async fn shutdown_signal() {

@@ -84,7 +84,7 @@ pub struct Settings {
     pub bounds: RequestBounds,
     /// The limits file to watch and hot-reload; `None` to keep the limits given at start.
     pub limits_file: Option<PathBuf>,
-    /// Serve gRPC reflection (`grpc.reflection.v1`).
+    /// Serve gRPC reflection (`grpc.reflection.v1` and `grpc.reflection.v1alpha`).
     pub grpc_reflection: bool,
     /// Namespace of the ASM-compatible HTTP endpoints.
     pub asm_namespace: String,
@@ -108,8 +108,8 @@ pub async fn start(
     limiter: Arc<Limiter>,
     status: Arc<ServerStatus>,
 ) -> std::io::Result<Running> {
-    let rls_listener = TcpListener::bind(settings.rls_addr).await?;
-    let http_listener = TcpListener::bind(settings.http_addr).await?;
+    let rls_listener = bind(settings.rls_addr, "gRPC").await?;
+    let http_listener = bind(settings.http_addr, "HTTP").await?;
     let rls_addr = rls_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
     let (stop, stopped) = watch::channel(false);
@@ -122,13 +122,17 @@ pub async fn start(
         settings.bounds,
     );
     let (health, health_service) = tonic_health::server::health_reporter();
+    // Reflection under both names: `grpc.reflection.v1` and the older `v1alpha` that many
+    // tools (grpcio-reflection's client among them) still ask for.
     let reflection = if settings.grpc_reflection {
-        let service = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(std::io::Error::other)?;
-        Some(service)
+        let builder = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let v1 = builder().build_v1().map_err(std::io::Error::other)?;
+        let v1alpha = builder().build_v1alpha().map_err(std::io::Error::other)?;
+        Some((v1, v1alpha))
     } else {
         None
     };
@@ -137,8 +141,8 @@ pub async fn start(
     )
     .add_service(KuadrantServer::new(rls).max_decoding_message_size(max_message))
     .add_service(health_service);
-    if let Some(reflection) = reflection {
-        routes = routes.add_service(reflection);
+    if let Some((v1, v1alpha)) = reflection {
+        routes = routes.add_service(v1).add_service(v1alpha);
     }
     let routes = routes.prepare();
     let grpc = tower::service_fn(move |request| answer_grpc(routes.clone(), request));
@@ -228,6 +232,13 @@ pub async fn start(
         stop,
         tasks,
     })
+}
+
+/// Binds a listener; its error names the address (and which listener) it was for.
+async fn bind(addr: SocketAddr, listener: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{listener} on {addr}: {e}")))
 }
 
 impl Running {

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use chrono::Utc;
+use chrono::{SecondsFormat, Utc};
 use parking_lot::Mutex;
 
 pub struct ServerStatus {
@@ -24,12 +24,10 @@ struct ConfigStatus {
     errors_since_applied: u64,
 }
 
-/// Limitador's timestamp format: UTC, no offset, nanoseconds.
+/// Limitador's timestamp (UTC, nanoseconds) with its time zone said: RFC 3339 with `Z`, e.g.
+/// `2026-11-22T08:25:43.667042716Z`.
 fn timestamp() -> String {
-    Utc::now()
-        .naive_utc()
-        .format("%Y-%m-%dT%H:%M:%S%.9f")
-        .to_string()
+    Utc::now().to_rfc3339_opts(SecondsFormat::Nanos, true)
 }
 
 impl Default for ServerStatus {

@@ -151,6 +151,35 @@ fn bad_arguments_are_refused() {
     }
 }
 
+/// A port that is taken: the error names the listener and its address.
+#[test]
+fn cannot_listen_names_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    for (flags, named) in [
+        (["-p", port.as_str(), "-P", "0"], "gRPC on 127.0.0.1:"),
+        (["-p", "0", "-P", port.as_str()], "HTTP on 127.0.0.1:"),
+    ] {
+        let output = run(&[
+            "-b",
+            "127.0.0.1",
+            "-B",
+            "127.0.0.1",
+            flags[0],
+            flags[1],
+            flags[2],
+            flags[3],
+            "limits/llm-tiers.yaml",
+        ]);
+        let err = stderr(&output);
+        assert!(!output.status.success(), "{err}");
+        assert!(
+            err.contains(&format!("cannot listen: {named}{port}")),
+            "{flags:?}: {err}"
+        );
+    }
+}
+
 /// A bad `RATE_LIMIT_CONFIG` (ASM's rules) stops the server at start, naming the rule and
 /// the field; so does a limits file that also has limits in the ASM namespace.
 #[test]
@@ -265,6 +294,42 @@ fn validate_prints_the_limits_as_yaml() {
     let again = run(&["--validate", reprinted.to_str().unwrap()]);
     assert!(again.status.success(), "{}", stderr(&again));
     assert_eq!(stdout(&again), stdout(&output));
+
+    // It ends with a summary line, on stderr (stdout stays YAML).
+    assert_eq!(
+        stderr(&output).lines().last(),
+        Some("OK: 4 limits in 2 namespaces"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn validate_summarises_a_single_limit_and_a_broken_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = dir.path().join("one.yaml");
+    std::fs::write(&one, "- {namespace: a, max_value: 1, seconds: 1}\n").unwrap();
+    let output = run(&["--validate", one.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        stderr(&output).lines().last(),
+        Some("OK: 1 limit in 1 namespace")
+    );
+
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        "- {namespace: a, max_value: -5, seconds: 0}\n- {namespace: b, max_value: 1}\n",
+    )
+    .unwrap();
+    let output = run(&["--validate", broken.to_str().unwrap()]);
+    assert!(!output.status.success());
+    assert_eq!(
+        stderr(&output).lines().last(),
+        Some("FAILED: 3 problems"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
@@ -281,6 +346,26 @@ fn validate_names_file_entry_and_field_of_each_problem() {
             "unknown-field.yaml",
             "- name: free\n  namespace: a\n  max_value: 1\n  seconds: 1\n  max_vale: 3\n",
             ["entry #1", "free", "max_vale"],
+        ),
+        (
+            // A wrong type names the field and the value.
+            "wrong-type.yaml",
+            "- {name: neg, namespace: a, max_value: -5, seconds: 1}\n",
+            [
+                "entry #1",
+                "neg",
+                "field `max_value`: expected a whole number >= 0, found -5",
+            ],
+        ),
+        (
+            // Every problem of one entry, not only the first.
+            "many-problems.yaml",
+            "- {name: many, namespace: a, max_value: ten, seconds: 0, foo: 1}\n",
+            [
+                "unknown field `foo`",
+                "field `max_value`: expected a whole number >= 0, found \"ten\"",
+                "field `seconds` must be at least 1, found 0",
+            ],
         ),
         (
             "bad-cel.yaml",

@@ -186,13 +186,18 @@ async fn status_reports_start_and_configuration() {
         assert!(object.contains_key(field), "/status lacks {field}: {value}");
     }
 
-    // Limitador's format: a UTC timestamp without offset.
+    // Limitador's UTC timestamp with nanoseconds, its time zone said (RFC 3339, `Z`).
     let parse = |field: &str| {
         let text = value[field]
             .as_str()
             .unwrap_or_else(|| panic!("{field} is not a string: {value}"));
-        chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
-            .unwrap_or_else(|e| panic!("{field} = {text:?} is not a timestamp: {e}"))
+        assert!(
+            text.ends_with('Z'),
+            "{field} = {text:?} carries no time zone"
+        );
+        chrono::DateTime::parse_from_rfc3339(text)
+            .unwrap_or_else(|e| panic!("{field} = {text:?} is not an RFC 3339 timestamp: {e}"))
+            .naive_utc()
     };
     let started_at = parse("started_at");
     let applied_at = parse("config_applied_at");

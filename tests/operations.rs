@@ -213,40 +213,52 @@ async fn grpc_health_and_http_probes_report_serving() {
     }
 }
 
+/// Reflection's service list, asked of `grpc.reflection.v1` or of the older `v1alpha` (one
+/// macro: the two packages have the same messages under different Rust types).
+macro_rules! reflected_services {
+    ($version:ident, $channel:expr) => {{
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = ServerReflectionClient::new($channel)
+            .server_reflection_info(tokio_stream::once(request))
+            .await
+            .unwrap()
+            .into_inner();
+        let response = responses.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("not a service list");
+        };
+        list.service
+            .into_iter()
+            .map(|s| s.name)
+            .collect::<Vec<String>>()
+    }};
+}
+
 #[tokio::test]
 async fn reflection_lists_the_services_when_enabled() {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-
     let options = Options {
         grpc_reflection: true,
         ..Options::default()
     };
     let server = TestServer::start_with(&limits_for("reflection"), options).await;
     let channel = grpc_channel(server.rls_addr()).await.unwrap();
-    let mut client = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = client
-        .server_reflection_info(tokio_stream::once(request))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = responses.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("not a service list");
-    };
-    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    for expected in [
-        "envoy.service.ratelimit.v3.RateLimitService",
-        "kuadrant.service.ratelimit.v1.RateLimitService",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(names.contains(&expected), "{names:?}");
+    let v1 = reflected_services!(v1, channel.clone());
+    let v1alpha = reflected_services!(v1alpha, channel);
+    for names in [&v1, &v1alpha] {
+        for expected in [
+            "envoy.service.ratelimit.v3.RateLimitService",
+            "kuadrant.service.ratelimit.v1.RateLimitService",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(names.iter().any(|n| n == expected), "{names:?}");
+        }
     }
 }
 

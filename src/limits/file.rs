@@ -7,8 +7,6 @@ use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
 
-use serde::Deserialize;
-
 use super::{AlgorithmKind, Expression, Limit, LimitFields, LimitSet};
 use crate::algorithm::MAX_COUNT;
 
@@ -39,24 +37,149 @@ const ALGORITHMS: [&str; 3] = ["fixed_window", "token_bucket", "sliding_window"]
 /// (it formats a larger number as `1e+17`, which `SET … PX` refuses).
 pub const MAX_SECONDS: u64 = 1_000_000_000_000;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One entry's fields as read, each checked on its own so that every problem of an entry is
+/// reported at once (a typed deserializer stops at the first). A required field that is
+/// missing or of the wrong type is `None`, with its problem recorded.
 struct RawLimit {
-    namespace: String,
-    max_value: u64,
-    seconds: u64,
-    #[serde(default)]
+    namespace: Option<String>,
+    max_value: Option<u64>,
+    seconds: Option<u64>,
     name: Option<String>,
-    #[serde(default)]
     id: Option<String>,
-    #[serde(default)]
     conditions: Option<Vec<String>>,
-    #[serde(default)]
     variables: Option<Vec<String>>,
-    #[serde(default)]
     algorithm: Option<String>,
-    #[serde(default)]
     refill_tokens: Option<u64>,
+}
+
+/// Every field an entry may have.
+const FIELDS: [&str; 9] = [
+    "namespace",
+    "max_value",
+    "seconds",
+    "name",
+    "id",
+    "conditions",
+    "variables",
+    "algorithm",
+    "refill_tokens",
+];
+
+/// A YAML value as a problem shows it: scalars as written, texts quoted, collections by kind.
+fn describe(value: &serde_yaml::Value) -> String {
+    use serde_yaml::Value;
+    match value {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) if s.chars().count() > 60 => {
+            let head: String = s.chars().take(60).collect();
+            format!("{head:?}…")
+        }
+        Value::String(s) => format!("{s:?}"),
+        Value::Sequence(_) => "a list".into(),
+        Value::Mapping(_) => "a mapping".into(),
+        Value::Tagged(tagged) => format!("a value tagged {}", tagged.tag),
+    }
+}
+
+/// Reads the fields of one entry's mapping, recording a problem for each bad one.
+struct FieldReader {
+    mapping: serde_yaml::Mapping,
+    problems: Vec<String>,
+}
+
+impl FieldReader {
+    /// The field's value; `null` counts as absent (as `conditions:` with nothing after it).
+    fn take(&mut self, field: &str, required: bool) -> Option<serde_yaml::Value> {
+        let value = self.mapping.remove(field).filter(|v| !v.is_null());
+        if value.is_none() && required {
+            self.problems.push(format!("missing field `{field}`"));
+        }
+        value
+    }
+
+    fn wrong(&mut self, field: &str, expected: &str, found: &serde_yaml::Value) {
+        self.problems.push(format!(
+            "field `{field}`: expected {expected}, found {}",
+            describe(found)
+        ));
+    }
+
+    fn text(&mut self, field: &str, required: bool) -> Option<String> {
+        match self.take(field, required)? {
+            serde_yaml::Value::String(text) => Some(text),
+            other => {
+                self.wrong(field, "a text", &other);
+                None
+            }
+        }
+    }
+
+    fn count(&mut self, field: &str, required: bool) -> Option<u64> {
+        let value = self.take(field, required)?;
+        let count = value.as_u64();
+        if count.is_none() {
+            self.wrong(field, "a whole number >= 0", &value);
+        }
+        count
+    }
+
+    fn expressions(&mut self, field: &str) -> Option<Vec<String>> {
+        let items = match self.take(field, false)? {
+            serde_yaml::Value::Sequence(items) => items,
+            other => {
+                self.wrong(field, "a list of CEL expressions", &other);
+                return None;
+            }
+        };
+        let mut sources = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            match item {
+                serde_yaml::Value::String(source) => sources.push(source),
+                other => self.wrong(&format!("{field}[{i}]"), "a CEL expression as text", &other),
+            }
+        }
+        Some(sources)
+    }
+}
+
+impl RawLimit {
+    /// Reads an entry: its fields, and a problem for each field that is missing, unknown or of
+    /// the wrong type.
+    fn read(entry: serde_yaml::Value) -> (Option<RawLimit>, Vec<String>) {
+        let serde_yaml::Value::Mapping(mapping) = entry else {
+            let problem = format!(
+                "expected a mapping with the fields namespace, max_value, seconds, …; found {}",
+                describe(&entry)
+            );
+            return (None, vec![problem]);
+        };
+        let mut problems = Vec::new();
+        for key in mapping.keys() {
+            match key.as_str() {
+                Some(field) if FIELDS.contains(&field) => {}
+                Some(field) => problems.push(format!(
+                    "unknown field `{field}`, expected one of {}",
+                    FIELDS.map(|f| format!("`{f}`")).join(", ")
+                )),
+                None => problems.push(format!("a key that is not a text: {}", describe(key))),
+            }
+        }
+        let mut reader = FieldReader { mapping, problems };
+        let raw = RawLimit {
+            namespace: reader.text("namespace", true),
+            max_value: reader.count("max_value", true),
+            seconds: reader.count("seconds", true),
+            name: reader.text("name", false),
+            id: reader.text("id", false),
+            conditions: reader.expressions("conditions"),
+            variables: reader.expressions("variables"),
+            algorithm: reader.text("algorithm", false),
+            refill_tokens: reader.count("refill_tokens", false),
+        };
+        (Some(raw), reader.problems)
+    }
 }
 
 /// Loads and validates a limits file.
@@ -155,18 +278,26 @@ fn entry_label(index: usize, entry: &serde_yaml::Value) -> String {
 }
 
 fn build_limit(entry: serde_yaml::Value) -> Result<Limit, Vec<String>> {
-    let raw: RawLimit = serde_yaml::from_value(entry).map_err(|e| vec![e.to_string()])?;
-    let mut problems = Vec::new();
-    if raw.namespace.is_empty() {
+    let (raw, mut problems) = RawLimit::read(entry);
+    let Some(raw) = raw else {
+        return Err(problems);
+    };
+    if raw.namespace.as_deref() == Some("") {
         problems.push("field `namespace` must not be empty".to_string());
     }
-    if raw.max_value > MAX_COUNT {
-        problems.push(format!("field `max_value` must be at most {MAX_COUNT}"));
+    if let Some(max_value) = raw.max_value
+        && max_value > MAX_COUNT
+    {
+        problems.push(format!(
+            "field `max_value` must be at most {MAX_COUNT}, found {max_value}"
+        ));
     }
-    if raw.seconds == 0 {
-        problems.push("field `seconds` must be at least 1".to_string());
+    if raw.seconds == Some(0) {
+        problems.push("field `seconds` must be at least 1, found 0".to_string());
     }
-    if raw.seconds > MAX_SECONDS {
+    if let Some(seconds) = raw.seconds
+        && seconds > MAX_SECONDS
+    {
         problems.push(format!(
             "field `seconds` must be at most {MAX_SECONDS} (about 31,700 years; every storage \
              keeps times exact in milliseconds up to there)"
@@ -191,17 +322,16 @@ fn build_limit(entry: serde_yaml::Value) -> Result<Limit, Vec<String>> {
             AlgorithmKind::FixedWindow
         }
     };
-    match (kind, raw.refill_tokens) {
-        (AlgorithmKind::TokenBucket { .. }, Some(tokens))
-            if tokens == 0 || tokens > raw.max_value =>
+    match (kind, raw.refill_tokens, raw.max_value) {
+        (AlgorithmKind::TokenBucket { .. }, Some(tokens), Some(max_value))
+            if tokens == 0 || tokens > max_value =>
         {
             problems.push(format!(
-                "field `refill_tokens` must be between 1 and max_value ({})",
-                raw.max_value
+                "field `refill_tokens` must be between 1 and max_value ({max_value}), found {tokens}"
             ));
         }
-        (AlgorithmKind::TokenBucket { .. }, _) | (_, None) => {}
-        (_, Some(_)) => problems
+        (AlgorithmKind::TokenBucket { .. }, _, _) | (_, None, _) => {}
+        (_, Some(_), _) => problems
             .push("field `refill_tokens` only applies to `algorithm: token_bucket`".to_string()),
     }
     // Continuous buckets and sliding windows compute in token·ms: keep that exact everywhere.
@@ -212,12 +342,8 @@ fn build_limit(entry: serde_yaml::Value) -> Result<Limit, Vec<String>> {
                 refill_tokens: None
             }
     );
-    if exact_in_ms
-        && raw
-            .max_value
-            .saturating_mul(raw.seconds)
-            .saturating_mul(1000)
-            > MAX_COUNT
+    if let (true, Some(max_value), Some(seconds)) = (exact_in_ms, raw.max_value, raw.seconds)
+        && max_value.saturating_mul(seconds).saturating_mul(1000) > MAX_COUNT
     {
         problems.push(format!(
             "max_value × seconds × 1000 must be at most {MAX_COUNT} for this algorithm"
@@ -235,13 +361,18 @@ fn build_limit(entry: serde_yaml::Value) -> Result<Limit, Vec<String>> {
     };
     let conditions = compile_all("conditions", raw.conditions);
     let variables = compile_all("variables", raw.variables);
+    let (Some(namespace), Some(max_value), Some(seconds)) =
+        (raw.namespace, raw.max_value, raw.seconds)
+    else {
+        return Err(problems);
+    };
     if !problems.is_empty() {
         return Err(problems);
     }
     let fields = LimitFields {
-        namespace: raw.namespace,
-        max_value: raw.max_value,
-        seconds: raw.seconds,
+        namespace,
+        max_value,
+        seconds,
         name: raw.name,
         id: raw.id,
         kind,
@@ -334,6 +465,42 @@ mod tests {
         let p = problems("- {namespace: a, max_value: 1, seconds: 1, algorithm: leaky}");
         assert!(p[0].contains("algorithm"), "{p:?}");
         assert!(!problems("{namespace: a}")[0].is_empty());
+    }
+
+    #[test]
+    fn every_problem_of_an_entry_is_reported_with_its_field_and_value() {
+        let p = problems(
+            "- name: gold\n  namespace: ''\n  max_value: -5\n  seconds: '60'\n  \
+             conditions: \"descriptors[0].x == 'y'\"\n  variables: ['descriptors[0].u', 3]\n  \
+             max_vale: 3\n- 42\n- {namespace: b, seconds: 60, max_value: 1.5}\n",
+        );
+        let expected = [
+            "entry #1 (name \"gold\", namespace \"\"): unknown field `max_vale`, expected one of",
+            "entry #1 (name \"gold\", namespace \"\"): field `max_value`: expected a whole number >= 0, found -5",
+            "entry #1 (name \"gold\", namespace \"\"): field `seconds`: expected a whole number >= 0, found \"60\"",
+            "entry #1 (name \"gold\", namespace \"\"): field `conditions`: expected a list of CEL expressions, found \"descriptors[0].x == 'y'\"",
+            "entry #1 (name \"gold\", namespace \"\"): field `variables[1]`: expected a CEL expression as text, found 3",
+            "entry #1 (name \"gold\", namespace \"\"): field `namespace` must not be empty",
+            "entry #2: expected a mapping with the fields namespace, max_value, seconds, …; found 42",
+            "entry #3 (namespace \"b\"): field `max_value`: expected a whole number >= 0, found 1.5",
+        ];
+        assert_eq!(p.len(), expected.len(), "{p:#?}");
+        for (problem, expected) in p.iter().zip(expected) {
+            assert!(
+                problem.starts_with(expected),
+                "{problem:?} is not {expected:?}"
+            );
+        }
+        // Missing fields are each named; a null counts as missing.
+        let p = problems("- {namespace: ~, name: x}");
+        assert_eq!(
+            p,
+            [
+                "entry #1 (name \"x\"): missing field `namespace`",
+                "entry #1 (name \"x\"): missing field `max_value`",
+                "entry #1 (name \"x\"): missing field `seconds`",
+            ]
+        );
     }
 
     #[test]
