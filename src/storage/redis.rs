@@ -84,7 +84,7 @@ pub struct RedisStorage {
 }
 
 enum Connection {
-    Standalone(Standalone),
+    Standalone(Box<Standalone>),
     /// Connected on first use, so the server starts while the cluster is down.
     Cluster(Box<(ClusterClient, OnceCell<ClusterConnection>)>),
 }
@@ -170,12 +170,12 @@ impl RedisStorage {
                 .set_max_delay(Duration::from_secs(1));
             let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
                 .map_err(bad)?;
-            Connection::Standalone(Standalone {
+            Connection::Standalone(Box::new(Standalone {
                 manager: ArcSwap::from_pointee(manager),
                 client,
                 config,
                 replaced_at: Mutex::new(None),
-            })
+            }))
         };
         Ok(Self {
             connection,
