@@ -2,7 +2,7 @@
 //! free loopback ports, waited for until it listens, and killed when dropped.
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
@@ -29,14 +29,9 @@ pub fn command() -> Command {
     command
 }
 
-/// Two distinct free loopback ports: bound at once so they differ, then released.
+/// Two distinct free loopback ports.
 pub fn free_ports() -> (u16, u16) {
-    let a = TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = TcpListener::bind("127.0.0.1:0").unwrap();
-    (
-        a.local_addr().unwrap().port(),
-        b.local_addr().unwrap().port(),
-    )
+    (super::free_port(), super::free_port())
 }
 
 /// A running server process (killed when dropped; its log is shown when something goes wrong).

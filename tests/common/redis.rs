@@ -2,19 +2,13 @@
 //! restartable on the same port) and, per test binary, one shared standalone server and one
 //! shared 3-master cluster (a watchdog stops them when the test process exits).
 
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::child::ChildProcess;
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+pub use super::free_port;
 
 /// A redis-server this test owns.
 pub struct RedisProcess {
