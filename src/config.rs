@@ -55,6 +55,23 @@ pub struct Cli {
     #[arg(short = 'l', long, env = "LIMIT_NAME_IN_PROMETHEUS_LABELS", value_parser = clap::builder::FalseyValueParser::new())]
     pub limit_name_in_labels: bool,
 
+    /// Limitador's OpenTelemetry endpoint. Accepted so Limitador's command lines (e.g. from
+    /// limitador-operator) start, but ratekeeper exports no traces yet: a non-empty value is
+    /// warned about at start.
+    #[arg(long, env = "TRACING_ENDPOINT", value_name = "URL", default_value = "")]
+    pub tracing_endpoint: String,
+
+    /// Limitador's CEL expression of extra metric labels (e.g. `descriptors[1]`, as
+    /// kuadrant-operator sets it). Accepted so Limitador's command lines start, but not applied
+    /// yet: warned about at start.
+    #[arg(long, value_name = "CEL")]
+    pub metric_labels_default: Option<String>,
+
+    /// Limitador's file of custom metric labels. Accepted so Limitador's command lines start,
+    /// but not applied yet: warned about at start.
+    #[arg(short = 'L', long, value_name = "FILE")]
+    pub custom_metric_labels: Option<PathBuf>,
+
     /// Rate limit headers added to gRPC answers: X-RateLimit-Limit, -Remaining and -Reset (and
     /// Retry-After when over the limit) with DRAFT_VERSION_03.
     #[arg(

@@ -56,6 +56,7 @@ fn main() -> ExitCode {
     if limits.is_empty() {
         tracing::warn!("no limits loaded: every request will be allowed");
     }
+    warn_about_limitador_options(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -102,6 +103,26 @@ fn load_limits(cli: &Cli) -> Result<LimitSet, LoadError> {
             message,
             problems: 1,
         })
+}
+
+/// Limitador options that are accepted (so Limitador's command lines, e.g. limitador-operator's,
+/// start) but do nothing yet: each one set is said once at start.
+fn warn_about_limitador_options(cli: &Cli) {
+    if !cli.tracing_endpoint.is_empty() {
+        tracing::warn!(
+            endpoint = cli.tracing_endpoint,
+            "--tracing-endpoint is accepted but ratekeeper exports no traces yet"
+        );
+    }
+    if let Some(expression) = &cli.metric_labels_default {
+        tracing::warn!(
+            expression,
+            "--metric-labels-default is accepted but not applied yet: metrics keep Limitador's default labels"
+        );
+    }
+    if let Some(file) = &cli.custom_metric_labels {
+        tracing::warn!(file = %file.display(), "--custom-metric-labels is accepted but not applied yet: metrics keep Limitador's default labels");
+    }
 }
 
 /// Why the limits could not be loaded, and how many problems that is (for `--validate`).

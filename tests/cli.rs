@@ -586,3 +586,35 @@ async fn sigterm_exits_after_the_shutdown_timeout_despite_stalled_clients() {
     assert_eq!(status.code(), Some(0), "{status}; log:\n{}", server.log());
     drop((http, grpc));
 }
+
+/// limitador-operator's command line, as kuadrant-operator's `Limitador` resource makes it
+/// (`metricLabelsDefault: descriptors[1]`, `tracing: {endpoint: ""}`): ratekeeper starts and
+/// serves, and says that the options it does not apply yet are not applied.
+#[tokio::test]
+async fn limitador_operators_command_line_starts_and_serves() {
+    let (rls_port, http_port) = free_ports();
+    let mut command = command();
+    command
+        .args(["-b", "127.0.0.1", "-B", "127.0.0.1"])
+        .args([
+            "--rate-limit-headers",
+            "DRAFT_VERSION_03",
+            "--limit-name-in-labels",
+        ])
+        .args(["--tracing-endpoint", "", "-v"])
+        .args(["--http-port", &http_port.to_string()])
+        .args(["--rls-port", &rls_port.to_string()])
+        .args(["--metric-labels-default", "descriptors[1]"])
+        .args([limits_file().to_str().unwrap(), "memory"]);
+    let server = Server::spawn(command, loopback(rls_port), loopback(http_port)).await;
+    assert_eq!(code(&server.should(llm_tokens("zoe", 10)).await), Code::Ok);
+    let log = server.log();
+    assert!(
+        log.contains("--metric-labels-default is accepted but not applied"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("--tracing-endpoint is accepted"),
+        "an empty endpoint is no tracing at all: {log}"
+    );
+}
