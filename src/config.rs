@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::limiter::OnStorageError;
 use crate::request::RequestBounds;
 use crate::rls::headers::RateLimitHeaders;
+use crate::rls::refusal::OverLimitResponse;
 use crate::server::{
     Connections, DEFAULT_HEADER_READ_TIMEOUT_MS, DEFAULT_HTTP_MAX_CONNECTIONS,
     DEFAULT_HTTP2_KEEPALIVE_INTERVAL_MS, DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_MS,
@@ -83,6 +84,18 @@ pub struct Cli {
         default_value = "NONE"
     )]
     pub rate_limit_headers: RateLimitHeaders,
+
+    /// What an OVER_LIMIT answer from ShouldRateLimit carries for the client: `none`, or
+    /// `openai` (OpenAI's error body as `raw_body`, which Envoy sends as the 429's body, and
+    /// `retry-after`/`retry-after-ms` headers, so OpenAI SDKs back off by themselves).
+    #[arg(
+        long,
+        env = "OVER_LIMIT_RESPONSE",
+        value_parser = PossibleValuesParser::new(["none", "openai"])
+            .try_map(|s| s.parse::<OverLimitResponse>()),
+        default_value = "none"
+    )]
+    pub over_limit_response: OverLimitResponse,
 
     /// Check the limits file, print the limits as loaded and exit (non-zero on errors).
     #[arg(long)]

@@ -167,6 +167,7 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
         rls_addr: SocketAddr::new(cli.rls_ip, cli.rls_port),
         http_addr: SocketAddr::new(cli.http_ip, cli.http_port),
         rate_limit_headers: cli.rate_limit_headers,
+        over_limit_response: cli.over_limit_response,
         bounds: cli.bounds.into(),
         limits_file: cli.limits_file.clone(),
         grpc_reflection: cli.grpc_reflection_service,

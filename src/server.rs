@@ -25,8 +25,9 @@ use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::Rate
 use crate::proto::kuadrant::service::ratelimit::v1::rate_limit_service_server::RateLimitServiceServer as KuadrantServer;
 use crate::reload::watch_limits;
 use crate::request::RequestBounds;
-use crate::rls::RateLimitServer;
 use crate::rls::headers::RateLimitHeaders;
+use crate::rls::refusal::OverLimitResponse;
+use crate::rls::{Answers, RateLimitServer};
 use crate::status::ServerStatus;
 
 /// How often expired counters are swept from storage.
@@ -81,6 +82,8 @@ pub struct Settings {
     pub rls_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub rate_limit_headers: RateLimitHeaders,
+    /// The body of an `OVER_LIMIT` answer (`--over-limit-response`).
+    pub over_limit_response: OverLimitResponse,
     pub bounds: RequestBounds,
     /// The limits file to watch and hot-reload; `None` to keep the limits given at start.
     pub limits_file: Option<PathBuf>,
@@ -116,11 +119,11 @@ pub async fn start(
     let mut tasks = JoinSet::new();
 
     let max_message = settings.bounds.max_message_bytes;
-    let rls = RateLimitServer::new(
-        limiter.clone(),
-        settings.rate_limit_headers,
-        settings.bounds,
-    );
+    let answers = Answers {
+        headers: settings.rate_limit_headers,
+        over_limit: settings.over_limit_response,
+    };
+    let rls = RateLimitServer::new(limiter.clone(), answers, settings.bounds);
     let (health, health_service) = tonic_health::server::health_reporter();
     // Reflection under both names: `grpc.reflection.v1` and the older `v1alpha` that many
     // tools (grpcio-reflection's client among them) still ask for.

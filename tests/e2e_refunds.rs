@@ -99,3 +99,37 @@ async fn a_request_without_max_tokens_is_estimated_at_256_until_it_ends() {
     // Settled: 20 used, the 256 refunded.
     settled(&stack, "bob", 980).await;
 }
+
+/// The same stack, with ratekeeper answering refusals as OpenAI does.
+const REFUNDS_OPENAI: Scenario = Scenario {
+    options: &["--over-limit-response", "openai"],
+    ..REFUNDS
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_sends_the_openai_refusal_as_the_429() {
+    let stack = Stack::start(&REFUNDS_OPENAI).await;
+    // 900 of carol's 1,000 tokens are held by a generation in flight; 200 more do not fit.
+    let in_flight = stack.send(chat("carol", 900, 900).taking_ms(1_500));
+    let refused = async {
+        // Let the first request's estimate land first.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while stack.counter("carol").await.is_none() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stack.send(chat("carol", 200, 200)).await
+    };
+    let (served, refused) = tokio::join!(in_flight, refused);
+    assert_eq!(served.status, 200, "{served:#?}\n{}", stack.logs());
+    assert_eq!(refused.status, 429, "{refused:#?}\n{}", stack.logs());
+    let error = &refused.json()["error"];
+    assert_eq!(error["code"], "rate_limit_exceeded", "{refused:#?}");
+    assert!(
+        error["message"].as_str().unwrap().contains("llm-budget"),
+        "{refused:#?}"
+    );
+    assert_eq!(refused.header("content-type"), Some("application/json"));
+    let retry_ms: u64 = refused.header("retry-after-ms").unwrap().parse().unwrap();
+    assert!(retry_ms > 0 && retry_ms <= 60_000, "{refused:#?}");
+    assert!(refused.header("retry-after").is_some(), "{refused:#?}");
+}

@@ -8,6 +8,7 @@ use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::{
     Code, rate_limit::Unit,
 };
 use ratekeeper::rls::headers::RateLimitHeaders;
+use ratekeeper::rls::refusal::OverLimitResponse;
 
 const TOKENS: &str = r#"
 - name: llm-free
@@ -263,6 +264,51 @@ async fn draft03_headers_and_retry_after(backend: Backend) {
     assert_eq!(header(&r, "Retry-After"), None);
 }
 
+async fn openai_refusals_carry_the_error_body_and_retry_headers(backend: Backend) {
+    let options = Options {
+        backend,
+        headers: RateLimitHeaders::DraftVersion03,
+        over_limit_response: OverLimitResponse::OpenAi,
+        ..Options::default()
+    };
+    let server = TestServer::start_with(TWO_LIMITS, options).await;
+    let alice = || vec![descriptor(&[("user", "alice")])];
+    let r = server.should(request("api", alice(), 4)).await;
+    assert_eq!(code(&r), Code::Ok);
+    assert!(r.raw_body.is_empty(), "an admitted call has no body");
+    assert_eq!(header(&r, "retry-after-ms"), None);
+
+    server.clock.advance_ms(10_500);
+    let r = server.should(request("api", alice(), 2)).await;
+    assert_eq!(code(&r), Code::OverLimit);
+    let body: serde_json::Value = serde_json::from_slice(&r.raw_body).unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert_eq!(body["error"]["type"], "rate_limit_exceeded", "{body}");
+    assert!(body["error"]["param"].is_null(), "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("per-user") && message.contains("1 of 5 left"),
+        "{message}"
+    );
+    assert_eq!(header(&r, "content-type"), Some("application/json"));
+    assert_eq!(header(&r, "retry-after-ms"), Some("49500"));
+    // One Retry-After, though both the draft headers and the OpenAI answer want it.
+    let retry_after = r
+        .response_headers_to_add
+        .iter()
+        .filter(|h| h.key.eq_ignore_ascii_case("retry-after"))
+        .count();
+    assert_eq!(retry_after, 1, "{:?}", r.response_headers_to_add);
+    assert_eq!(header(&r, "Retry-After"), Some("50"));
+
+    // A cost no window can ever admit says so, without a retry time.
+    let r = server.should(request("api", alice(), 6)).await;
+    let body: serde_json::Value = serde_json::from_slice(&r.raw_body).unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("larger than the whole limit"), "{message}");
+    assert_eq!(header(&r, "retry-after-ms"), None);
+}
+
 async fn no_headers_unless_asked(backend: Backend) {
     let server = TestServer::on(backend, TWO_LIMITS).await;
     let r = server
@@ -342,6 +388,7 @@ async fn refunds_give_back_what_an_estimate_took(backend: Backend) {
 }
 
 on_every_storage!(
+    openai_refusals_carry_the_error_body_and_retry_headers,
     refunds_give_back_what_an_estimate_took,
     limitador_path_counts_request_hits_and_zero_means_one,
     limitador_path_is_all_or_nothing,

@@ -2,6 +2,7 @@
 //! translate requests into [`Limiter`] calls and decisions into responses, nothing else.
 
 pub mod headers;
+pub mod refusal;
 
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
@@ -26,6 +27,7 @@ use crate::request::{Descriptor, Request};
 use crate::storage::StorageError;
 use crate::throttle::{LOG_EVERY, Throttle};
 use headers::RateLimitHeaders;
+use refusal::OverLimitResponse;
 
 /// Lines a client can cause on every call, at most one per interval ([`Throttle`]).
 static MALFORMED: LazyLock<Throttle> = LazyLock::new(|| Throttle::new(LOG_EVERY));
@@ -35,15 +37,23 @@ static STORAGE_FAILED: LazyLock<Throttle> = LazyLock::new(|| Throttle::new(LOG_E
 #[derive(Clone)]
 pub struct RateLimitServer {
     limiter: Arc<Limiter>,
-    headers: RateLimitHeaders,
+    answers: Answers,
     bounds: RequestBounds,
 }
 
+/// What answers carry besides the decision: rate limit headers (`--rate-limit-headers`) and
+/// the body of a refusal (`--over-limit-response`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Answers {
+    pub headers: RateLimitHeaders,
+    pub over_limit: OverLimitResponse,
+}
+
 impl RateLimitServer {
-    pub fn new(limiter: Arc<Limiter>, headers: RateLimitHeaders, bounds: RequestBounds) -> Self {
+    pub fn new(limiter: Arc<Limiter>, answers: Answers, bounds: RequestBounds) -> Self {
         Self {
             limiter,
-            headers,
+            answers,
             bounds,
         }
     }
@@ -116,7 +126,7 @@ impl RateLimitServer {
                 "over the limit"
             );
         }
-        Ok(to_response(&decision, self.headers))
+        Ok(to_response(&decision, self.answers))
     }
 }
 
@@ -176,7 +186,7 @@ fn to_request(request: RateLimitRequest, bounds: &RequestBounds) -> Result<Reque
     Ok(request)
 }
 
-pub fn to_response(decision: &Decision, headers: RateLimitHeaders) -> RateLimitResponse {
+pub fn to_response(decision: &Decision, answers: Answers) -> RateLimitResponse {
     let code = |code: Code| match code {
         Code::Ok => response::Code::Ok,
         Code::OverLimit => response::Code::OverLimit,
@@ -203,22 +213,38 @@ pub fn to_response(decision: &Decision, headers: RateLimitHeaders) -> RateLimitR
             out
         })
         .collect();
-    let response_headers_to_add = match headers {
+    let over_limit = overall_code == Code::OverLimit;
+    let mut added = match answers.headers {
         RateLimitHeaders::DraftVersion03 if decision.call.has_headers() => {
-            headers::draft03(decision, overall_code == Code::OverLimit)
-                .into_iter()
-                .map(|(key, value)| HeaderValue {
-                    key: key.to_string(),
-                    value,
-                })
-                .collect()
+            headers::draft03(decision, over_limit)
         }
         _ => Vec::new(),
     };
+    let raw_body = match answers.over_limit {
+        OverLimitResponse::OpenAi if over_limit => {
+            let (body, refusal_headers) = refusal::openai(decision);
+            for (name, value) in refusal_headers {
+                // Retry-After once, whichever option asked for it first.
+                if !added.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+                    added.push((name, value));
+                }
+            }
+            body
+        }
+        _ => Vec::new(),
+    };
+    let response_headers_to_add = added
+        .into_iter()
+        .map(|(key, value)| HeaderValue {
+            key: key.to_string(),
+            value,
+        })
+        .collect();
     RateLimitResponse {
         overall_code: code(overall_code) as i32,
         statuses,
         response_headers_to_add,
+        raw_body,
         ..Default::default()
     }
 }

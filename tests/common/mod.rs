@@ -28,6 +28,7 @@ use ratekeeper::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLim
 use ratekeeper::proto::kuadrant::service::ratelimit::v1::rate_limit_service_client::RateLimitServiceClient as KuadrantClient;
 use ratekeeper::request::RequestBounds;
 use ratekeeper::rls::headers::RateLimitHeaders;
+use ratekeeper::rls::refusal::OverLimitResponse;
 use ratekeeper::server::{self, Running, Settings};
 use ratekeeper::status::ServerStatus;
 use ratekeeper::storage::{
@@ -90,6 +91,7 @@ pub enum Backend {
 pub struct Options {
     pub backend: Backend,
     pub headers: RateLimitHeaders,
+    pub over_limit_response: OverLimitResponse,
     pub bounds: RequestBounds,
     pub capacity: usize,
     pub grpc_reflection: bool,
@@ -108,6 +110,7 @@ impl Default for Options {
         Self {
             backend: Backend::Memory,
             headers: RateLimitHeaders::None,
+            over_limit_response: OverLimitResponse::None,
             bounds: RequestBounds::default(),
             capacity: 10_000,
             grpc_reflection: false,
@@ -164,6 +167,7 @@ impl TestServer {
             rls_addr: "127.0.0.1:0".parse().unwrap(),
             http_addr: "127.0.0.1:0".parse().unwrap(),
             rate_limit_headers: options.headers,
+            over_limit_response: options.over_limit_response,
             bounds: options.bounds,
             limits_file: Some(path.clone()),
             grpc_reflection: options.grpc_reflection,
