@@ -70,7 +70,7 @@ pub fn openai(decision: &Decision) -> (Vec<u8>, Vec<(&'static str, String)>) {
 
 /// "1.5 s", "60 s": milliseconds as seconds, to the tenth.
 fn seconds(ms: u64) -> String {
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{} s", ms / 1000)
     } else {
         format!("{}.{} s", ms / 1000, (ms % 1000) / 100)
