@@ -485,10 +485,14 @@ fn validate(options: &RunOptions) -> Result<(), String> {
             "--duration must be > 0 and --warmup >= 0, {MAX_RUN_SECONDS} s at most together"
         ));
     }
-    let uri: http::Uri = options
-        .target
+    check_target(&options.target, options.allow_non_loopback)
+}
+
+/// `target` is `http://host:port` and, unless `allow_non_loopback`, on this machine.
+pub fn check_target(target: &str, allow_non_loopback: bool) -> Result<(), String> {
+    let uri: http::Uri = target
         .parse()
-        .map_err(|e| format!("invalid --target {}: {e}", options.target))?;
+        .map_err(|e| format!("invalid --target {target}: {e}"))?;
     if uri.scheme_str() != Some("http") {
         return Err("--target must be http://host:port (plaintext gRPC)".into());
     }
@@ -502,9 +506,7 @@ fn validate(options: &RunOptions) -> Result<(), String> {
     if addresses.is_empty() {
         return Err(format!("{host} resolves to no address"));
     }
-    if !options.allow_non_loopback
-        && let Some(remote) = addresses.iter().find(|a| !a.ip().is_loopback())
-    {
+    if !allow_non_loopback && let Some(remote) = addresses.iter().find(|a| !a.ip().is_loopback()) {
         return Err(format!(
             "{host} resolves to {}, which is not a loopback address; pass \
              --allow-non-loopback to load a server that is not on this machine",

@@ -9,8 +9,12 @@
 //!   reach on this machine, measured in the same run as the server under test.
 //! - `table` prints result files (JSON lines from `run --json`) side by side, each as a ratio to
 //!   the row labelled `floor`.
+//! - `llm` simulates LLM traffic on one user's token budget (N generations in flight, a
+//!   latency, a real cost, an estimate) in the patterns gateways use, and prints how many
+//!   tokens the budget let through.
 //! - `free-port` prints a free loopback TCP port, for scripts.
 
+mod llm;
 mod load;
 mod noop;
 mod summary;
@@ -41,6 +45,8 @@ enum Command {
     ServeNoop(noop::NoopOptions),
     /// Print results (JSON lines written by `run --json`) as a table, with ratios to `floor`.
     Table(summary::TableOptions),
+    /// LLM traffic against one user's token budget: does the budget hold with requests in flight?
+    Llm(llm::LlmOptions),
     /// Print a free TCP port on 127.0.0.1.
     FreePort,
 }
@@ -51,6 +57,7 @@ fn main() -> ExitCode {
         Command::Run(options) => load::run(options),
         Command::ServeNoop(options) => noop::serve(options),
         Command::Table(options) => summary::table(options),
+        Command::Llm(options) => llm::run(options),
         Command::FreePort => std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .map(|addr| println!("{}", addr.port()))
