@@ -23,12 +23,7 @@ fn limits_for(namespace: &str) -> String {
 }
 
 async fn scrape(server: &TestServer) -> Vec<prometheus_parse::Sample> {
-    let text = reqwest::get(format!("{}/metrics", server.http_base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(&format!("{}/metrics", server.http_base)).await;
     let lines = text.lines().map(|l| Ok(l.to_string()));
     prometheus_parse::Scrape::parse(lines)
         .expect("the exposition format parses")

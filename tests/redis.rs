@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::process::*;
 use common::redis::{RedisProcess, cli};
-use common::{code, descriptor, grpc_channel, request};
+use common::{code, descriptor, get_text, grpc_channel, request};
 use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -402,12 +402,7 @@ async fn an_evicting_redis_is_reported_and_refused_when_asked() {
     let reason = evicts().await;
     assert!(reason.as_str().unwrap().contains("allkeys-lru"), "{reason}");
     assert!(server.log().contains("EVICT"), "{}", server.log());
-    let metrics = reqwest::get(format!("http://{}/metrics", server.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&format!("http://{}/metrics", server.http)).await;
     assert!(
         metrics.contains("ratekeeper_storage_may_evict 1"),
         "{metrics}"
@@ -421,12 +416,7 @@ async fn an_evicting_redis_is_reported_and_refused_when_asked() {
         "an evicting Redis looked ready; log:\n{}",
         strict.log()
     );
-    let body = reqwest::get(format!("http://{}/readyz", strict.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = get_text(&format!("http://{}/readyz", strict.http)).await;
     assert!(body.contains("evict"), "{body}");
     assert_eq!(health(&strict).await, ServingStatus::NotServing);
 }

@@ -362,6 +362,20 @@ pub fn http_client() -> reqwest::Client {
 }
 
 /// GETs `url` and parses its JSON body, asserting a success status (bounded: 5 s).
+/// The body of `GET url` as text, whatever its status (bounded: 5 s).
+pub async fn get_text(url: &str) -> String {
+    let response = http_client()
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    response
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
 pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
     let response = client
         .get(url)
