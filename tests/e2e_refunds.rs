@@ -33,14 +33,15 @@ async fn settled(stack: &Stack, user: &str, remaining: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_budget_holds_while_32_generations_are_in_flight() {
     let stack = Arc::new(Stack::start(&REFUNDS).await);
-    // 32 requests at once, each estimating 100 tokens and using 40 after 500 ms. Without the
+    // 32 requests at once, each estimating 100 tokens and using 40 after 2 s (longer than the
+    // burst takes to arrive, however busy the machine). Without the
     // estimate every one of them would pass (nothing is charged until a response ends).
     let mut burst = tokio::task::JoinSet::new();
     for _ in 0..32 {
         let stack = stack.clone();
         burst.spawn(async move {
             stack
-                .send(chat("alice", 100, 40).taking_ms(500))
+                .send(chat("alice", 100, 40).taking_ms(2_000))
                 .await
                 .status
         });
