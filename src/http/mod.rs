@@ -1,5 +1,6 @@
 //! Limitador's HTTP API: `/status`, `/limits/{ns}`, `/counters/{ns}`, `/check`, `/report`,
-//! `/check_and_report` and `/metrics`, with the same JSON bodies and status codes; plus the
+//! `/check_and_report` and `/metrics`, with the same JSON bodies and status codes; `/explain`
+//! (why a request gets its answer); plus the
 //! probes `/healthz` (liveness) and `/readyz` (readiness: the storage can be reached). Namespaces may contain `/`
 //! (Kuadrant's `<route ns>/<route name>`), either as is or percent-encoded.
 
@@ -28,6 +29,7 @@ use crate::throttle::{LOG_EVERY, Throttle};
 
 mod asm;
 mod auth;
+mod explain;
 
 pub use auth::HttpToken;
 
@@ -68,6 +70,7 @@ pub fn router(
         .route("/check", post(check))
         .route("/report", post(report))
         .route("/check_and_report", post(check_and_report))
+        .route("/explain", post(explain::explain))
         .route("/ratelimit", get(asm::check))
         .route("/update_ratelimit_record", post(asm::update))
         // Routes go above: this protects every one of them not listed in `auth::OPEN`.
