@@ -10,14 +10,14 @@ use std::sync::{Arc, LazyLock};
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderName, HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::call::{Call, Code};
+use crate::call::{Call, Code, Verdict};
 use crate::limiter::Limiter;
 use crate::limits::LimitView;
 use crate::request::RequestBounds;
@@ -215,19 +215,23 @@ struct CheckAndReportInfo {
     response_headers: Option<String>,
 }
 
-async fn check(State(state): State<AppState>, body: Bytes) -> Response {
-    decide(&state, &body, Call::CheckRateLimit).await
+async fn check(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    decide(&state, &headers, &body, Call::CheckRateLimit).await
 }
 
-async fn report(State(state): State<AppState>, body: Bytes) -> Response {
-    decide(&state, &body, Call::Report).await
+async fn report(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    decide(&state, &headers, &body, Call::Report).await
 }
 
-async fn check_and_report(State(state): State<AppState>, body: Bytes) -> Response {
-    decide(&state, &body, Call::ShouldRateLimit).await
+async fn check_and_report(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    decide(&state, &headers, &body, Call::ShouldRateLimit).await
 }
 
-async fn decide(state: &AppState, body: &[u8], call: Call) -> Response {
+async fn decide(state: &AppState, headers: &HeaderMap, body: &[u8], call: Call) -> Response {
     let info: CheckAndReportInfo = match serde_json::from_slice(body) {
         Ok(info) => info,
         Err(e) => return bad_request(format!("invalid request body: {e}")),
@@ -252,6 +256,23 @@ async fn decide(state: &AppState, body: &[u8], call: Call) -> Response {
         Ok(decision) => decision,
         Err(e) => return storage_error(&e),
     };
+    if decision.verdict != Verdict::Admitted {
+        // As over gRPC (`crate::rls`): at debug, the metrics count every refusal.
+        let limit = decision.limiting().and_then(|l| l.limit.name.as_deref());
+        let request_id = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        tracing::debug!(
+            rpc = call.name(),
+            http = true,
+            request_id,
+            namespace = request.namespace,
+            limit = limit.unwrap_or(""),
+            verdict = ?decision.verdict,
+            "over the limit"
+        );
+    }
     let over = decision.code() == Code::OverLimit;
     let mut response = if over {
         (StatusCode::TOO_MANY_REQUESTS, Json(serde_json::Value::Null)).into_response()

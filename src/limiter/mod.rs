@@ -76,6 +76,32 @@ pub trait Observer: Send + Sync {
     fn storage_failed(&self, _error: &StorageError) {}
 }
 
+/// One line per decision, at debug (`-v`): the call, the namespace, the verdict and the most
+/// restrictive limit (what `/explain` details).
+fn log_decision(namespace: &str, namespace_has_limits: bool, decision: &Decision) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let (limit, remaining) = match decision.limits.first() {
+        Some(status) => (
+            status.limit.name.as_deref().unwrap_or(""),
+            Some(status.outcome.remaining),
+        ),
+        None => ("", None),
+    };
+    tracing::debug!(
+        call = decision.call.name(),
+        namespace,
+        namespace_has_limits,
+        verdict = ?decision.verdict,
+        cost = decision.cost,
+        limits = decision.limits.len(),
+        limit,
+        remaining,
+        "decision"
+    );
+}
+
 /// An observer that ignores everything.
 pub struct Unobserved;
 
@@ -167,6 +193,7 @@ impl Limiter {
 
         let namespace_has_limits = plan.namespace_has_limits;
         let decision = decision::assemble(call, descriptors, plan, outcomes);
+        log_decision(&request.namespace, namespace_has_limits, &decision);
         self.observer.decided(&Decided {
             namespace: &request.namespace,
             namespace_has_limits,
