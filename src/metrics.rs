@@ -14,6 +14,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use crate::call::Call;
 use crate::limiter::{Decided, Observer};
 use crate::limits::{EvalError, Limit};
+use crate::status::RecentRefusals;
 use crate::storage::StorageError;
 
 pub const NAMESPACE: &str = "limitador_namespace";
@@ -117,6 +118,8 @@ pub struct Prometheus {
     limit_name_in_labels: bool,
     namespaces: SeriesCache<NamespaceSeries>,
     unknown: UnknownNamespaces,
+    /// Refusals per limit over the last minutes, for `/ui`.
+    recent: Option<Arc<RecentRefusals>>,
 }
 
 /// How many namespaces without limits get a series (and a warning) of their own.
@@ -188,7 +191,14 @@ impl Prometheus {
             limit_name_in_labels,
             namespaces: SeriesCache::default(),
             unknown: UnknownNamespaces::default(),
+            recent: None,
         }
+    }
+
+    /// Also records refusals per limit into `recent` (what `/ui` shows).
+    pub fn recording_refusals(mut self, recent: Arc<RecentRefusals>) -> Self {
+        self.recent = Some(recent);
+        self
     }
 
     /// Runs `f` on the series of `limit` (in its namespace's cache).
@@ -310,6 +320,9 @@ impl Observer for Prometheus {
             && let Some(limiting) = decision.limiting()
         {
             self.with_limit(&limiting.limit, |series| series.limited_calls.increment(1));
+            if let Some(recent) = &self.recent {
+                recent.record(limiting.limit.key);
+            }
             return;
         }
         // The others are counted per namespace.

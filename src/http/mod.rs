@@ -1,6 +1,6 @@
 //! Limitador's HTTP API: `/status`, `/limits/{ns}`, `/counters/{ns}`, `/check`, `/report`,
 //! `/check_and_report` and `/metrics`, with the same JSON bodies and status codes; `/explain`
-//! (why a request gets its answer); plus the
+//! (why a request gets its answer) and `/ui` (a live page); plus the
 //! probes `/healthz` (liveness) and `/readyz` (readiness: the storage can be reached). Namespaces may contain `/`
 //! (Kuadrant's `<route ns>/<route name>`), either as is or percent-encoded.
 
@@ -19,17 +19,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::call::{Call, Code, Verdict};
 use crate::limiter::Limiter;
-use crate::limits::LimitView;
+use crate::limits::{Limit, LimitView};
 use crate::request::RequestBounds;
 use crate::request::{Descriptor, Request};
 use crate::rls::headers;
 use crate::status::ServerStatus;
-use crate::storage::{ListError, PageRequest, StorageError};
+use crate::storage::{CounterSnapshot, ListError, PageRequest, StorageError};
 use crate::throttle::{LOG_EVERY, Throttle};
 
 mod asm;
 mod auth;
 mod explain;
+mod ui;
 
 pub use auth::HttpToken;
 
@@ -71,6 +72,8 @@ pub fn router(
         .route("/report", post(report))
         .route("/check_and_report", post(check_and_report))
         .route("/explain", post(explain::explain))
+        .route("/ui", get(ui::page))
+        .route("/ui/data", get(ui::data))
         .route("/ratelimit", get(asm::check))
         .route("/update_ratelimit_record", post(asm::update))
         // Routes go above: this protects every one of them not listed in `auth::OPEN`.
@@ -119,6 +122,24 @@ struct CounterView<'a> {
     set_variables: BTreeMap<&'a str, &'a str>,
     remaining: u64,
     expires_in_seconds: u64,
+}
+
+impl<'a> CounterView<'a> {
+    /// A counter as of `now` (refills and expiry applied), as `/counters` shows it.
+    fn of(limit: &'a Limit, counter: &'a CounterSnapshot, now: u64) -> Self {
+        let state = limit.algorithm.current(Some(counter.state), now);
+        CounterView {
+            limit: limit.view(),
+            set_variables: limit
+                .variables
+                .iter()
+                .map(|v| v.source())
+                .zip(counter.key.values())
+                .collect(),
+            remaining: limit.algorithm.remaining(state, now),
+            expires_in_seconds: limit.algorithm.reset_in_ms(state, now) / 1000,
+        }
+    }
 }
 
 /// One page of a namespace's counters: `?limit=` (default 1000, at most 10,000) and
@@ -175,20 +196,7 @@ async fn get_counters(
     let views: Vec<CounterView<'_>> = page
         .items
         .iter()
-        .map(|(limit, counter)| {
-            let state = limit.algorithm.current(Some(counter.state), now);
-            CounterView {
-                limit: limit.view(),
-                set_variables: limit
-                    .variables
-                    .iter()
-                    .map(|v| v.source())
-                    .zip(counter.key.values())
-                    .collect(),
-                remaining: limit.algorithm.remaining(state, now),
-                expires_in_seconds: limit.algorithm.reset_in_ms(state, now) / 1000,
-            }
-        })
+        .map(|(limit, counter)| CounterView::of(limit, counter, now))
         .collect();
     let mut response = Json(views).into_response();
     if let Some(next) = page.next {
@@ -204,7 +212,6 @@ async fn get_counters(
     response
 }
 
-/// A counter's state as of now (refills and expiry applied).
 /// The body of `/check`, `/report` and `/check_and_report`: `values` become `descriptors[0]`.
 #[derive(Deserialize)]
 struct CheckAndReportInfo {
