@@ -528,6 +528,58 @@ mod tests {
         assert_eq!(values.as_slice(), ["fixed", "null"]);
     }
 
+    /// `evaluate` names the expression that decided, and `applies` agrees with it.
+    #[test]
+    fn evaluate_says_which_expression_keeps_a_limit_from_applying() {
+        let limits = file::parse_limits(
+            "test",
+            r#"
+- {name: a, namespace: n, max_value: 1, seconds: 1, conditions: ["descriptors[0].tier == 'gold'"], variables: ["descriptors[0].user"]}
+- {name: b, namespace: n, max_value: 1, seconds: 1, conditions: ["descriptors[0].n > 3"]}
+"#,
+        )
+        .unwrap();
+        let reason = |entries: &[(&str, &str)], limit: &Limit| {
+            let descriptors = [Descriptor::of(entries)];
+            let input = Input::new(&descriptors);
+            let mut values = KeyValues::new();
+            let applies = limit.applies(&input, &mut values);
+            match limit.evaluate(&input, &mut values) {
+                Ok(()) => {
+                    assert_eq!(applies, Ok(true));
+                    "applies".to_string()
+                }
+                Err(mismatch) => {
+                    let expected = match &mismatch {
+                        Mismatch::Failed { error, .. } => Err(error.clone()),
+                        _ => Ok(false),
+                    };
+                    assert_eq!(applies, expected);
+                    mismatch.message()
+                }
+            }
+        };
+        let a = &limits[0];
+        assert_eq!(reason(&[("tier", "gold"), ("user", "u")], a), "applies");
+        assert_eq!(
+            reason(&[("tier", "free"), ("user", "u")], a),
+            "condition `descriptors[0].tier == 'gold'` is false"
+        );
+        assert_eq!(
+            reason(&[("user", "u")], a),
+            "condition `descriptors[0].tier == 'gold'` reads a key or index this request does not have"
+        );
+        assert_eq!(
+            reason(&[("tier", "gold")], a),
+            "variable `descriptors[0].user` reads a key or index this request does not have"
+        );
+        let failed = reason(&[("n", "7")], &limits[1]);
+        assert!(
+            failed.starts_with("condition `descriptors[0].n > 3` failed: "),
+            "{failed}"
+        );
+    }
+
     fn asm_rules() -> Option<Arc<FixedLimits>> {
         let json = r#"[{"rate_limit_key_regex": "k", "max_tokens": 5, "tokens_per_fill": 1,
             "fill_interval_second": 1, "redis_expired_seconds": 1}]"#;
