@@ -32,6 +32,8 @@ fn chromium(dir: &Path, url: &str, args: &[&str]) -> String {
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
+            // Containers often have a small /dev/shm.
+            "--disable-dev-shm-usage",
         ])
         .arg(format!("--user-data-dir={}", dir.join("profile").display()))
         .args(["--hide-scrollbars", "--virtual-time-budget=5000"])
