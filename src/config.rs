@@ -101,7 +101,8 @@ pub struct Cli {
     #[arg(long)]
     pub validate: bool,
 
-    /// Log more: -v debug, -vv trace (default: info; RUST_LOG overrides).
+    /// Log more: -v ratekeeper's debug lines (one per decision), -vv its trace lines, -vvv
+    /// everything's trace (the HTTP/2 frames too). Default: info; RUST_LOG overrides.
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     pub verbose: u8,
 
@@ -348,17 +349,21 @@ impl Cli {
 
     /// The tracing filter: RUST_LOG if set, else from `-v`.
     pub fn log_filter(&self) -> String {
-        if let Ok(filter) = std::env::var("RUST_LOG")
-            && !filter.is_empty()
-        {
-            return filter;
+        match std::env::var("RUST_LOG") {
+            Ok(filter) if !filter.is_empty() => filter,
+            _ => verbosity_filter(self.verbose).to_string(),
         }
-        match self.verbose {
-            0 => "info",
-            1 => "debug",
-            _ => "trace",
-        }
-        .to_string()
+    }
+}
+
+/// The tracing filter of `-v` repeated `count` times: more of ratekeeper's own lines, and only
+/// at `-vvv` its dependencies' debug and trace lines (hyper's and h2's are HTTP/2 frame dumps).
+pub fn verbosity_filter(count: u8) -> &'static str {
+    match count {
+        0 => "info",
+        1 => "ratekeeper=debug,info",
+        2 => "ratekeeper=trace,info",
+        _ => "trace",
     }
 }
 

@@ -10,7 +10,8 @@
 //!   is answered with, how it counts in the metrics. The one place that tells the calls apart.
 //! - [`limiter`] — the engine. `decide` is three steps: plan (pure: which limits apply, which
 //!   counters, which costs), one storage call, assemble (pure: one status per descriptor). It
-//!   reports what it does to an [`limiter::Observer`].
+//!   reports what it does to an [`limiter::Observer`]. `explain` runs the same steps read-only
+//!   and tells, per limit, why it applies or not (`POST /explain`).
 //! - [`limits`] — the limit model: YAML loading and validation, compiled CEL (with a native
 //!   form for the common shapes) and a per-namespace index of what each limit requires. Nothing
 //!   in it runs: [`reload`] wires a file watcher to a limiter, beside [`server`].

@@ -156,7 +156,10 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
     tracing::info!(limits = limits.len(), file = ?cli.limits_file, asm_rules = limits.fixed().is_some(), "limits loaded");
     metrics::install().map_err(|e| anyhow::anyhow!("cannot set up metrics: {e}"))?;
     metrics::limits_applied(0, limits.len());
-    let observer = Arc::new(Prometheus::new(cli.limit_name_in_labels));
+    let status = ServerStatus::default().refusing_evicting_storage(cli.refuse_evicting_storage);
+    let observer = Arc::new(
+        Prometheus::new(cli.limit_name_in_labels).recording_refusals(status.refusals().clone()),
+    );
     let limiter = Arc::new(
         Limiter::new(limits, storage, Arc::new(SystemClock))
             .observed_by(observer)
@@ -175,7 +178,6 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
         connections: cli.connections.into(),
         http_auth_token,
     };
-    let status = ServerStatus::default().refusing_evicting_storage(cli.refuse_evicting_storage);
     let running = server::start(settings, limiter, Arc::new(status))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen: {e}"))?;

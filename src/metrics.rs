@@ -4,7 +4,7 @@
 //! `ratekeeper_`. Per-limit metrics carry `limit_name` when `-l/--limit-name-in-labels` is set.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -14,6 +14,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use crate::call::Call;
 use crate::limiter::{Decided, Observer};
 use crate::limits::{EvalError, Limit};
+use crate::status::RecentRefusals;
 use crate::storage::StorageError;
 
 pub const NAMESPACE: &str = "limitador_namespace";
@@ -24,7 +25,7 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
-const DESCRIPTIONS: [(&str, &str); 18] = [
+const DESCRIPTIONS: [(&str, &str); 19] = [
     ("limitador_up", "Limitador is running"),
     (
         "datastore_partitioned",
@@ -76,6 +77,10 @@ const DESCRIPTIONS: [(&str, &str); 18] = [
         "1 while the limits file on disk could not be applied",
     ),
     (
+        "ratekeeper_unknown_namespace_calls",
+        "Calls to namespaces without limits (allowed), by namespace: the first 100 names, the rest `other`",
+    ),
+    (
         "ratekeeper_cel_errors",
         "Limit expressions that failed on a request (the limit was skipped)",
     ),
@@ -107,10 +112,76 @@ pub fn install() -> Result<PrometheusHandle, String> {
 /// The engine's observer: Limitador's per-namespace and per-limit series, plus ratekeeper's
 /// tokens charged and overshot. Series are resolved once per label set and kept here (the hot
 /// path then only adds to atomics); namespaces that have no limits share the series labelled
-/// `""`, so clients cannot create series.
+/// `""`, so clients cannot create series. Calls to those are also counted by name, for the
+/// first [`MAX_UNKNOWN_NAMESPACES`] names.
 pub struct Prometheus {
     limit_name_in_labels: bool,
     namespaces: SeriesCache<NamespaceSeries>,
+    unknown: UnknownNamespaces,
+    /// Refusals per limit over the last minutes, for `/ui`.
+    recent: Option<Arc<RecentRefusals>>,
+}
+
+/// How many namespaces without limits get a series (and a warning) of their own.
+pub const MAX_UNKNOWN_NAMESPACES: usize = 100;
+
+/// The label value of the calls to namespaces without limits beyond the first
+/// [`MAX_UNKNOWN_NAMESPACES`].
+pub const OTHER_NAMESPACES: &str = "other";
+
+/// Calls to namespaces without limits: allowed, but usually a misspelt namespace (Envoy's
+/// `domain`) that disables limiting silently. The first [`MAX_UNKNOWN_NAMESPACES`] names each
+/// get `ratekeeper_unknown_namespace_calls{namespace="<name>"}` and one warning; the others
+/// share `{namespace="other"}`, and are not logged.
+#[derive(Default)]
+struct UnknownNamespaces {
+    named: ArcSwap<HashMap<Box<str>, Counter>>,
+    /// Taken only to add a name (at most [`MAX_UNKNOWN_NAMESPACES`] times).
+    adding: Mutex<()>,
+    other: OnceLock<Counter>,
+}
+
+impl UnknownNamespaces {
+    fn called(&self, namespace: &str) {
+        let named = self.named.load();
+        if let Some(series) = named.get(namespace) {
+            return series.increment(1);
+        }
+        if named.len() >= MAX_UNKNOWN_NAMESPACES {
+            return self.other().increment(1);
+        }
+        drop(named);
+        let _adding = self
+            .adding
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Another call may have added it, or filled the last place, meanwhile.
+        let named = self.named.load();
+        if let Some(series) = named.get(namespace) {
+            return series.increment(1);
+        }
+        if named.len() >= MAX_UNKNOWN_NAMESPACES {
+            return self.other().increment(1);
+        }
+        let series =
+            counter!("ratekeeper_unknown_namespace_calls", "namespace" => namespace.to_string());
+        series.increment(1);
+        let mut map = HashMap::clone(&named);
+        map.insert(namespace.into(), series);
+        self.named.store(Arc::new(map));
+        tracing::warn!(
+            namespace,
+            "a call to a namespace that has no limits was allowed: is it (Envoy's `domain`) \
+             misspelt? Logged once per namespace (for the first {MAX_UNKNOWN_NAMESPACES}); \
+             ratekeeper_unknown_namespace_calls counts every call"
+        );
+    }
+
+    fn other(&self) -> &Counter {
+        self.other.get_or_init(
+            || counter!("ratekeeper_unknown_namespace_calls", "namespace" => OTHER_NAMESPACES),
+        )
+    }
 }
 
 impl Prometheus {
@@ -119,7 +190,15 @@ impl Prometheus {
         Self {
             limit_name_in_labels,
             namespaces: SeriesCache::default(),
+            unknown: UnknownNamespaces::default(),
+            recent: None,
         }
+    }
+
+    /// Also records refusals per limit into `recent` (what `/ui` shows).
+    pub fn recording_refusals(mut self, recent: Arc<RecentRefusals>) -> Self {
+        self.recent = Some(recent);
+        self
     }
 
     /// Runs `f` on the series of `limit` (in its namespace's cache).
@@ -241,12 +320,16 @@ impl Observer for Prometheus {
             && let Some(limiting) = decision.limiting()
         {
             self.with_limit(&limiting.limit, |series| series.limited_calls.increment(1));
+            if let Some(recent) = &self.recent {
+                recent.record(limiting.limit.key);
+            }
             return;
         }
         // The others are counted per namespace.
         let namespace = if decided.namespace_has_limits {
             decided.namespace
         } else {
+            self.unknown.called(decided.namespace);
             ""
         };
         let record = |series: &NamespaceSeries| {

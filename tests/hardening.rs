@@ -543,7 +543,7 @@ mod token {
 
     /// Every protected endpoint with a valid body, so that a request that passes the token check
     /// succeeds.
-    const PROTECTED: [(&str, &str, &str); 6] = [
+    const PROTECTED: [(&str, &str, &str); 9] = [
         (
             "POST",
             "/check",
@@ -560,6 +560,13 @@ mod token {
             r#"{"namespace":"llm_tokens","values":{"generic_key":"llm","user":"gina"},"delta":1}"#,
         ),
         ("GET", "/counters/llm_tokens", ""),
+        (
+            "POST",
+            "/explain",
+            r#"{"namespace":"llm_tokens","values":{"generic_key":"llm","user":"gina"}}"#,
+        ),
+        ("GET", "/ui", ""),
+        ("GET", "/ui/data", ""),
         ("GET", "/ratelimit?ratelimit_keys=%5B%22k%22%5D", ""),
         (
             "POST",

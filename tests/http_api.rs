@@ -1032,3 +1032,171 @@ async fn asm_update_answers_what_was_really_charged() {
     let r = update(serde_json::json!({"ratelimit_keys": ["nobody"], "total_tokens": 10})).await;
     assert_eq!(r["charged"], 0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// POST /explain
+
+const EXPLAINED: &str = r#"
+- name: free
+  namespace: explain
+  max_value: 50
+  seconds: 60
+  conditions: ["descriptors[0].tier == 'free'"]
+  variables: ["descriptors[0].user"]
+- name: gold
+  namespace: explain
+  max_value: 200
+  seconds: 60
+  conditions: ["descriptors[0].tier == 'gold'"]
+  variables: ["descriptors[0].user"]
+- name: per-model
+  namespace: explain
+  max_value: 1000
+  seconds: 60
+  variables: ["descriptors[0].model"]
+- name: typed
+  namespace: explain
+  max_value: 5
+  seconds: 60
+  conditions: ["descriptors[0].tier > 3"]
+- name: everyone
+  namespace: explain
+  max_value: 60
+  seconds: 60
+"#;
+
+/// The explanation of one limit, by name.
+fn explained<'v>(body: &'v Value, name: &str) -> &'v Value {
+    body["limits"]
+        .as_array()
+        .and_then(|limits| limits.iter().find(|l| l["limit"]["name"] == name))
+        .unwrap_or_else(|| panic!("no limit {name} in {body:#}"))
+}
+
+#[tokio::test]
+async fn explain_says_which_limits_apply_and_why_the_others_do_not() {
+    let server = TestServer::start(EXPLAINED).await;
+    let http = Http::new(&server);
+    let alice = json!({"tier": "free", "user": "alice"});
+    let (status, _) = http
+        .call("/report", &body("explain", alice.clone(), 45))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    server.clock.advance_ms(10_000);
+
+    let ask = json!({"namespace": "explain", "values": alice});
+    let (status, body) = http.call("/explain", &ask).await;
+    assert_eq!(status, StatusCode::OK, "{body:#}");
+    assert_eq!(body["namespace_has_limits"], true);
+    assert_eq!(body["delta"], 1, "delta defaults to 1");
+    let names: Vec<&str> = body["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["limit"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["free", "gold", "per-model", "typed", "everyone"]);
+
+    // The limits that apply, with the counter each names and its usage.
+    let free = explained(&body, "free");
+    assert_eq!(free["applies"], true, "{free:#}");
+    assert_eq!(
+        free["set_variables"],
+        json!({"descriptors[0].user": "alice"})
+    );
+    assert_eq!(free["counter"]["usage"], 45);
+    assert_eq!(free["counter"]["remaining"], 5);
+    assert_eq!(free["counter"]["reset_in_ms"], 50_000);
+    assert_eq!(free["counter"]["admits_delta"], true);
+    let everyone = explained(&body, "everyone");
+    assert_eq!(everyone["applies"], true);
+    assert_eq!(everyone["counter"]["remaining"], 15);
+
+    // And why the others do not.
+    let gold = explained(&body, "gold");
+    assert_eq!(gold["applies"], false);
+    assert_eq!(gold["reason"]["kind"], "condition_false");
+    assert_eq!(gold["reason"]["role"], "condition");
+    assert_eq!(
+        gold["reason"]["expression"],
+        "descriptors[0].tier == 'gold'"
+    );
+    assert!(gold.get("counter").is_none(), "{gold:#}");
+    let per_model = explained(&body, "per-model");
+    assert_eq!(per_model["reason"]["kind"], "missing", "{per_model:#}");
+    assert_eq!(per_model["reason"]["role"], "variable");
+    assert_eq!(per_model["reason"]["expression"], "descriptors[0].model");
+    let typed = explained(&body, "typed");
+    assert_eq!(typed["reason"]["kind"], "failed", "{typed:#}");
+    assert!(
+        typed["reason"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("condition `descriptors[0].tier > 3` failed"),
+        "{typed:#}"
+    );
+
+    assert_eq!(body["decision"]["code"], "OK");
+    assert_eq!(body["decision"]["check_status"], 200);
+    assert_eq!(body["decision"]["limited_by"], Value::Null);
+
+    // With a cost that does not fit, the check would refuse, and says which limit refuses.
+    let ask =
+        json!({"namespace": "explain", "values": {"tier": "free", "user": "alice"}, "delta": 6});
+    let (status, body) = http.call("/explain", &ask).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["decision"]["code"], "OVER_LIMIT", "{body:#}");
+    assert_eq!(body["decision"]["check_status"], 429);
+    assert_eq!(body["decision"]["limited_by"]["name"], "free");
+    assert_eq!(body["decision"]["retry_after_ms"], 50_000);
+    assert_eq!(explained(&body, "free")["counter"]["admits_delta"], false);
+    assert_eq!(
+        explained(&body, "everyone")["counter"]["admits_delta"],
+        true
+    );
+    // /check agrees.
+    let check = body_of_check(&http, 6).await;
+    assert_eq!(check, StatusCode::TOO_MANY_REQUESTS);
+
+    // Explaining changed nothing: no charge, no counter for a user never seen.
+    assert_eq!(http.remaining("explain", "alice").await, Some(5));
+    let bob = json!({"namespace": "explain", "values": {"tier": "free", "user": "bob"}});
+    let (_, body) = http.call("/explain", &bob).await;
+    assert_eq!(explained(&body, "free")["counter"]["usage"], 0);
+    assert_eq!(explained(&body, "free")["counter"]["remaining"], 50);
+    assert_eq!(http.remaining("explain", "bob").await, None);
+    server.shutdown().await;
+}
+
+async fn body_of_check(http: &Http<'_>, delta: u64) -> StatusCode {
+    let values = json!({"tier": "free", "user": "alice"});
+    http.post("/check", &body("explain", values, delta))
+        .await
+        .status()
+}
+
+#[tokio::test]
+async fn explain_of_a_namespace_without_limits_says_so() {
+    let server = TestServer::start(EXPLAINED).await;
+    let http = Http::new(&server);
+    let ask = json!({"namespace": "explian", "values": {"user": "alice"}, "delta": 3});
+    let (status, body) = http.call("/explain", &ask).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["namespace_has_limits"], false);
+    assert_eq!(body["limits"], json!([]));
+    assert_eq!(body["decision"]["code"], "OK");
+    assert!(
+        body["note"].as_str().unwrap().contains("no limits"),
+        "{body:#}"
+    );
+    // Malformed bodies are refused like /check's.
+    for bad in [
+        json!({"namespace": "", "values": {}}),
+        json!({"values": {}}),
+        json!({"namespace": "explain", "values": {"user": 7}}),
+    ] {
+        let response = http.post("/explain", &bad).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{bad}");
+    }
+    server.shutdown().await;
+}

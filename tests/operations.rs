@@ -548,3 +548,53 @@ async fn a_reload_never_rescales_a_continuous_bucket_kept_by_its_id() {
     wait_for_version(&server, 1).await;
     assert_eq!(remaining_for(&server, "alice").await, 100);
 }
+
+/// Calls to namespaces without limits are counted by name for the first 100 names, the rest
+/// in one `other` series, so clients cannot create series without bound.
+#[tokio::test]
+async fn calls_to_namespaces_without_limits_are_counted_by_name_up_to_a_cap() {
+    let server = TestServer::start(&limits_for("capped")).await;
+    for i in 0..105 {
+        let calls = if i == 0 { 3 } else { 1 };
+        for _ in 0..calls {
+            let call = request(&format!("typo-{i}"), vec![descriptor(&[("user", "u")])], 1);
+            assert_eq!(code(&server.should(call).await), Code::Ok);
+        }
+    }
+    let call = request("capped", vec![descriptor(&[("user", "u")])], 1);
+    assert_eq!(code(&server.should(call).await), Code::Ok);
+
+    let samples = scrape(&server).await;
+    let unknown = |namespace: &str| {
+        value(
+            &samples,
+            "ratekeeper_unknown_namespace_calls",
+            &[("namespace", namespace)],
+        )
+    };
+    assert_eq!(unknown("typo-0"), 3.0);
+    assert_eq!(unknown("typo-99"), 1.0);
+    assert_eq!(unknown("typo-100"), 0.0, "past the cap");
+    assert_eq!(unknown("other"), 5.0, "typo-100 to typo-104");
+    assert_eq!(unknown("capped"), 0.0, "a namespace with limits");
+    let named = samples
+        .iter()
+        .filter(|s| s.metric == "ratekeeper_unknown_namespace_calls")
+        .filter(|s| {
+            s.labels
+                .get("namespace")
+                .is_some_and(|n| n.starts_with("typo-"))
+        })
+        .count();
+    assert_eq!(named, 100);
+    // Limitador's series still pool them (under "", not by name).
+    assert_eq!(
+        value(
+            &samples,
+            "authorized_calls",
+            &[("limitador_namespace", "typo-0")]
+        ),
+        0.0
+    );
+    server.shutdown().await;
+}

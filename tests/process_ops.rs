@@ -133,3 +133,131 @@ async fn refusals_and_failing_expressions_do_not_flood_the_log() {
         "the first failure is still logged:\n{log}"
     );
 }
+
+/// The JSON lines of a `--structured-logs` log.
+fn json_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Polls the log until `done` says it holds what the test waits for (at most 10 s).
+async fn log_until(
+    server: &Server,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let start = Instant::now();
+    loop {
+        let lines = json_lines(&server.log());
+        if done(&lines) {
+            return lines;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the log never got there:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn message(line: &serde_json::Value) -> &str {
+    line["fields"]["message"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn dash_v_logs_one_line_per_decision_and_no_http2_frames() {
+    let server = start(&["--structured-logs", "-v"]).await;
+    // Two gRPC decisions (the second refused) and one refused HTTP call.
+    let r = server.should(llm_tokens("vera", 1)).await;
+    assert_eq!(code(&r), Code::Ok);
+    let r = server.should(llm_tokens("vera", 50)).await;
+    assert_eq!(code(&r), Code::OverLimit);
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/check_and_report", server.http))
+        .header("x-request-id", "http-77")
+        .body(
+            r#"{"namespace":"llm_tokens","values":{"generic_key":"llm","user":"vera"},"delta":50}"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+
+    let lines = log_until(&server, |lines| {
+        lines.iter().filter(|l| message(l) == "decision").count() >= 3
+            && lines.iter().any(|l| l["fields"]["request_id"] == "http-77")
+    })
+    .await;
+    let decisions: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| message(l) == "decision").collect();
+    assert_eq!(decisions.len(), 3, "one line per decision: {decisions:#?}");
+    assert_eq!(decisions[0]["level"], "DEBUG");
+    assert_eq!(decisions[0]["fields"]["namespace"], "llm_tokens");
+    assert_eq!(decisions[0]["fields"]["limit"], "llm-free");
+    assert_eq!(decisions[1]["fields"]["verdict"], "Refused");
+    // The HTTP refusal is logged as a gRPC one is.
+    let refused = lines
+        .iter()
+        .find(|l| l["fields"]["request_id"] == "http-77")
+        .unwrap();
+    assert_eq!(message(refused), "over the limit", "{refused}");
+    assert_eq!(refused["fields"]["limit"], "llm-free", "{refused}");
+    assert_eq!(refused["fields"]["rpc"], "ShouldRateLimit", "{refused}");
+    // Only ratekeeper's own debug lines: not the HTTP/2 frames of hyper, h2 or tonic.
+    let foreign: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["level"] == "DEBUG" || l["level"] == "TRACE")
+        .filter(|l| {
+            !l["target"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("ratekeeper")
+        })
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "debug lines of dependencies at -v: {foreign:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_namespace_without_limits_is_allowed_and_warned_about_once() {
+    let server = start(&["--structured-logs"]).await;
+    for _ in 0..3 {
+        let call = request("llm_tokenz", vec![descriptor(&[("user", "u")])], 1);
+        assert_eq!(code(&server.should(call).await), Code::Ok);
+    }
+    let call = request("llm-tokens", vec![descriptor(&[("user", "u")])], 1);
+    assert_eq!(code(&server.should(call).await), Code::Ok);
+    // A namespace with limits is not warned about.
+    assert_eq!(code(&server.should(llm_tokens("u", 1)).await), Code::Ok);
+
+    let warned = |lines: &[serde_json::Value], namespace: &str| {
+        lines
+            .iter()
+            .filter(|l| l["level"] == "WARN" && l["fields"]["namespace"] == namespace)
+            .count()
+    };
+    let lines = log_until(&server, |lines| warned(lines, "llm-tokens") == 1).await;
+    assert_eq!(warned(&lines, "llm_tokenz"), 1, "once per namespace");
+    assert_eq!(warned(&lines, "llm_tokens"), 0);
+    let line = lines
+        .iter()
+        .find(|l| l["fields"]["namespace"] == "llm_tokenz")
+        .unwrap();
+    assert!(message(line).contains("no limits"), "{line}");
+
+    let metrics = reqwest::get(format!("http://{}/metrics", server.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (namespace, calls) in [("llm_tokenz", 3), ("llm-tokens", 1)] {
+        let series =
+            format!("ratekeeper_unknown_namespace_calls{{namespace=\"{namespace}\"}} {calls}");
+        assert!(metrics.contains(&series), "no {series} in\n{metrics}");
+    }
+    assert!(!metrics.contains("ratekeeper_unknown_namespace_calls{namespace=\"llm_tokens\"}"));
+}

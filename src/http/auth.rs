@@ -1,7 +1,7 @@
 //! The HTTP API's optional bearer token (`--http-auth-token`). Every route requires it unless
 //! listed in [`OPEN`]: the probes, `/metrics`, `/status` and the limits as configured. What
 //! changes or reveals counters or identities (`/check`, `/report`, `/check_and_report`,
-//! `/counters/{ns}`, ASM's endpoints, and any route added later) needs
+//! `/counters/{ns}`, ASM's endpoints, `/explain`, and any route added later) needs
 //! `Authorization: Bearer <token>`; without it, or with another, the answer is 401 with
 //! `WWW-Authenticate: Bearer`.
 

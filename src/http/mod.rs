@@ -1,5 +1,6 @@
 //! Limitador's HTTP API: `/status`, `/limits/{ns}`, `/counters/{ns}`, `/check`, `/report`,
-//! `/check_and_report` and `/metrics`, with the same JSON bodies and status codes; plus the
+//! `/check_and_report` and `/metrics`, with the same JSON bodies and status codes; `/explain`
+//! (why a request gets its answer) and `/ui` (a live page); plus the
 //! probes `/healthz` (liveness) and `/readyz` (readiness: the storage can be reached). Namespaces may contain `/`
 //! (Kuadrant's `<route ns>/<route name>`), either as is or percent-encoded.
 
@@ -9,25 +10,27 @@ use std::sync::{Arc, LazyLock};
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderName, HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::call::{Call, Code};
+use crate::call::{Call, Code, Verdict};
 use crate::limiter::Limiter;
-use crate::limits::LimitView;
+use crate::limits::{Limit, LimitView};
 use crate::request::RequestBounds;
 use crate::request::{Descriptor, Request};
 use crate::rls::headers;
 use crate::status::ServerStatus;
-use crate::storage::{ListError, PageRequest, StorageError};
+use crate::storage::{CounterSnapshot, ListError, PageRequest, StorageError};
 use crate::throttle::{LOG_EVERY, Throttle};
 
 mod asm;
 mod auth;
+mod explain;
+mod ui;
 
 pub use auth::HttpToken;
 
@@ -68,6 +71,9 @@ pub fn router(
         .route("/check", post(check))
         .route("/report", post(report))
         .route("/check_and_report", post(check_and_report))
+        .route("/explain", post(explain::explain))
+        .route("/ui", get(ui::page))
+        .route("/ui/data", get(ui::data))
         .route("/ratelimit", get(asm::check))
         .route("/update_ratelimit_record", post(asm::update))
         // Routes go above: this protects every one of them not listed in `auth::OPEN`.
@@ -116,6 +122,24 @@ struct CounterView<'a> {
     set_variables: BTreeMap<&'a str, &'a str>,
     remaining: u64,
     expires_in_seconds: u64,
+}
+
+impl<'a> CounterView<'a> {
+    /// A counter as of `now` (refills and expiry applied), as `/counters` shows it.
+    fn of(limit: &'a Limit, counter: &'a CounterSnapshot, now: u64) -> Self {
+        let state = limit.algorithm.current(Some(counter.state), now);
+        CounterView {
+            limit: limit.view(),
+            set_variables: limit
+                .variables
+                .iter()
+                .map(|v| v.source())
+                .zip(counter.key.values())
+                .collect(),
+            remaining: limit.algorithm.remaining(state, now),
+            expires_in_seconds: limit.algorithm.reset_in_ms(state, now) / 1000,
+        }
+    }
 }
 
 /// One page of a namespace's counters: `?limit=` (default 1000, at most 10,000) and
@@ -172,20 +196,7 @@ async fn get_counters(
     let views: Vec<CounterView<'_>> = page
         .items
         .iter()
-        .map(|(limit, counter)| {
-            let state = limit.algorithm.current(Some(counter.state), now);
-            CounterView {
-                limit: limit.view(),
-                set_variables: limit
-                    .variables
-                    .iter()
-                    .map(|v| v.source())
-                    .zip(counter.key.values())
-                    .collect(),
-                remaining: limit.algorithm.remaining(state, now),
-                expires_in_seconds: limit.algorithm.reset_in_ms(state, now) / 1000,
-            }
-        })
+        .map(|(limit, counter)| CounterView::of(limit, counter, now))
         .collect();
     let mut response = Json(views).into_response();
     if let Some(next) = page.next {
@@ -201,7 +212,6 @@ async fn get_counters(
     response
 }
 
-/// A counter's state as of now (refills and expiry applied).
 /// The body of `/check`, `/report` and `/check_and_report`: `values` become `descriptors[0]`.
 #[derive(Deserialize)]
 struct CheckAndReportInfo {
@@ -212,19 +222,23 @@ struct CheckAndReportInfo {
     response_headers: Option<String>,
 }
 
-async fn check(State(state): State<AppState>, body: Bytes) -> Response {
-    decide(&state, &body, Call::CheckRateLimit).await
+async fn check(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    decide(&state, &headers, &body, Call::CheckRateLimit).await
 }
 
-async fn report(State(state): State<AppState>, body: Bytes) -> Response {
-    decide(&state, &body, Call::Report).await
+async fn report(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    decide(&state, &headers, &body, Call::Report).await
 }
 
-async fn check_and_report(State(state): State<AppState>, body: Bytes) -> Response {
-    decide(&state, &body, Call::ShouldRateLimit).await
+async fn check_and_report(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    decide(&state, &headers, &body, Call::ShouldRateLimit).await
 }
 
-async fn decide(state: &AppState, body: &[u8], call: Call) -> Response {
+async fn decide(state: &AppState, headers: &HeaderMap, body: &[u8], call: Call) -> Response {
     let info: CheckAndReportInfo = match serde_json::from_slice(body) {
         Ok(info) => info,
         Err(e) => return bad_request(format!("invalid request body: {e}")),
@@ -249,6 +263,23 @@ async fn decide(state: &AppState, body: &[u8], call: Call) -> Response {
         Ok(decision) => decision,
         Err(e) => return storage_error(&e),
     };
+    if decision.verdict != Verdict::Admitted {
+        // As over gRPC (`crate::rls`): at debug, the metrics count every refusal.
+        let limit = decision.limiting().and_then(|l| l.limit.name.as_deref());
+        let request_id = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        tracing::debug!(
+            rpc = call.name(),
+            http = true,
+            request_id,
+            namespace = request.namespace,
+            limit = limit.unwrap_or(""),
+            verdict = ?decision.verdict,
+            "over the limit"
+        );
+    }
     let over = decision.code() == Code::OverLimit;
     let mut response = if over {
         (StatusCode::TOO_MANY_REQUESTS, Json(serde_json::Value::Null)).into_response()

@@ -7,6 +7,7 @@
 //! what happened to an [`Observer`] it is given (Prometheus is one, in [`crate::metrics`]).
 
 mod decision;
+mod explain;
 mod plan;
 
 use std::collections::HashSet;
@@ -24,7 +25,8 @@ pub use crate::request::{Descriptor, Request};
 use crate::storage::{CounterSnapshot, ListError, Page, PageRequest, Storage, StorageError};
 use crate::throttle::{LOG_EVERY, Throttle};
 pub use decision::{Decision, DescriptorStatus, LimitStatus};
-use plan::plan;
+pub use explain::{Explanation, LimitExplanation, NotApplied};
+use plan::{Plan, plan};
 
 /// What a call gets when the storage fails (`--on-storage-error`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -72,6 +74,32 @@ pub trait Observer: Send + Sync {
     fn storage_called(&self, _elapsed: Duration) {}
     /// The storage failed.
     fn storage_failed(&self, _error: &StorageError) {}
+}
+
+/// One line per decision, at debug (`-v`): the call, the namespace, the verdict and the most
+/// restrictive limit (what `/explain` details).
+fn log_decision(namespace: &str, namespace_has_limits: bool, decision: &Decision) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let (limit, remaining) = match decision.limits.first() {
+        Some(status) => (
+            status.limit.name.as_deref().unwrap_or(""),
+            Some(status.outcome.remaining),
+        ),
+        None => ("", None),
+    };
+    tracing::debug!(
+        call = decision.call.name(),
+        namespace,
+        namespace_has_limits,
+        verdict = ?decision.verdict,
+        cost = decision.cost,
+        limits = decision.limits.len(),
+        limit,
+        remaining,
+        "decision"
+    );
 }
 
 /// An observer that ignores everything.
@@ -158,31 +186,51 @@ impl Limiter {
             self.evaluation_failed(&request.namespace, limit, error);
         }
 
-        let outcomes = if plan.batch.counters.is_empty() {
-            // Nothing applies: every group is admitted without asking the storage.
-            let admitted = GroupOutcome {
-                admitted: true,
-                counters: Vec::new(),
-            };
-            vec![admitted; plan.batch.groups.len()]
-        } else {
-            let started = Instant::now();
-            let result = self.storage.apply(&plan.batch, self.clock.now_ms()).await;
-            self.observer.storage_called(started.elapsed());
-            match result {
-                Ok(outcomes) => outcomes,
-                Err(error) => return self.storage_failed(call, plan.cost, descriptors, error),
-            }
+        let outcomes = match self.outcomes(&plan).await {
+            Ok(outcomes) => outcomes,
+            Err(error) => return self.storage_failed(call, plan.cost, descriptors, error),
         };
 
         let namespace_has_limits = plan.namespace_has_limits;
         let decision = decision::assemble(call, descriptors, plan, outcomes);
+        log_decision(&request.namespace, namespace_has_limits, &decision);
         self.observer.decided(&Decided {
             namespace: &request.namespace,
             namespace_has_limits,
             decision: &decision,
         });
         Ok(decision)
+    }
+
+    /// Why `request` gets the answer it gets: every limit of its namespace, whether it
+    /// applies (and why not), and what a read-only check with the request's cost answers now.
+    /// Changes nothing and reports nothing to the observer (an explanation is not a call).
+    pub async fn explain(&self, request: &Request) -> Explanation {
+        let limits = self.limits.load_full();
+        let call = Call::CheckRateLimit;
+        let plan = plan(&limits, request, call);
+        let descriptors = request.descriptors.len();
+        let decision = match self.outcomes(&plan).await {
+            Ok(outcomes) => Ok(decision::assemble(call, descriptors, plan, outcomes)),
+            Err(error) => Err(error),
+        };
+        explain::explain(&limits, request, decision)
+    }
+
+    /// The storage's answer to a plan: one outcome per group (every group admitted without
+    /// asking the storage when no counter applies).
+    async fn outcomes(&self, plan: &Plan<'_>) -> Result<Vec<GroupOutcome>, StorageError> {
+        if plan.batch.counters.is_empty() {
+            let admitted = GroupOutcome {
+                admitted: true,
+                counters: Vec::new(),
+            };
+            return Ok(vec![admitted; plan.batch.groups.len()]);
+        }
+        let started = Instant::now();
+        let result = self.storage.apply(&plan.batch, self.clock.now_ms()).await;
+        self.observer.storage_called(started.elapsed());
+        result
     }
 
     /// Applies `--on-storage-error`: the error itself, or a fixed answer without limits.

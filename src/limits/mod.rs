@@ -53,23 +53,64 @@ impl Limit {
         input: &Input<'a>,
         values: &mut KeyValues<'a>,
     ) -> Result<bool, EvalError> {
+        match self.evaluate(input, values) {
+            Ok(()) => Ok(true),
+            Err(Mismatch::Failed { error, .. }) => Err(error),
+            Err(Mismatch::ConditionFalse { .. } | Mismatch::Missing { .. }) => Ok(false),
+        }
+    }
+
+    /// The rule of when a limit applies, with the reason when it does not: every condition,
+    /// in order, must be true and every variable must resolve. The first expression that
+    /// does not is the reason ([`Limit::applies`] is this without the reason). `values` holds
+    /// the variables' values when it applies (it is cleared first).
+    pub fn evaluate<'a, 'l>(
+        &'l self,
+        input: &Input<'a>,
+        values: &mut KeyValues<'a>,
+    ) -> Result<(), Mismatch<'l>> {
         values.clear();
         let limit = self.cel_self.as_ref();
         for condition in &self.conditions {
+            let role = Role::Condition;
             match condition.is_true(input, limit) {
                 Ok(true) => {}
-                Ok(false) | Err(EvalError::Missing) => return Ok(false),
-                Err(e) => return Err(e),
+                Ok(false) => return Err(Mismatch::ConditionFalse { condition }),
+                Err(EvalError::Missing) => {
+                    return Err(Mismatch::Missing {
+                        role,
+                        expression: condition,
+                    });
+                }
+                Err(error) => {
+                    return Err(Mismatch::Failed {
+                        role,
+                        expression: condition,
+                        error,
+                    });
+                }
             }
         }
         for variable in &self.variables {
+            let role = Role::Variable;
             match variable.to_key_part(input, limit) {
                 Ok(v) => values.push(v),
-                Err(EvalError::Missing) => return Ok(false),
-                Err(e) => return Err(e),
+                Err(EvalError::Missing) => {
+                    return Err(Mismatch::Missing {
+                        role,
+                        expression: variable,
+                    });
+                }
+                Err(error) => {
+                    return Err(Mismatch::Failed {
+                        role,
+                        expression: variable,
+                        error,
+                    });
+                }
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// The shape Limitador's HTTP API and `--validate` show.
@@ -89,6 +130,86 @@ impl Limit {
             name: self.name.as_deref(),
             conditions: self.conditions.iter().map(Expression::source).collect(),
             variables: self.variables.iter().map(Expression::source).collect(),
+        }
+    }
+}
+
+/// Which list of a limit an expression is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Condition,
+    Variable,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Condition => "condition",
+            Role::Variable => "variable",
+        }
+    }
+}
+
+/// Why a limit does not apply to a request ([`Limit::evaluate`]).
+pub enum Mismatch<'l> {
+    /// A condition is false.
+    ConditionFalse { condition: &'l Expression },
+    /// An expression reads a key or an index the request does not have.
+    Missing {
+        role: Role,
+        expression: &'l Expression,
+    },
+    /// An expression failed (wrong type, no such function...): the limit is skipped, and the
+    /// failure logged and counted.
+    Failed {
+        role: Role,
+        expression: &'l Expression,
+        error: EvalError,
+    },
+}
+
+impl Mismatch<'_> {
+    /// A short name for the reason: `condition_false`, `missing` or `failed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Mismatch::ConditionFalse { .. } => "condition_false",
+            Mismatch::Missing { .. } => "missing",
+            Mismatch::Failed { .. } => "failed",
+        }
+    }
+
+    /// The expression that decided it.
+    pub fn expression(&self) -> &Expression {
+        match self {
+            Mismatch::ConditionFalse { condition } => condition,
+            Mismatch::Missing { expression, .. } | Mismatch::Failed { expression, .. } => {
+                expression
+            }
+        }
+    }
+
+    /// The reason in a sentence.
+    pub fn message(&self) -> String {
+        match self {
+            Mismatch::ConditionFalse { condition } => {
+                format!("condition `{}` is false", condition.source())
+            }
+            Mismatch::Missing { role, expression } => format!(
+                "{} `{}` reads a key or index this request does not have",
+                role.name(),
+                expression.source()
+            ),
+            Mismatch::Failed {
+                role,
+                expression,
+                error,
+            } => {
+                let why = match error {
+                    EvalError::Missing => "a missing key".to_string(),
+                    EvalError::Failed(why) => why.clone(),
+                };
+                format!("{} `{}` failed: {why}", role.name(), expression.source())
+            }
         }
     }
 }
@@ -405,6 +526,58 @@ mod tests {
         assert_eq!(limits[1].applies(&input, &mut values), Ok(false));
         assert_eq!(limits[2].applies(&input, &mut values), Ok(true));
         assert_eq!(values.as_slice(), ["fixed", "null"]);
+    }
+
+    /// `evaluate` names the expression that decided, and `applies` agrees with it.
+    #[test]
+    fn evaluate_says_which_expression_keeps_a_limit_from_applying() {
+        let limits = file::parse_limits(
+            "test",
+            r#"
+- {name: a, namespace: n, max_value: 1, seconds: 1, conditions: ["descriptors[0].tier == 'gold'"], variables: ["descriptors[0].user"]}
+- {name: b, namespace: n, max_value: 1, seconds: 1, conditions: ["descriptors[0].n > 3"]}
+"#,
+        )
+        .unwrap();
+        let reason = |entries: &[(&str, &str)], limit: &Limit| {
+            let descriptors = [Descriptor::of(entries)];
+            let input = Input::new(&descriptors);
+            let mut values = KeyValues::new();
+            let applies = limit.applies(&input, &mut values);
+            match limit.evaluate(&input, &mut values) {
+                Ok(()) => {
+                    assert_eq!(applies, Ok(true));
+                    "applies".to_string()
+                }
+                Err(mismatch) => {
+                    let expected = match &mismatch {
+                        Mismatch::Failed { error, .. } => Err(error.clone()),
+                        _ => Ok(false),
+                    };
+                    assert_eq!(applies, expected);
+                    mismatch.message()
+                }
+            }
+        };
+        let a = &limits[0];
+        assert_eq!(reason(&[("tier", "gold"), ("user", "u")], a), "applies");
+        assert_eq!(
+            reason(&[("tier", "free"), ("user", "u")], a),
+            "condition `descriptors[0].tier == 'gold'` is false"
+        );
+        assert_eq!(
+            reason(&[("user", "u")], a),
+            "condition `descriptors[0].tier == 'gold'` reads a key or index this request does not have"
+        );
+        assert_eq!(
+            reason(&[("tier", "gold")], a),
+            "variable `descriptors[0].user` reads a key or index this request does not have"
+        );
+        let failed = reason(&[("n", "7")], &limits[1]);
+        assert!(
+            failed.starts_with("condition `descriptors[0].n > 3` failed: "),
+            "{failed}"
+        );
     }
 
     fn asm_rules() -> Option<Arc<FixedLimits>> {
