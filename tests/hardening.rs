@@ -389,8 +389,9 @@ mod connections {
             if let Some(status) = server.exited() {
                 break status;
             }
+            // Well below the 10 s shutdown timeout; generous for a busy machine.
             assert!(
-                started.elapsed() < Duration::from_secs(1),
+                started.elapsed() < Duration::from_secs(5),
                 "no exit after the last answer; log:\n{}",
                 server.log()
             );

@@ -321,18 +321,20 @@ macro_rules! on_every_storage {
 /// A free loopback port for a server a test starts. Taken below the kernel's ephemeral range
 /// (32768 and up), so no outgoing connection of this process (a client, a Redis connection)
 /// can take it between now and the server binding it, and never the same twice in one test
-/// process (tests run in parallel threads). Each test binary starts at its own place.
+/// process (tests run in parallel threads). Port + 10000 is free and below that range too: a
+/// Redis Cluster node listens there for its bus. Each test binary starts at its own place.
 pub fn free_port() -> u16 {
     use std::sync::atomic::AtomicU32;
     static NEXT: AtomicU32 = AtomicU32::new(0);
     const FIRST: u32 = 20_000;
-    const COUNT: u32 = 10_000;
-    let start = (std::process::id() % 50) * 200;
+    const COUNT: u32 = 32_768 - 10_000 - FIRST;
+    let start = (std::process::id() % 20) * 130;
+    let free = |port: u32| std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok();
     for _ in 0..COUNT {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = (FIRST + (start + n) % COUNT) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+        let port = FIRST + (start + n) % COUNT;
+        if free(port) && free(port + 10_000) {
+            return port as u16;
         }
     }
     panic!(
