@@ -145,6 +145,20 @@ impl kuadrant::rate_limit_service_server::RateLimitService for RateLimitServer {
     ) -> Result<tonic::Response<RateLimitResponse>, Status> {
         self.handle(request, Call::Report).await
     }
+
+    async fn reserve(
+        &self,
+        _request: tonic::Request<kuadrant::ReserveRequest>,
+    ) -> Result<tonic::Response<kuadrant::ReserveResponse>, Status> {
+        Err(Status::unimplemented("Reserve is not implemented yet"))
+    }
+
+    async fn commit(
+        &self,
+        _request: tonic::Request<kuadrant::CommitRequest>,
+    ) -> Result<tonic::Response<kuadrant::CommitResponse>, Status> {
+        Err(Status::unimplemented("Commit is not implemented yet"))
+    }
 }
 
 /// The gRPC status for a storage failure: Envoy's `failure_mode_deny` decides what happens.

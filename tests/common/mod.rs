@@ -331,7 +331,10 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
-    panic!("no free loopback port between {FIRST} and {}", FIRST + COUNT);
+    panic!(
+        "no free loopback port between {FIRST} and {}",
+        FIRST + COUNT
+    );
 }
 
 /// A gRPC channel to `addr` on loopback, for any of the clients (bounded: 5 s to connect,
