@@ -213,6 +213,7 @@ fn one_group(
 ) -> Batch<'_> {
     Batch {
         namespace,
+        hold: None,
         counters: vec![CounterRequest { key, algorithm }],
         groups: vec![Group {
             policy,

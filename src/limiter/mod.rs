@@ -163,6 +163,7 @@ impl Limiter {
             let admitted = GroupOutcome {
                 admitted: true,
                 counters: Vec::new(),
+                holds_full: false,
             };
             vec![admitted; plan.batch.groups.len()]
         } else {

@@ -65,6 +65,7 @@ pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r>
     let mut plan = Plan {
         batch: Batch {
             namespace: &request.namespace,
+            hold: None,
             counters: Vec::new(),
             groups: Vec::with_capacity(contexts.len()),
         },
