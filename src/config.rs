@@ -103,6 +103,22 @@ pub struct Cli {
     )]
     pub on_storage_error: OnStorageError,
 
+    /// The most a reservation holds on a counter, as a fraction of its limit's `max_value`
+    /// (a Reserve of more is admitted on its whole amount but holds only this much).
+    #[arg(long, env = "MAX_RESERVATION_FRACTION", default_value_t = 0.5,
+        value_parser = parse_fraction)]
+    pub max_reservation_fraction: f64,
+
+    /// The longest a reservation's hold lives, in seconds (a shorter `ttl` in the Reserve, or
+    /// the end of a fixed window, ends it sooner).
+    #[arg(long, env = "MAX_RESERVATION_TTL", default_value_t = 60)]
+    pub max_reservation_ttl: u64,
+
+    /// Answer Kuadrant's Reserve and Commit (and HTTP `/reserve`, `/commit`) with UNIMPLEMENTED
+    /// (HTTP 501).
+    #[arg(long, env = "DISABLE_RESERVATIONS", value_parser = clap::builder::FalseyValueParser::new())]
+    pub disable_reservations: bool,
+
     /// Namespace whose limits the ASM-compatible endpoints (`GET /ratelimit`,
     /// `POST /update_ratelimit_record`) apply.
     #[arg(long, env = "ASM_NAMESPACE", default_value = "asm")]
@@ -367,6 +383,14 @@ fn percent_encode(text: &str) -> String {
         }
     }
     encoded
+}
+
+/// A fraction from 0 to 1.
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        _ => Err(format!("{text:?} is not a fraction from 0 to 1")),
+    }
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ use crate::throttle::{LOG_EVERY, Throttle};
 
 mod asm;
 mod auth;
+mod reserve;
 
 pub use auth::HttpToken;
 
@@ -68,6 +69,8 @@ pub fn router(
         .route("/check", post(check))
         .route("/report", post(report))
         .route("/check_and_report", post(check_and_report))
+        .route("/reserve", post(reserve::reserve))
+        .route("/commit", post(reserve::commit))
         .route("/ratelimit", get(asm::check))
         .route("/update_ratelimit_record", post(asm::update))
         // Routes go above: this protects every one of them not listed in `auth::OPEN`.
