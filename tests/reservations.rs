@@ -85,6 +85,21 @@ async fn usage(server: &TestServer) -> u64 {
     counters.iter().map(|(_, c)| used(&c.state)).sum()
 }
 
+/// A series' value in the server's /metrics (metrics are the process's: other tests add to them).
+async fn metric(server: &TestServer, series: &str) -> Option<f64> {
+    let url = format!("{}/metrics", server.http_base);
+    let text = http_client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 fn reserved_code(response: &ReserveResponse) -> Code {
     Code::try_from(response.code).unwrap()
 }
@@ -134,6 +149,8 @@ async fn the_shims_sequence_holds_commits_and_expires(backend: Backend) {
     assert_eq!(check(&server, "user-1", 471).await.0, Code::OverLimit);
     server.clock.advance_ms(1);
     assert_eq!(check(&server, "user-1", 870).await, (Code::Ok, 870));
+    let expired = metric(&server, "ratekeeper_holds_expired").await;
+    assert!(expired.is_some_and(|n| n >= 1.0), "{expired:?}");
     // A commit after the expiry is a report.
     let late = commit(&server, "user-1", &lost.reservation_id, 50).await;
     assert!(!late.reservation_released);
@@ -271,6 +288,17 @@ async fn reservations_over_http(backend: Backend) {
     assert_eq!(usage(&server).await, 250);
     let (status, _) = post("/reserve", json!({"namespace": DOMAIN, "values": values})).await;
     assert_eq!(status, 400, "amount is required");
+    for series in [
+        r#"ratekeeper_reservations{outcome="ok"}"#,
+        r#"ratekeeper_reservations{outcome="over_limit"}"#,
+        r#"ratekeeper_commits{released="true"}"#,
+        r#"ratekeeper_commits{released="false"}"#,
+        r#"ratekeeper_rpc_calls{rpc="Reserve",outcome="ok"}"#,
+    ] {
+        let value = metric(&server, series).await;
+        assert!(value.is_some_and(|n| n >= 1.0), "{series}: {value:?}");
+    }
+    assert!(metric(&server, "ratekeeper_tokens_held").await.is_some());
     server.shutdown().await;
 }
 
@@ -368,6 +396,66 @@ async fn disabled_reservations_are_unimplemented(backend: Backend) {
         .unwrap();
     assert_eq!(response.status().as_u16(), 501);
     server.shutdown().await;
+}
+
+/// Holds are shared by replicas: reserved through one ratekeeper, seen and committed through
+/// another (two limiters on one Redis, as two replicas are), and they survive a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_made_on_one_replica_is_committed_on_another() {
+    use ratekeeper::clock::ManualClock;
+    use ratekeeper::limiter::{Call, Limiter};
+    use ratekeeper::limits::{LimitSet, parse_limits};
+    use ratekeeper::request::{Descriptor, Request};
+    use ratekeeper::storage::RedisStorage;
+
+    let prefix = format!("replicas{}", std::process::id());
+    let replica = || {
+        let storage = RedisStorage::open(
+            &common::redis::shared_url(),
+            &prefix,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let limits = LimitSet::new(parse_limits("limits.yaml", LIMITS).unwrap());
+        Limiter::new(
+            limits,
+            Arc::new(storage),
+            Arc::new(ManualClock::new(START_MS)),
+        )
+    };
+    let (a, b) = (replica(), replica());
+    let request = |hits: u64| Request {
+        namespace: DOMAIN.into(),
+        descriptors: vec![Descriptor::of(&[
+            (LIMIT, "1"),
+            ("auth.identity.userid", "u"),
+        ])],
+        hits,
+    };
+    let reserved = a.reserve(&request(400), None).await.unwrap();
+    let id = reserved.reservation_id.unwrap();
+    async fn refused(limiter: &Limiter, hits: u64) -> bool {
+        let request = Request {
+            namespace: DOMAIN.into(),
+            descriptors: vec![Descriptor::of(&[
+                (LIMIT, "1"),
+                ("auth.identity.userid", "u"),
+            ])],
+            hits,
+        };
+        let decision = limiter.decide(&request, Call::CheckRateLimit).await;
+        decision.unwrap().refused()
+    }
+    assert!(refused(&b, 601).await, "b sees a's hold");
+    drop(a);
+    let committed = b.commit(&request(250), &id).await.unwrap();
+    assert!(committed.released);
+    let c = replica();
+    assert!(
+        !refused(&c, 750).await,
+        "the commit charged 250 and released the hold"
+    );
+    assert!(refused(&c, 751).await);
 }
 
 on_every_storage!(
