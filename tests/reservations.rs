@@ -398,6 +398,50 @@ async fn disabled_reservations_are_unimplemented(backend: Backend) {
     server.shutdown().await;
 }
 
+/// A counter carries at most 1,000 holds: one more is RESOURCE_EXHAUSTED (a bound, not a spent
+/// budget: nothing is held, and the budget is still there).
+async fn a_counter_carries_at_most_a_thousand_holds(backend: Backend) {
+    const BIG: &str = r#"
+- name: budget
+  namespace: llm/llm-route
+  max_value: 1000000
+  seconds: 600
+  conditions: ['descriptors[0]["tokenlimit.budget__0a1b2c3d"] == "1"']
+  variables: ['descriptors[0]["auth.identity.userid"]']
+"#;
+    let server = TestServer::on(backend, BIG).await;
+    for n in 0..1000 {
+        let held = reserve(&server, "user-1", 1, None).await;
+        assert_eq!(reserved_code(&held), Code::Ok, "hold {n}");
+    }
+    let status = server
+        .kuadrant
+        .clone()
+        .reserve(ReserveRequest {
+            domain: DOMAIN.into(),
+            descriptors: shim_descriptor("user-1"),
+            amount: 1,
+            ttl: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert_eq!(check(&server, "user-1", 999_000).await.0, Code::Ok);
+    assert_eq!(check(&server, "user-1", 999_001).await.0, Code::OverLimit);
+    // Amount 0 holds nothing, so the bound does not stop it.
+    assert_eq!(
+        reserved_code(&reserve(&server, "user-1", 0, None).await),
+        Code::Ok
+    );
+    // Once the holds expire (60 s at most), there is room again.
+    server.clock.advance_ms(60_000);
+    assert_eq!(
+        reserved_code(&reserve(&server, "user-1", 1, None).await),
+        Code::Ok
+    );
+    server.shutdown().await;
+}
+
 /// Holds are shared by replicas: reserved through one ratekeeper, seen and committed through
 /// another (two limiters on one Redis, as two replicas are), and they survive a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,4 +508,5 @@ on_every_storage!(
     reservations_over_http,
     concurrent_reservations_never_overshoot,
     disabled_reservations_are_unimplemented,
+    a_counter_carries_at_most_a_thousand_holds,
 );
