@@ -442,6 +442,47 @@ async fn a_counter_carries_at_most_a_thousand_holds(backend: Backend) {
     server.shutdown().await;
 }
 
+/// The messages' field numbers are Limitador's (CLIENTS.md), byte for byte: a shim built for
+/// Limitador talks to ratekeeper unchanged.
+#[test]
+fn reserve_and_commit_messages_have_limitadors_field_numbers() {
+    use prost::Message;
+    let reserve = ReserveRequest {
+        domain: "d".into(),
+        descriptors: vec![],
+        amount: 5,
+        ttl: Some(prost_types::Duration {
+            seconds: 2,
+            nanos: 0,
+        }),
+    };
+    // 1: domain (length-delimited), 3: amount (varint), 4: ttl (a Duration, its field 1 = 2).
+    assert_eq!(
+        reserve.encode_to_vec(),
+        [0x0a, 1, b'd', 0x18, 5, 0x22, 2, 0x08, 2]
+    );
+    let answer = ReserveResponse {
+        code: Code::Ok as i32,
+        reservation_id: "x".into(),
+    };
+    assert_eq!(answer.encode_to_vec(), [0x08, 1, 0x12, 1, b'x']);
+    let commit = CommitRequest {
+        domain: "d".into(),
+        descriptors: vec![],
+        reservation_id: "x".into(),
+        actual_amount: 7,
+    };
+    // 3: reservation_id, 4: actual_amount.
+    assert_eq!(
+        commit.encode_to_vec(),
+        [0x0a, 1, b'd', 0x1a, 1, b'x', 0x20, 7]
+    );
+    let done = CommitResponse {
+        reservation_released: true,
+    };
+    assert_eq!(done.encode_to_vec(), [0x08, 1]);
+}
+
 /// Holds are shared by replicas: reserved through one ratekeeper, seen and committed through
 /// another (two limiters on one Redis, as two replicas are), and they survive a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

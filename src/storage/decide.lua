@@ -295,7 +295,7 @@ for i = 1, n do
   c.exists = stored ~= false -- a refund never creates a counter
   c.rules.load(c, stored)
   local hkey = KEYS[n + i]
-  c.hkey, c.held, c.holds, c.last, c.mine, c.placed = hkey, 0, 0, 0, nil, false
+  c.hkey, c.held, c.holds, c.last, c.mine = hkey, 0, 0, 0, nil
   c.expired_holds, c.expired, c.reported = 0, 0, false
   local raw = redis.call('HGETALL', hkey)
   for j = 1, #raw, 2 do
@@ -381,8 +381,11 @@ while a <= last do
       if c.algorithm == FIXED_WINDOW and c.ends < ends then ends = c.ends end
       redis.call('HSET', c.hkey, id, pack('<dd', placed, ends))
       if c.mine then c.held, c.holds = c.held - c.mine, c.holds - 1 end -- (replaced)
-      c.held, c.holds, c.placed, c.mine = c.held + placed, c.holds + 1, true, placed
+      c.held, c.holds, c.mine = c.held + placed, c.holds + 1, placed
       if ends > c.last then c.last = ends end
+      -- At once, so the holds' key never lives without a TTL (even if a later write failed):
+      -- until its last hold expires.
+      redis.call('PEXPIRE', c.hkey, max(c.last - now, 1))
     end
     local retry = retry_holding(c, check)
     local charged = 0
@@ -417,8 +420,6 @@ end
 
 for i = 1, n do
   local c = counters[i]
-  -- A hold key never lives without a TTL: it lasts until its last hold expires.
-  if c.placed then redis.call('PEXPIRE', c.hkey, max(c.last - now, 1)) end
   if c.dirty then
     local value, ttl = c.rules.encode(c)
     -- Redis writes a number argument with '%.17g': digits for every TTL here (integers below

@@ -23,7 +23,10 @@
 //! `<values>` is each variable value as `<byte length>:<value>`. The `{…}` hash tag puts every
 //! counter of a namespace in one cluster slot, so one script can touch all of a request's
 //! counters. The value is the counter's state, packed (see decide.lua), and the key expires when
-//! the state no longer matters: nothing grows forever. The key format and the packed values
+//! the state no longer matters: nothing grows forever. A counter's reservation holds live beside
+//! it in `<counter key>:h` (same hash tag; a hash from reservation id to amount and expiry, at
+//! most [`crate::algorithm::MAX_HOLDS`] of them), which the same script reads and writes, and
+//! which expires with its last hold. The key format and the packed values
 //! outlive upgrades: tests/golden.rs pins them (README, "Upgrades and the Redis key format").
 //!
 //! Listing a namespace's counters (the admin API) pages from the client: each round trip is one
