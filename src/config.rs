@@ -103,8 +103,9 @@ pub struct Cli {
     )]
     pub on_storage_error: OnStorageError,
 
-    /// The most a reservation holds on a counter, as a fraction of its limit's `max_value`
-    /// (a Reserve of more is admitted on its whole amount but holds only this much).
+    /// The most a reservation holds on a counter, as a fraction (above 0, at most 1) of its
+    /// limit's `max_value` (a Reserve of more is admitted on its whole amount but holds only
+    /// this much). Limitador's flag.
     #[arg(long, env = "MAX_RESERVATION_FRACTION", default_value_t = 0.5,
         value_parser = parse_fraction)]
     pub max_reservation_fraction: f64,
@@ -385,17 +386,28 @@ fn percent_encode(text: &str) -> String {
     encoded
 }
 
-/// A fraction from 0 to 1.
+/// A fraction greater than 0 and at most 1 (as Limitador takes `--max-reservation-fraction`).
 fn parse_fraction(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
-        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
-        _ => Err(format!("{text:?} is not a fraction from 0 to 1")),
+        Ok(x) if x > 0.0 && x <= 1.0 => Ok(x),
+        _ => Err(format!(
+            "{text:?} is not a fraction greater than 0 and at most 1"
+        )),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reservation_fraction_is_above_0_and_at_most_1() {
+        assert_eq!(parse_fraction("0.5"), Ok(0.5));
+        assert_eq!(parse_fraction("1"), Ok(1.0));
+        for bad in ["0", "-0.1", "1.01", "NaN", "inf", "half", ""] {
+            assert!(parse_fraction(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn asm_redis_variables_make_a_url() {
