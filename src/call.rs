@@ -4,7 +4,7 @@
 
 use crate::algorithm::Policy;
 
-/// Which RPC is asking (the HTTP API maps onto the same three).
+/// Which RPC is asking (the HTTP API maps onto the same ones).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Call {
     /// Envoy's ShouldRateLimit (and Limitador's HTTP `check_and_report`).
@@ -13,6 +13,12 @@ pub enum Call {
     CheckRateLimit,
     /// Kuadrant's Report (and HTTP `report`): usage that happened, always counted.
     Report,
+    /// Kuadrant's Reserve (and HTTP `reserve`): all or nothing, holds the amount (the request
+    /// cost, 0 holding nothing) on every counter; charges nothing.
+    Reserve,
+    /// Kuadrant's Commit (and HTTP `commit`): charges the actual amount (the request cost, 0
+    /// charging nothing) and releases the reservation's holds.
+    Commit,
 }
 
 /// How one evaluation context came to be: the whole request (Limitador's path, no descriptor
@@ -51,6 +57,8 @@ impl Verdict {
     pub fn of(policy: Policy, admitted: bool) -> Self {
         match (admitted, policy) {
             (true, _) => Verdict::Admitted,
+            // A commit's "admitted" says whether it released a hold; it refuses nothing.
+            (false, Policy::Commit) => Verdict::Admitted,
             (false, Policy::Charge) => Verdict::ChargedPast,
             (false, _) => Verdict::Refused,
         }
@@ -66,7 +74,13 @@ pub enum Code {
 }
 
 impl Call {
-    pub const ALL: [Call; 3] = [Call::ShouldRateLimit, Call::CheckRateLimit, Call::Report];
+    pub const ALL: [Call; 5] = [
+        Call::ShouldRateLimit,
+        Call::CheckRateLimit,
+        Call::Report,
+        Call::Reserve,
+        Call::Commit,
+    ];
 
     /// The gRPC method's name, for logs and metric labels.
     pub fn name(self) -> &'static str {
@@ -74,11 +88,25 @@ impl Call {
             Call::ShouldRateLimit => "ShouldRateLimit",
             Call::CheckRateLimit => "CheckRateLimit",
             Call::Report => "Report",
+            Call::Reserve => "Reserve",
+            Call::Commit => "Commit",
         }
+    }
+
+    /// Whether the whole request is one context whatever its descriptors carry (a reservation
+    /// is all or nothing across every counter its limits select).
+    pub fn whole_request(self) -> bool {
+        matches!(self, Call::Reserve | Call::Commit)
     }
 
     /// What one context of this call does, and with which cost.
     pub fn policy(self, context: Context) -> (Policy, u64) {
+        // The amounts of a reservation are taken as they are: 0 holds (or charges) nothing.
+        match (self, context) {
+            (Call::Reserve, Context::Request { hits }) => return (Policy::Reserve, hits),
+            (Call::Commit, Context::Request { hits }) => return (Policy::Commit, hits),
+            _ => {}
+        }
         match context {
             Context::Request { hits } => {
                 let cost = hits.max(1);
@@ -86,6 +114,8 @@ impl Call {
                     Call::ShouldRateLimit => Policy::AllOrNothing,
                     Call::CheckRateLimit => Policy::CheckOnly,
                     Call::Report => Policy::Charge,
+                    Call::Reserve => Policy::Reserve,
+                    Call::Commit => Policy::Commit,
                 };
                 (policy, cost)
             }
@@ -105,38 +135,41 @@ impl Call {
                     Call::ShouldRateLimit => (Policy::Charge, cost),
                     Call::CheckRateLimit => (Policy::CheckOnly, cost),
                     Call::Report => (Policy::Charge, cost.max(1)),
+                    // (The planner makes reservations one context of the whole request.)
+                    Call::Reserve => (Policy::Reserve, cost),
+                    Call::Commit => (Policy::Commit, cost),
                 }
             }
         }
     }
 
-    /// What the client is told for a verdict: a report always answers OK (the usage
-    /// happened, whatever the limit says).
+    /// What the client is told for a verdict: a report or a commit always answers OK (the
+    /// usage happened, whatever the limit says).
     pub fn code(self, verdict: Verdict) -> Code {
         match verdict {
             Verdict::Unknown => Code::Unknown,
             Verdict::Admitted => Code::Ok,
-            Verdict::ChargedPast | Verdict::Refused if self == Call::Report => Code::Ok,
+            Verdict::ChargedPast | Verdict::Refused if !self.asks_admission() => Code::Ok,
             Verdict::ChargedPast | Verdict::Refused => Code::OverLimit,
         }
     }
 
     /// Whether the call asks for admission, so Limitador counts it in `authorized_calls` or
-    /// `limited_calls` (a report only adds hits).
+    /// `limited_calls` (a report or a commit only adds hits).
     pub fn asks_admission(self) -> bool {
-        self != Call::Report
+        !matches!(self, Call::Report | Call::Commit)
     }
 
-    /// Whether the cost of a served call counts as `authorized_hits` (a read-only check
-    /// charges nothing).
+    /// Whether the cost of a served call counts as `authorized_hits` (a read-only check, and a
+    /// reservation, which only holds, charge nothing).
     pub fn charges(self) -> bool {
-        self != Call::CheckRateLimit
+        !matches!(self, Call::CheckRateLimit | Call::Reserve)
     }
 
-    /// Whether answers carry rate limit headers when asked to (a report's answer has no
-    /// client waiting on it).
+    /// Whether answers carry rate limit headers when asked to (a report's or a commit's
+    /// answer has no client waiting on it).
     pub fn has_headers(self) -> bool {
-        self != Call::Report
+        !matches!(self, Call::Report | Call::Commit)
     }
 }
 
@@ -193,6 +226,14 @@ mod tests {
         );
         assert_eq!(Call::ShouldRateLimit.policy(own(None)), (Policy::Charge, 1));
         assert_eq!(Call::Report.policy(own(Some(0))), (Policy::Charge, 1));
+        assert_eq!(Call::Reserve.policy(whole(0)), (Policy::Reserve, 0));
+        assert_eq!(
+            Call::Commit.policy(whole(0)),
+            (Policy::Commit, 0),
+            "0 is not 1"
+        );
+        assert_eq!(Call::Commit.code(Verdict::Refused), Code::Ok);
+        assert_eq!(Call::Reserve.code(Verdict::Refused), Code::OverLimit);
         assert_eq!(
             Call::CheckRateLimit.policy(own(Some(0))),
             (Policy::CheckOnly, 0)

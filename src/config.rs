@@ -134,6 +134,23 @@ pub struct Cli {
     )]
     pub on_storage_error: OnStorageError,
 
+    /// The most a reservation holds on a counter, as a fraction (above 0, at most 1) of its
+    /// limit's `max_value` (a Reserve of more is admitted on its whole amount but holds only
+    /// this much). Limitador's flag.
+    #[arg(long, env = "MAX_RESERVATION_FRACTION", default_value_t = 0.5,
+        value_parser = parse_fraction)]
+    pub max_reservation_fraction: f64,
+
+    /// The longest a reservation's hold lives, in seconds (a shorter `ttl` in the Reserve, or
+    /// the end of a fixed window, ends it sooner).
+    #[arg(long, env = "MAX_RESERVATION_TTL", default_value_t = 60)]
+    pub max_reservation_ttl: u64,
+
+    /// Answer Kuadrant's Reserve and Commit (and HTTP `/reserve`, `/commit`) with UNIMPLEMENTED
+    /// (HTTP 501).
+    #[arg(long, env = "DISABLE_RESERVATIONS", value_parser = clap::builder::FalseyValueParser::new())]
+    pub disable_reservations: bool,
+
     /// Namespace whose limits the ASM-compatible endpoints (`GET /ratelimit`,
     /// `POST /update_ratelimit_record`) apply.
     #[arg(long, env = "ASM_NAMESPACE", default_value = "asm")]
@@ -404,9 +421,28 @@ fn percent_encode(text: &str) -> String {
     encoded
 }
 
+/// A fraction greater than 0 and at most 1 (as Limitador takes `--max-reservation-fraction`).
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(x) if x > 0.0 && x <= 1.0 => Ok(x),
+        _ => Err(format!(
+            "{text:?} is not a fraction greater than 0 and at most 1"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reservation_fraction_is_above_0_and_at_most_1() {
+        assert_eq!(parse_fraction("0.5"), Ok(0.5));
+        assert_eq!(parse_fraction("1"), Ok(1.0));
+        for bad in ["0", "-0.1", "1.01", "NaN", "inf", "half", ""] {
+            assert!(parse_fraction(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn asm_redis_variables_make_a_url() {

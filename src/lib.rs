@@ -15,8 +15,8 @@
 //! - [`limits`] — the limit model: YAML loading and validation, compiled CEL (with a native
 //!   form for the common shapes) and a per-namespace index of what each limit requires. Nothing
 //!   in it runs: [`reload`] wires a file watcher to a limiter, beside [`server`].
-//! - [`storage`] — where counters live (memory, Redis with its Lua twin of the arithmetic);
-//!   each decides a whole request in one atomic step.
+//! - [`storage`] — where counters live (memory, Redis with its Lua twin of the arithmetic),
+//!   with their reservations' holds; each decides a whole request in one atomic step.
 //! - [`algorithm`] — the arithmetic (fixed windows, token buckets, sliding windows): pure
 //!   integer functions shared by every storage.
 //! - [`request`] — what a client asks (namespace, descriptors, costs) and its bounds;

@@ -8,7 +8,7 @@ use clap::Parser;
 use ratekeeper::clock::SystemClock;
 use ratekeeper::config::{Cli, RedisCachedOptions, StorageCommand};
 use ratekeeper::http::HttpToken;
-use ratekeeper::limiter::Limiter;
+use ratekeeper::limiter::{Limiter, Reservations};
 use ratekeeper::limits::{
     FixedLimits, LimitSet, RATE_LIMIT_CONFIG, load_file, parse_rate_limit_config,
 };
@@ -163,7 +163,12 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
     let limiter = Arc::new(
         Limiter::new(limits, storage, Arc::new(SystemClock))
             .observed_by(observer)
-            .on_storage_error(cli.on_storage_error),
+            .on_storage_error(cli.on_storage_error)
+            .with_reservations(Reservations {
+                enabled: !cli.disable_reservations,
+                max_fraction: cli.max_reservation_fraction,
+                max_ttl: Duration::from_secs(cli.max_reservation_ttl),
+            }),
     );
     let http_auth_token = http_auth_token(&cli)?;
     let settings = Settings {

@@ -25,7 +25,7 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
-const DESCRIPTIONS: [(&str, &str); 19] = [
+const DESCRIPTIONS: [(&str, &str); 23] = [
     ("limitador_up", "Limitador is running"),
     (
         "datastore_partitioned",
@@ -79,6 +79,22 @@ const DESCRIPTIONS: [(&str, &str); 19] = [
     (
         "ratekeeper_unknown_namespace_calls",
         "Calls to namespaces without limits (allowed), by namespace: the first 100 names, the rest `other`",
+    ),
+    (
+        "ratekeeper_reservations",
+        "Reserve calls by outcome (ok, over_limit, exhausted: a counter at its bound of holds)",
+    ),
+    (
+        "ratekeeper_commits",
+        "Commit calls, by whether they released a live hold (released: true, false)",
+    ),
+    (
+        "ratekeeper_holds_expired",
+        "Reservation holds found expired (never committed) and purged",
+    ),
+    (
+        "ratekeeper_tokens_held",
+        "Tokens on hold by reservations placed through this process, summed over counters, until committed or seen expired (sum over replicas)",
     ),
     (
         "ratekeeper_cel_errors",
@@ -305,6 +321,44 @@ impl Observer for Prometheus {
     /// `ratekeeper_tokens_overshoot`); only refused calls are `limited_calls`.
     fn decided(&self, decided: &Decided<'_>) {
         let decision = decided.decision;
+        let (mut placed, mut released, mut expired, mut expired_holds) = (0u64, 0u64, 0u64, 0u64);
+        for status in &decision.limits {
+            let holds = &status.outcome.holds;
+            placed = placed.saturating_add(holds.placed);
+            released = released.saturating_add(holds.released);
+            expired = expired.saturating_add(holds.expired);
+            expired_holds = expired_holds.saturating_add(holds.expired_holds);
+        }
+        if placed > 0 {
+            gauge!("ratekeeper_tokens_held").increment(placed as f64);
+        }
+        if released.saturating_add(expired) > 0 {
+            gauge!("ratekeeper_tokens_held").decrement(released.saturating_add(expired) as f64);
+        }
+        if expired_holds > 0 {
+            counter!("ratekeeper_holds_expired").increment(expired_holds);
+        }
+        match decision.call {
+            Call::Reserve => {
+                let outcome = if decision.holds_full {
+                    "exhausted"
+                } else if decision.refused() {
+                    "over_limit"
+                } else {
+                    "ok"
+                };
+                counter!("ratekeeper_reservations", "outcome" => outcome).increment(1);
+                if decision.holds_full {
+                    // Not a limit's refusal: not in `limited_calls`.
+                    return;
+                }
+            }
+            Call::Commit => {
+                let released = if decision.released { "true" } else { "false" };
+                counter!("ratekeeper_commits", "released" => released).increment(1);
+            }
+            _ => {}
+        }
         for status in &decision.limits {
             let outcome = &status.outcome;
             if outcome.charged > 0 || outcome.overshoot > 0 {

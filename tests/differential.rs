@@ -1,13 +1,14 @@
 //! The Redis script is the Lua twin of the Rust arithmetic: random request sequences, with a
-//! driven clock, over every algorithm and policy, must get identical answers from memory and
-//! from Redis (standalone and cluster), call by call.
+//! driven clock, over every algorithm and policy (reservations' holds, commits and the holds'
+//! expiry included), must get identical answers from memory and from Redis (standalone and
+//! cluster), call by call.
 
 mod common;
 
 use std::time::Duration;
 
 use ratekeeper::algorithm::{
-    Algorithm, FixedWindow, Group, GroupOutcome, Policy, SlidingWindow, TokenBucket,
+    Algorithm, FixedWindow, Group, GroupOutcome, HoldRequest, Policy, SlidingWindow, TokenBucket,
 };
 use ratekeeper::storage::{
     Batch, CounterKey, CounterRequest, MemoryStorage, RedisStorage, Storage,
@@ -41,7 +42,7 @@ fn algorithms() -> Vec<Algorithm> {
     ]
 }
 
-fn random_batch(rng: &mut Rng, algorithms: &[Algorithm]) -> Batch<'static> {
+fn random_batch(rng: &mut Rng, algorithms: &[Algorithm], now: u64) -> Batch<'static> {
     // Up to 3 counters (each an algorithm with one of two users), in up to 3 groups.
     let count = 1 + rng.below(3) as usize;
     let mut counters = Vec::new();
@@ -59,10 +60,12 @@ fn random_batch(rng: &mut Rng, algorithms: &[Algorithm]) -> Batch<'static> {
     }
     let groups = (0..1 + rng.below(3))
         .map(|_| {
-            let policy = match rng.below(4) {
+            let policy = match rng.below(6) {
                 0 => Policy::AllOrNothing,
                 1 => Policy::CheckOnly,
                 2 => Policy::Refund,
+                3 => Policy::Reserve,
+                4 => Policy::Commit,
                 _ => Policy::Charge,
             };
             let cost = match rng.below(10) {
@@ -79,8 +82,15 @@ fn random_batch(rng: &mut Rng, algorithms: &[Algorithm]) -> Batch<'static> {
             }
         })
         .collect();
+    // Reservations from a few ids, so that commits find them (or find them expired).
+    let hold = (rng.below(4) > 0).then(|| HoldRequest {
+        id: format!("r{}", rng.below(4)),
+        expires_at_ms: now + rng.below(3_000),
+        amounts: counters.iter().map(|_| rng.below(12)).collect(),
+    });
     Batch {
         namespace: "diff",
+        hold,
         counters,
         groups,
     }
@@ -102,7 +112,7 @@ async fn compare(redis_url: String, seed: u64) {
             4 => rng.below(40_000),
             _ => rng.below(10),
         };
-        let batch = random_batch(&mut rng, &algorithms);
+        let batch = random_batch(&mut rng, &algorithms, now);
         let expected: Vec<GroupOutcome> = memory.apply(&batch, now).await.unwrap();
         let actual = redis.apply(&batch, now).await.unwrap();
         assert_eq!(
@@ -173,6 +183,7 @@ async fn every_limit_that_validates_decides_the_same_on_redis_up_to_the_bounds()
             ] {
                 let batch = Batch {
                     namespace: "bounds",
+                    hold: None,
                     counters: counters.clone(),
                     groups: vec![Group {
                         policy,

@@ -11,15 +11,16 @@
 //! "Upgrades and the Redis key format" section that says which counters are affected and what
 //! operators should do. (The last changes, both in this release: namespace tags, where `%`, `{` and `}`
 //! became `%25`, `%7B`, `%7D`; and the identity of a continuous token bucket with an `id`, which
-//! now includes its `seconds`.)
+//! now includes its `seconds`. Reservations added a new key beside a counter, its holds, pinned
+//! below; no existing value changed.)
 
 mod common;
 
 use std::time::Duration;
 
 use ratekeeper::algorithm::{
-    Algorithm, BucketState, CounterState, FixedWindow, Group, Policy, SlidingState, SlidingWindow,
-    TokenBucket, WindowState,
+    Algorithm, BucketState, CounterState, FixedWindow, Group, HoldRequest, Policy, SlidingState,
+    SlidingWindow, TokenBucket, WindowState,
 };
 use ratekeeper::limits::parse_limits;
 use ratekeeper::storage::counter_key;
@@ -213,6 +214,7 @@ fn one_group(
 ) -> Batch<'_> {
     Batch {
         namespace,
+        hold: None,
         counters: vec![CounterRequest { key, algorithm }],
         groups: vec![Group {
             policy,
@@ -277,4 +279,73 @@ async fn stored_values_are_the_golden_ones_both_ways() {
         let new = algorithm.remaining(algorithm.current(None, NOW), NOW);
         assert_ne!(expected, new, "the stored state is used, not a new one");
     }
+}
+
+/// Holds (new with reservations): `<counter key>:h` beside the counter (same hash tag), a hash
+/// from reservation id to '<dd' amount, expiry (ms since 1970), whose TTL lasts until its last
+/// hold expires. Written and read byte for byte, like the counters' values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_are_the_golden_ones_both_ways() {
+    let url = common::redis::shared_url();
+    let prefix = format!("goldenholds{}", std::process::id());
+    let storage = RedisStorage::open(&url, &prefix, Duration::from_secs(2)).unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let namespace = "llm/golden";
+    let algorithm = Algorithm::FixedWindow(FixedWindow::new(100, 60_000));
+    let key = CounterKey::new(9, ["held"]);
+    let hold_key = [counter_key(&prefix, namespace, &key), b":h".to_vec()].concat();
+    let id = "00112233445566778899aabbccddeeff";
+    let mut reserve = one_group(namespace, key.clone(), algorithm, Policy::Reserve, 30);
+    reserve.hold = Some(HoldRequest {
+        id: id.into(),
+        expires_at_ms: NOW + 30_000,
+        amounts: vec![30],
+    });
+    assert!(storage.apply(&reserve, NOW).await.unwrap()[0].admitted);
+    let stored: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+        .arg(&hold_key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let stored: Vec<(String, String)> = stored.into_iter().map(|(k, v)| (k, hex(&v))).collect();
+    assert_eq!(
+        stored,
+        [(
+            id.to_string(),
+            "0000000000003e400000d3b16db77942".to_string()
+        )],
+        "30 held until NOW + 30 s"
+    );
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&hold_key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(
+        (1..=30_000).contains(&ttl),
+        "the holds' key has a TTL: {ttl}"
+    );
+
+    // A hold written by an earlier release: 40 until NOW + 50 s, counted by every admission.
+    let bytes = (0..32)
+        .step_by(2)
+        .map(|at| u8::from_str_radix(&"00000000000044400000b5b66db77942"[at..at + 2], 16).unwrap())
+        .collect::<Vec<u8>>();
+    let _: () = redis::cmd("HSET")
+        .arg(&hold_key)
+        .arg("earlier")
+        .arg(bytes)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let check = one_group(namespace, key.clone(), algorithm, Policy::CheckOnly, 30);
+    let outcome = storage.apply(&check, NOW).await.unwrap();
+    assert_eq!(outcome[0].counters[0].remaining, 30, "100 - 30 - 40");
+    let outcome = storage.apply(&check, NOW + 30_000).await.unwrap();
+    assert_eq!(
+        outcome[0].counters[0].remaining, 60,
+        "the first hold expired"
+    );
+    assert_eq!(outcome[0].counters[0].holds.expired, 30);
 }

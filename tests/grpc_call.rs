@@ -126,7 +126,7 @@ async fn grpc_call_reports_errors_with_their_code() {
         (
             "examples/grpc_call.py kuadrant.service.ratelimit.v1.RateLimitService/Nope".into(),
             2,
-            "has no method 'Nope' (it has CheckRateLimit, Report)",
+            "has no method 'Nope' (it has CheckRateLimit, Commit, Report, Reserve)",
         ),
         (
             "examples/grpc_call.py envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit '{\"domian\": \"x\"}'".into(),

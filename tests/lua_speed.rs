@@ -36,21 +36,29 @@ fn sliding() -> Counter {
 
 /// `EVALSHA` arguments of one call on `counters`, one all-or-nothing group of cost 1, with a
 /// deadline (on Redis's clock: far in the future) when the script takes one (scripts before
-/// the deadline was added, e.g. 2ceb609's, do not).
+/// the deadline was added, e.g. 2ceb609's, do not), and the holds' keys and arguments (no
+/// reservation) when it takes them (scripts before reservations do not).
 fn call(
     counters: &[Counter],
     user: usize,
     now: u64,
     deadline: bool,
+    holds: bool,
 ) -> (Vec<String>, Vec<Vec<u8>>) {
-    let keys = (0..counters.len())
+    let mut keys: Vec<String> = (0..counters.len())
         .map(|i| format!("speed:{{speed}}:{i:016x}:5:user{user}"))
         .collect();
+    if holds {
+        keys.extend(keys.clone().into_iter().map(|k| format!("{k}:h")));
+    }
     let mut numbers = vec![now];
     if deadline {
         numbers.push(4_000_000_000_000);
     }
     counters.iter().for_each(|c| numbers.extend(c));
+    if holds {
+        numbers.extend(std::iter::repeat_n(0, 1 + counters.len()));
+    }
     numbers.extend([0, 1, counters.len() as u64]);
     numbers.extend(1..=counters.len() as u64);
     let format = format!("<{}", "d".repeat(numbers.len())).into_bytes();
@@ -58,7 +66,11 @@ fn call(
         .iter()
         .flat_map(|&x| (x as f64).to_le_bytes())
         .collect();
-    (keys, vec![format, packed])
+    let mut args = vec![format, packed];
+    if holds {
+        args.push(Vec::new()); // no reservation id
+    }
+    (keys, args)
 }
 
 /// `usec_per_call` of `evalsha` since the last reset.
@@ -78,12 +90,13 @@ fn evalsha_usec(port: u16) -> f64 {
 async fn decide_lua_usec_per_call() {
     let paths = std::env::var("LUA_SPEED_SCRIPTS")
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/src/storage/decide.lua").into());
-    let scripts: Vec<(String, redis::Script, bool)> = paths
+    let scripts: Vec<(String, redis::Script, bool, bool)> = paths
         .split(',')
         .map(|path| {
             let text = std::fs::read_to_string(path).unwrap();
             let deadline = text.contains("deadline_ms");
-            (path.to_string(), redis::Script::new(&text), deadline)
+            let holds = text.contains("hold_expires");
+            (path.to_string(), redis::Script::new(&text), deadline, holds)
         })
         .collect();
     let redis = RedisProcess::start();
@@ -107,11 +120,11 @@ async fn decide_lua_usec_per_call() {
     for (name, counters) in shapes.iter().filter(|(name, _)| name.contains(&only)) {
         let mut figures = vec![Vec::new(); scripts.len()];
         for _ in 0..ROUNDS {
-            for ((_, script, deadline), figures) in scripts.iter().zip(&mut figures) {
+            for ((_, script, deadline, holds), figures) in scripts.iter().zip(&mut figures) {
                 cli(redis.port, &["FLUSHALL"]).unwrap();
                 cli(redis.port, &["CONFIG", "RESETSTAT"]).unwrap();
                 for i in 0..CALLS {
-                    let (keys, args) = call(counters, i % 100, NOW + i as u64, *deadline);
+                    let (keys, args) = call(counters, i % 100, NOW + i as u64, *deadline, *holds);
                     let mut invocation = script.prepare_invoke();
                     keys.iter().for_each(|k| {
                         invocation.key(k);
@@ -125,7 +138,7 @@ async fn decide_lua_usec_per_call() {
                 figures.push(evalsha_usec(redis.port));
             }
         }
-        for ((path, _, _), figures) in scripts.iter().zip(&mut figures) {
+        for ((path, _, _, _), figures) in scripts.iter().zip(&mut figures) {
             figures.sort_by(f64::total_cmp);
             println!(
                 "{name:32} {path}: evalsha usec_per_call median {:.2} (rounds of {CALLS}: {figures:?})",

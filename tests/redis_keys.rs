@@ -22,6 +22,7 @@ fn window(max: u64) -> Algorithm {
 fn batch<'a>(namespace: &'a str, counters: &[(u64, &str)], max: u64, cost: u64) -> Batch<'a> {
     Batch {
         namespace,
+        hold: None,
         counters: counters
             .iter()
             .map(|&(limit, value)| CounterRequest {

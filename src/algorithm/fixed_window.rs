@@ -34,8 +34,13 @@ impl FixedWindow {
         }
     }
 
-    pub fn admits(&self, window: WindowState, _now_ms: u64, cost: u64) -> bool {
-        admits(window.used, 0, cost, self.max)
+    pub fn admits(&self, window: WindowState, now_ms: u64, cost: u64) -> bool {
+        self.admits_holding(window, now_ms, 0, cost)
+    }
+
+    /// Admission with `held` tokens on hold (reservations).
+    pub fn admits_holding(&self, window: WindowState, _now_ms: u64, held: u64, cost: u64) -> bool {
+        admits(window.used, held, cost, self.max)
     }
 
     pub fn charge(&self, window: WindowState, cost: u64) -> WindowState {

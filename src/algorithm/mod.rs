@@ -81,7 +81,35 @@ impl Algorithm {
     }
 
     pub fn admits(&self, state: CounterState, now_ms: u64, cost: u64) -> bool {
-        with_state!(*self, state, |a, s| a.admits(s, now_ms, cost), false)
+        self.admits_holding(state, now_ms, 0, cost)
+    }
+
+    /// The admission rule with holds: `usage + held + cost <= max` (a bucket: `tokens - held
+    /// >= cost`).
+    pub fn admits_holding(&self, state: CounterState, now_ms: u64, held: u64, cost: u64) -> bool {
+        with_state!(
+            *self,
+            state,
+            |a, s| a.admits_holding(s, now_ms, held, cost),
+            false
+        )
+    }
+
+    /// The most a counter of this limit holds, in tokens (`max_value`).
+    pub fn max_tokens(&self) -> u64 {
+        match self {
+            Algorithm::FixedWindow(a) => a.max,
+            Algorithm::TokenBucket(a) => a.max_tokens(),
+            Algorithm::SlidingWindow(a) => a.max,
+        }
+    }
+
+    /// The end of the window in force, for fixed windows (a hold on one ends with it).
+    pub fn window_end_ms(&self, state: CounterState) -> Option<u64> {
+        match state {
+            CounterState::Window(w) => Some(w.expires_at_ms),
+            _ => None,
+        }
     }
 
     pub fn charge(&self, state: CounterState, cost: u64) -> CounterState {
@@ -175,6 +203,15 @@ pub enum Policy {
     /// A charge taken back (Envoy's `is_negative_hits`): usage goes down (never below zero, a
     /// bucket never above its capacity). Never refuses, never creates a counter.
     Refund,
+    /// Kuadrant's Reserve: all or nothing, admitted when every counter admits the cost (at
+    /// least 1) on top of its usage and holds; then each counter gets the hold the batch's
+    /// [`HoldRequest`] names for it (none for a cost of 0). Nothing is charged.
+    Reserve,
+    /// Kuadrant's Commit: the counters that hold the batch's reservation id are charged the
+    /// cost (usage that happened, never refused) and their holds released; when none holds it
+    /// (an empty, unknown, expired or settled id), every counter is charged, as a report. A
+    /// cost of 0 charges nothing. The group is "admitted" when a hold was released.
+    Commit,
 }
 
 impl Policy {
@@ -186,8 +223,115 @@ impl Policy {
             Policy::CheckOnly => 1,
             Policy::Charge => 2,
             Policy::Refund => 3,
+            Policy::Reserve => 4,
+            Policy::Commit => 5,
         }
     }
+}
+
+/// Most holds one counter carries (live ones; expired holds are purged first). At the bound a
+/// reservation is refused as "exhausted", not as over the limit.
+pub const MAX_HOLDS: usize = 1000;
+
+/// A reservation's hold on one counter: `amount` tokens that count against the limit until
+/// `expires_at_ms` (or until a commit releases them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub id: Box<str>,
+    pub amount: u64,
+    pub expires_at_ms: u64,
+}
+
+/// The holds on one counter, and whether this call changed them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holds {
+    pub list: Vec<Hold>,
+    pub changed: bool,
+}
+
+impl Holds {
+    pub fn new(list: Vec<Hold>) -> Self {
+        Self {
+            list,
+            changed: false,
+        }
+    }
+
+    /// Tokens held.
+    pub fn held(&self) -> u64 {
+        self.list
+            .iter()
+            .fold(0u64, |sum, h| sum.saturating_add(h.amount))
+    }
+
+    /// Drops the holds that have expired at `now`: how many, and how many tokens they held.
+    pub fn purge(&mut self, now_ms: u64) -> (u64, u64) {
+        let (mut count, mut tokens) = (0u64, 0u64);
+        self.list.retain(|h| {
+            let live = h.expires_at_ms > now_ms;
+            if !live {
+                count += 1;
+                tokens = tokens.saturating_add(h.amount);
+            }
+            live
+        });
+        if count > 0 {
+            self.changed = true;
+        }
+        (count, tokens)
+    }
+
+    /// Removes the hold of `id`, giving its amount.
+    fn take(&mut self, id: &str) -> Option<u64> {
+        let at = self
+            .list
+            .iter()
+            .position(|h| !id.is_empty() && *h.id == *id)?;
+        self.changed = true;
+        Some(self.list.swap_remove(at).amount)
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        !id.is_empty() && self.list.iter().any(|h| *h.id == *id)
+    }
+
+    /// When the last hold expires (0: none).
+    pub fn last_expiry_ms(&self) -> u64 {
+        self.list.iter().map(|h| h.expires_at_ms).max().unwrap_or(0)
+    }
+}
+
+/// What a Reserve or Commit asks of the holds of a batch's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HoldRequest {
+    /// The reservation id.
+    pub id: String,
+    /// Reserve: when the holds expire at the latest (a fixed window's end may come first).
+    pub expires_at_ms: u64,
+    /// Reserve: the hold to place on each counter of the batch, by index (0: none).
+    pub amounts: Vec<u64>,
+}
+
+/// The hold a reservation of `amount` places on a counter of a limit of `max` tokens: capped at
+/// `max × fraction`, rounded down, and at least 1 when anything is reserved.
+pub fn hold_amount(amount: u64, max: u64, fraction: f64) -> u64 {
+    if amount == 0 {
+        return 0;
+    }
+    let cap = (max as f64 * fraction.clamp(0.0, 1.0)).floor() as u64;
+    amount.min(cap.max(1))
+}
+
+/// What a call did to a counter's holds (for the metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HoldChange {
+    /// Tokens this call put on hold.
+    pub placed: u64,
+    /// Tokens of the hold this call's commit released.
+    pub released: u64,
+    /// Holds found expired and purged (reported once per counter and call), and their tokens.
+    pub expired_holds: u64,
+    pub expired: u64,
 }
 
 /// A group of counters decided together, by index into the request's counter list.
@@ -214,6 +358,8 @@ pub struct CounterOutcome {
     /// The part of `charged` that went beyond the limit (a charge for usage that already
     /// happened can push a counter past its limit).
     pub overshoot: u64,
+    /// What happened to the counter's holds.
+    pub holds: HoldChange,
 }
 
 /// A group's answer: admitted unless some counter refused it, plus one outcome per counter
@@ -222,6 +368,8 @@ pub struct CounterOutcome {
 pub struct GroupOutcome {
     pub admitted: bool,
     pub counters: Vec<CounterOutcome>,
+    /// A reservation found a counter at [`MAX_HOLDS`]: nothing was held.
+    pub holds_full: bool,
 }
 
 /// Decides `groups` in order over `states` (one per counter, `None` when the storage has
@@ -234,16 +382,59 @@ pub fn evaluate(
     groups: &[Group],
     now_ms: u64,
 ) -> Vec<GroupOutcome> {
+    let mut holds = vec![Holds::default(); limits.len()];
+    evaluate_holding(limits, states, &mut holds, dirty, groups, None, now_ms)
+}
+
+/// [`evaluate`] with each counter's holds: expired holds are purged first (each counter
+/// reports them in its first outcome), every admission counts the holds, and Reserve and
+/// Commit groups place and release them as `request` says. Changed holds are flagged in
+/// [`Holds::changed`].
+pub fn evaluate_holding(
+    limits: &[Algorithm],
+    states: &mut [Option<CounterState>],
+    holds: &mut [Holds],
+    dirty: &mut [bool],
+    groups: &[Group],
+    request: Option<&HoldRequest>,
+    now_ms: u64,
+) -> Vec<GroupOutcome> {
+    // Expired holds, to report once per counter.
+    let mut expired: SmallVec<[Option<(u64, u64)>; 4]> =
+        holds.iter_mut().map(|h| Some(h.purge(now_ms))).collect();
+    let mut context = Holding {
+        holds,
+        expired: &mut expired,
+        request,
+    };
     groups
         .iter()
-        .map(|group| evaluate_group(limits, states, dirty, group, now_ms))
+        .map(|group| evaluate_group(limits, states, dirty, &mut context, group, now_ms))
         .collect()
+}
+
+struct Holding<'a> {
+    holds: &'a mut [Holds],
+    expired: &'a mut [Option<(u64, u64)>],
+    request: Option<&'a HoldRequest>,
+}
+
+impl Holding<'_> {
+    /// The expired holds of counter `i`, the first time it is asked.
+    fn expired(&mut self, i: usize) -> (u64, u64) {
+        self.expired[i].take().unwrap_or_default()
+    }
+
+    fn id(&self) -> &str {
+        self.request.map_or("", |r| r.id.as_str())
+    }
 }
 
 fn evaluate_group(
     limits: &[Algorithm],
     states: &mut [Option<CounterState>],
     dirty: &mut [bool],
+    holding: &mut Holding<'_>,
     group: &Group,
     now_ms: u64,
 ) -> GroupOutcome {
@@ -253,19 +444,38 @@ fn evaluate_group(
         .map(|&i| limits[i].current(states[i], now_ms))
         .collect();
     if group.policy == Policy::Refund {
-        return refund_group(limits, states, dirty, group, views, now_ms);
+        return refund_group(limits, states, dirty, holding, group, views, now_ms);
     }
     let check_cost = match group.policy {
-        Policy::CheckOnly => group.cost.max(1),
+        Policy::CheckOnly | Policy::Reserve => group.cost.max(1),
         _ => group.cost,
     };
     let refusals: SmallVec<[bool; 4]> = group
         .counters
         .iter()
         .zip(&views)
-        .map(|(&i, view)| !limits[i].admits(*view, now_ms, check_cost))
+        .map(|(&i, view)| {
+            let held = holding.holds[i].held();
+            !limits[i].admits_holding(*view, now_ms, held, check_cost)
+        })
         .collect();
     let admitted = !refusals.iter().any(|&r| r);
+    let id = holding.id().to_string();
+    // A Reserve that would hold on a counter at the bound holds nothing.
+    let request = holding.request;
+    let amount_of = |i: usize| request.map_or(0, |r| r.amounts.get(i).copied().unwrap_or(0));
+    let holds_full = group.policy == Policy::Reserve
+        && admitted
+        && group
+            .counters
+            .iter()
+            .any(|&i| amount_of(i) > 0 && holding.holds[i].list.len() >= MAX_HOLDS);
+    // A Commit charges the counters that hold its id, or, when none does, every counter.
+    let committed = group.policy == Policy::Commit
+        && group
+            .counters
+            .iter()
+            .any(|&i| holding.holds[i].contains(&id));
 
     let counters = group
         .counters
@@ -274,11 +484,44 @@ fn evaluate_group(
         .zip(refusals)
         .map(|((&i, view), refused)| {
             let limit = &limits[i];
+            let (expired_holds, expired) = holding.expired(i);
+            let mut change = HoldChange {
+                expired_holds,
+                expired,
+                ..HoldChange::default()
+            };
             let charge = match group.policy {
                 Policy::AllOrNothing => admitted,
-                Policy::CheckOnly | Policy::Refund => false,
+                Policy::CheckOnly | Policy::Refund | Policy::Reserve => false,
                 Policy::Charge => true,
+                Policy::Commit => {
+                    let held = if committed {
+                        holding.holds[i].take(&id)
+                    } else {
+                        None
+                    };
+                    change.released = held.unwrap_or(0);
+                    group.cost > 0 && (!committed || held.is_some())
+                }
             };
+            if group.policy == Policy::Reserve && admitted && !holds_full {
+                let amount = amount_of(i);
+                if amount > 0 {
+                    let request_end = request.map_or(now_ms, |r| r.expires_at_ms);
+                    let window_end = limit.window_end_ms(view).unwrap_or(u64::MAX);
+                    let holds = &mut holding.holds[i];
+                    // (An id reserved again replaces its hold.)
+                    holds.take(&id);
+                    holds.list.push(Hold {
+                        id: id.as_str().into(),
+                        amount,
+                        expires_at_ms: request_end.min(window_end),
+                    });
+                    holds.changed = true;
+                    change.placed = amount;
+                }
+            }
+            let held = holding.holds[i].held();
             let after = if charge {
                 let after = limit.charge(view, group.cost);
                 states[i] = Some(after);
@@ -289,7 +532,7 @@ fn evaluate_group(
             };
             let (over, retry_after_ms) = match group.policy {
                 // The usage happened: over when past the limit; retry when one more fits.
-                Policy::Charge => {
+                Policy::Charge | Policy::Commit => {
                     let over = limit.is_over(after, now_ms);
                     let retry = if over {
                         limit.retry_after_ms(after, now_ms, 1)
@@ -298,19 +541,52 @@ fn evaluate_group(
                     };
                     (over, retry)
                 }
-                _ => (refused, limit.retry_after_ms(view, now_ms, check_cost)),
+                _ => (
+                    refused,
+                    retry_holding(limit, view, now_ms, held, check_cost),
+                ),
             };
             CounterOutcome {
                 over,
-                remaining: limit.remaining(after, now_ms),
+                remaining: limit.remaining(after, now_ms).saturating_sub(held),
                 reset_in_ms: limit.reset_in_ms(after, now_ms),
                 retry_after_ms,
                 charged: if charge { group.cost.min(MAX_COUNT) } else { 0 },
                 overshoot: limit.beyond(after).saturating_sub(limit.beyond(view)),
+                holds: change,
             }
         })
         .collect();
-    GroupOutcome { admitted, counters }
+    let admitted = match group.policy {
+        Policy::Commit => committed,
+        Policy::Reserve => admitted && !holds_full,
+        _ => admitted,
+    };
+    GroupOutcome {
+        admitted,
+        counters,
+        holds_full,
+    }
+}
+
+/// Time until `cost` would be admitted on top of `held`: as if the holds stayed; when cost
+/// and holds together never fit, the time until the counter is back to its full budget.
+fn retry_holding(
+    limit: &Algorithm,
+    view: CounterState,
+    now_ms: u64,
+    held: u64,
+    cost: u64,
+) -> Option<u64> {
+    if held == 0 {
+        return limit.retry_after_ms(view, now_ms, cost);
+    }
+    match limit.retry_after_ms(view, now_ms, cost.saturating_add(held)) {
+        Some(wait) => Some(wait),
+        None => limit
+            .retry_after_ms(view, now_ms, cost)
+            .map(|_| limit.reset_in_ms(view, now_ms)),
+    }
 }
 
 /// A refund: each counter that exists gets `group.cost` back; a counter the storage does not
@@ -319,6 +595,7 @@ fn refund_group(
     limits: &[Algorithm],
     states: &mut [Option<CounterState>],
     dirty: &mut [bool],
+    holding: &mut Holding<'_>,
     group: &Group,
     views: SmallVec<[CounterState; 4]>,
     now_ms: u64,
@@ -337,19 +614,28 @@ fn refund_group(
                 states[i] = Some(after);
                 dirty[i] = true;
             }
+            let (expired_holds, expired) = holding.expired(i);
             CounterOutcome {
                 over: false,
-                remaining: limit.remaining(after, now_ms),
+                remaining: limit
+                    .remaining(after, now_ms)
+                    .saturating_sub(holding.holds[i].held()),
                 reset_in_ms: limit.reset_in_ms(after, now_ms),
                 retry_after_ms: Some(0),
                 charged: 0,
                 overshoot: 0,
+                holds: HoldChange {
+                    expired_holds,
+                    expired,
+                    ..HoldChange::default()
+                },
             }
         })
         .collect();
     GroupOutcome {
         admitted: true,
         counters,
+        holds_full: false,
     }
 }
 
@@ -510,6 +796,191 @@ mod tests {
             2,
         );
         assert_eq!(used(states[0]), Some(0), "floored at zero");
+    }
+
+    fn reserve(id: &str, amount: u64, expires_at_ms: u64) -> HoldRequest {
+        HoldRequest {
+            id: id.into(),
+            expires_at_ms,
+            amounts: vec![amount],
+        }
+    }
+
+    fn run(
+        limits: &[Algorithm],
+        states: &mut [Option<CounterState>],
+        holds: &mut [Holds],
+        policy: Policy,
+        cost: u64,
+        request: Option<&HoldRequest>,
+        now: u64,
+    ) -> GroupOutcome {
+        let mut dirty = vec![false; limits.len()];
+        let groups = one(policy, cost);
+        evaluate_holding(limits, states, holds, &mut dirty, &groups, request, now).remove(0)
+    }
+
+    #[test]
+    fn holds_count_in_every_admission_until_committed_or_expired() {
+        let limits = [window(100)];
+        let mut states = [None];
+        let mut holds = [Holds::default()];
+        let r = reserve("a", 60, 30_000);
+        let out = run(
+            &limits,
+            &mut states,
+            &mut holds,
+            Policy::Reserve,
+            60,
+            Some(&r),
+            0,
+        );
+        assert!(out.admitted);
+        assert_eq!(out.counters[0].holds.placed, 60);
+        assert_eq!(out.counters[0].remaining, 40, "remaining subtracts holds");
+        assert_eq!(states[0], None, "a hold charges nothing");
+        // 40 fit on top of the hold, 41 do not: in a check, a charge-or-nothing, a reserve.
+        for policy in [Policy::CheckOnly, Policy::AllOrNothing, Policy::Reserve] {
+            let r = reserve("b", 41, 30_000);
+            let out = run(&limits, &mut states, &mut holds, policy, 41, Some(&r), 1);
+            assert!(!out.admitted, "{policy:?}");
+        }
+        assert_eq!(holds[0].list.len(), 1, "a refused reserve holds nothing");
+        // The commit charges the real usage and releases the hold.
+        let c = reserve("a", 0, 0);
+        let out = run(
+            &limits,
+            &mut states,
+            &mut holds,
+            Policy::Commit,
+            25,
+            Some(&c),
+            2,
+        );
+        assert!(out.admitted, "released");
+        assert_eq!(
+            (out.counters[0].holds.released, out.counters[0].charged),
+            (60, 25)
+        );
+        assert_eq!(used(states[0]), Some(25));
+        assert!(holds[0].list.is_empty());
+        // Committed again: nothing held, so it is a report on the counter.
+        let out = run(
+            &limits,
+            &mut states,
+            &mut holds,
+            Policy::Commit,
+            5,
+            Some(&c),
+            3,
+        );
+        assert!(!out.admitted);
+        assert_eq!(used(states[0]), Some(30));
+        // A commit of 0 never charges.
+        run(
+            &limits,
+            &mut states,
+            &mut holds,
+            Policy::Commit,
+            0,
+            Some(&c),
+            4,
+        );
+        assert_eq!(used(states[0]), Some(30));
+        // A hold expires at its time (a fixed window's end comes first if sooner).
+        let r = reserve("x", 70, 50_000);
+        assert!(
+            run(
+                &limits,
+                &mut states,
+                &mut holds,
+                Policy::Reserve,
+                70,
+                Some(&r),
+                5
+            )
+            .admitted
+        );
+        assert_eq!(holds[0].list[0].expires_at_ms, 50_000);
+        let out = run(
+            &limits,
+            &mut states,
+            &mut holds,
+            Policy::CheckOnly,
+            70,
+            None,
+            49_999,
+        );
+        assert!(!out.admitted);
+        let out = run(
+            &limits,
+            &mut states,
+            &mut holds,
+            Policy::CheckOnly,
+            70,
+            None,
+            50_000,
+        );
+        assert!(out.admitted);
+        assert_eq!(
+            (
+                out.counters[0].holds.expired_holds,
+                out.counters[0].holds.expired
+            ),
+            (1, 70)
+        );
+        let r = reserve("y", 10, 90_000);
+        run(
+            &limits,
+            &mut states,
+            &mut holds,
+            Policy::Reserve,
+            10,
+            Some(&r),
+            50_000,
+        );
+        assert_eq!(
+            holds[0].list[0].expires_at_ms,
+            MINUTE + 2,
+            "the window (opened by the commit at 2) ends first"
+        );
+    }
+
+    #[test]
+    fn a_counter_holds_at_most_max_holds() {
+        let limits = [window(1_000_000)];
+        let mut states = [None];
+        let mut holds = [Holds::default()];
+        for n in 0..MAX_HOLDS {
+            let r = reserve(&format!("r{n}"), 1, 10_000);
+            assert!(
+                run(
+                    &limits,
+                    &mut states,
+                    &mut holds,
+                    Policy::Reserve,
+                    1,
+                    Some(&r),
+                    0
+                )
+                .admitted
+            );
+        }
+        let r = reserve("one-too-many", 1, 10_000);
+        let out = run(
+            &limits,
+            &mut states,
+            &mut holds,
+            Policy::Reserve,
+            1,
+            Some(&r),
+            0,
+        );
+        assert!(!out.admitted && out.holds_full);
+        assert_eq!(holds[0].list.len(), MAX_HOLDS);
+        assert_eq!(hold_amount(500, 100, 0.5), 50);
+        assert_eq!(hold_amount(5, 1, 0.5), 1, "at least 1");
+        assert_eq!(hold_amount(0, 100, 0.5), 0);
     }
 
     #[test]

@@ -70,11 +70,17 @@ impl SlidingWindow {
     }
 
     pub fn admits(&self, state: SlidingState, now_ms: u64, cost: u64) -> bool {
+        self.admits_holding(state, now_ms, 0, cost)
+    }
+
+    /// Admission with `held` tokens on hold (reservations).
+    pub fn admits_holding(&self, state: SlidingState, now_ms: u64, held: u64, cost: u64) -> bool {
         let clamp = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
+        let period = u128::from(self.period_ms);
         admits(
             clamp(self.used(state, now_ms)),
-            0,
-            clamp(u128::from(cost) * u128::from(self.period_ms)),
+            clamp(u128::from(held) * period),
+            clamp(u128::from(cost) * period),
             clamp(self.limit()),
         )
     }

@@ -86,13 +86,23 @@ impl TokenBucket {
         (i128::from(self.capacity) - i128::from(state.units)).clamp(0, i128::from(u64::MAX)) as u64
     }
 
-    pub fn admits(&self, state: BucketState, _now_ms: u64, cost: u64) -> bool {
+    pub fn admits(&self, state: BucketState, now_ms: u64, cost: u64) -> bool {
+        self.admits_holding(state, now_ms, 0, cost)
+    }
+
+    /// Admission with `held` tokens on hold (reservations): `tokens - held >= cost`.
+    pub fn admits_holding(&self, state: BucketState, _now_ms: u64, held: u64, cost: u64) -> bool {
         admits(
             self.used(state),
-            0,
+            held.saturating_mul(self.scale),
             cost.saturating_mul(self.scale),
             self.capacity,
         )
+    }
+
+    /// Capacity in whole tokens.
+    pub fn max_tokens(&self) -> u64 {
+        div_floor(self.capacity, self.scale)
     }
 
     /// Takes `cost` tokens, into debt if need be. The debt is bounded so that what is owed

@@ -30,6 +30,7 @@ use crate::throttle::{LOG_EVERY, Throttle};
 mod asm;
 mod auth;
 mod explain;
+mod reserve;
 mod ui;
 
 pub use auth::HttpToken;
@@ -74,6 +75,8 @@ pub fn router(
         .route("/explain", post(explain::explain))
         .route("/ui", get(ui::page))
         .route("/ui/data", get(ui::data))
+        .route("/reserve", post(reserve::reserve))
+        .route("/commit", post(reserve::commit))
         .route("/ratelimit", get(asm::check))
         .route("/update_ratelimit_record", post(asm::update))
         // Routes go above: this protects every one of them not listed in `auth::OPEN`.

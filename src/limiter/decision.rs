@@ -6,7 +6,7 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 use super::plan::Plan;
-use crate::algorithm::{CounterOutcome, GroupOutcome};
+use crate::algorithm::{CounterOutcome, GroupOutcome, Policy};
 use crate::call::{Call, Code, Verdict};
 use crate::limits::Limit;
 
@@ -35,6 +35,13 @@ pub struct Decision {
     pub statuses: Vec<DescriptorStatus>,
     /// Every limit the call touched, most restrictive first.
     pub limits: Vec<LimitStatus>,
+    /// Reserve, admitted: the reservation's id (also when nothing was held, for an amount of 0).
+    pub reservation_id: Option<String>,
+    /// Reserve: a counter carries the most holds it may ([`crate::algorithm::MAX_HOLDS`]);
+    /// nothing was held (a bound, not a spent budget).
+    pub holds_full: bool,
+    /// Commit: a live hold of the reservation was found and released.
+    pub released: bool,
 }
 
 impl Decision {
@@ -55,6 +62,9 @@ impl Decision {
             cost,
             statuses: vec![status; descriptors],
             limits: Vec::new(),
+            reservation_id: None,
+            holds_full: false,
+            released: false,
         }
     }
 
@@ -110,6 +120,8 @@ pub fn assemble(
     let groups = plan.batch.groups.iter().zip(plan.contexts);
     for ((group, context), outcome) in groups.zip(outcomes) {
         let verdict = Verdict::of(group.policy, outcome.admitted);
+        decision.holds_full |= outcome.holds_full;
+        decision.released |= group.policy == Policy::Commit && outcome.admitted;
         decision.verdict = decision.verdict.max(verdict);
         let mut statuses: SmallVec<[LimitStatus; 4]> = context
             .limits

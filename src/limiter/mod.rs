@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use crate::algorithm::GroupOutcome;
+use crate::algorithm::{GroupOutcome, HoldRequest, Policy, hold_amount};
 pub use crate::call::{Call, Code, Verdict};
 use crate::clock::Clock;
 use crate::limits::{EvalError, Limit, LimitId, LimitSet};
@@ -107,8 +107,38 @@ pub struct Unobserved;
 
 impl Observer for Unobserved {}
 
+/// How reservations work (`--max-reservation-fraction`, `--max-reservation-ttl`,
+/// `--disable-reservations`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reservations {
+    /// Reserve and Commit are answered (else UNIMPLEMENTED, HTTP 501).
+    pub enabled: bool,
+    /// The hold on a counter is at most this fraction of its limit's `max_value` (at least 1).
+    pub max_fraction: f64,
+    /// No hold lives longer than this.
+    pub max_ttl: Duration,
+}
+
+impl Default for Reservations {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_fraction: 0.5,
+            max_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a call does with holds, besides its policy.
+enum Holding<'a> {
+    None,
+    Reserve { ttl: Option<Duration> },
+    Commit { id: &'a str },
+}
+
 pub struct Limiter {
     limits: ArcSwap<LimitSet>,
+    reservations: Reservations,
     storage: Arc<dyn Storage>,
     clock: Arc<dyn Clock>,
     observer: Arc<dyn Observer>,
@@ -129,6 +159,7 @@ impl Limiter {
             storage,
             clock,
             observer: Arc::new(Unobserved),
+            reservations: Reservations::default(),
             on_storage_error: OnStorageError::Error,
             throttled: Throttled {
                 evaluation_failed: Throttle::new(LOG_EVERY),
@@ -147,6 +178,16 @@ impl Limiter {
     pub fn on_storage_error(mut self, mode: OnStorageError) -> Self {
         self.on_storage_error = mode;
         self
+    }
+
+    /// How reservations work.
+    pub fn with_reservations(mut self, reservations: Reservations) -> Self {
+        self.reservations = reservations;
+        self
+    }
+
+    pub fn reservations(&self) -> Reservations {
+        self.reservations
     }
 
     pub fn limits(&self) -> Arc<LimitSet> {
@@ -175,24 +216,95 @@ impl Limiter {
         self.clock.now_ms()
     }
 
+    /// Decides `request` as `call` (ShouldRateLimit, CheckRateLimit, Report; see
+    /// [`Limiter::reserve`] and [`Limiter::commit`] for the reservations).
     pub async fn decide(&self, request: &Request, call: Call) -> Result<Decision, StorageError> {
+        self.decide_holding(request, call, Holding::None).await
+    }
+
+    /// Kuadrant's Reserve: admitted iff every counter the request's limits select can take
+    /// the amount (`request.hits`, taken as is) on top of its usage and holds; then each gets a
+    /// hold of min(amount, max_value × max_fraction) that expires at the earliest of now +
+    /// `ttl` (none or zero: no ttl of its own), the end of the counter's fixed window and now
+    /// + the maximum ttl. An admitted decision carries the new reservation's id.
+    pub async fn reserve(
+        &self,
+        request: &Request,
+        ttl: Option<Duration>,
+    ) -> Result<Decision, StorageError> {
+        self.decide_holding(request, Call::Reserve, Holding::Reserve { ttl })
+            .await
+    }
+
+    /// Kuadrant's Commit: charges the actual amount (`request.hits`, 0 charging nothing) to
+    /// the counters that hold reservation `id` and releases their holds, in one step; when no
+    /// counter the request selects holds it, charges every one, as a report.
+    pub async fn commit(&self, request: &Request, id: &str) -> Result<Decision, StorageError> {
+        self.decide_holding(request, Call::Commit, Holding::Commit { id })
+            .await
+    }
+
+    async fn decide_holding(
+        &self,
+        request: &Request,
+        call: Call,
+        holding: Holding<'_>,
+    ) -> Result<Decision, StorageError> {
         let descriptors = request.descriptors.len();
         if request.namespace.is_empty() {
             return Ok(Decision::unknown(call, descriptors));
         }
         let limits = self.limits.load();
-        let plan = plan(&limits, request, call);
+        let mut plan = plan(&limits, request, call);
         for (limit, error) in &plan.failed {
             self.evaluation_failed(&request.namespace, limit, error);
         }
+        let now_ms = self.clock.now_ms();
+        let reservation_id = match holding {
+            Holding::None => None,
+            Holding::Reserve { ttl } => {
+                let id = new_reservation_id()?;
+                let max_ttl = self.reservations.max_ttl;
+                let ttl = ttl
+                    .filter(|t| !t.is_zero())
+                    .map_or(max_ttl, |t| t.min(max_ttl));
+                let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+                let fraction = self.reservations.max_fraction;
+                plan.batch.hold = Some(HoldRequest {
+                    id: id.clone(),
+                    expires_at_ms: now_ms.saturating_add(ttl_ms),
+                    amounts: (plan.batch.counters.iter())
+                        .map(|c| hold_amount(request.hits, c.algorithm.max_tokens(), fraction))
+                        .collect(),
+                });
+                Some(id)
+            }
+            Holding::Commit { id } => {
+                plan.batch.hold = Some(HoldRequest {
+                    id: id.to_string(),
+                    ..HoldRequest::default()
+                });
+                None
+            }
+        };
 
-        let outcomes = match self.outcomes(&plan).await {
+        let outcomes = match self.outcomes(&plan, now_ms).await {
             Ok(outcomes) => outcomes,
-            Err(error) => return self.storage_failed(call, plan.cost, descriptors, error),
+            Err(error) => {
+                // (`--on-storage-error allow`: a reservation admitted without holds.)
+                let mut decision = self.storage_failed(call, plan.cost, descriptors, error)?;
+                if decision.verdict == Verdict::Admitted {
+                    decision.reservation_id = reservation_id;
+                }
+                return Ok(decision);
+            }
         };
 
         let namespace_has_limits = plan.namespace_has_limits;
-        let decision = decision::assemble(call, descriptors, plan, outcomes);
+        let mut decision = decision::assemble(call, descriptors, plan, outcomes);
+        if decision.verdict == Verdict::Admitted {
+            decision.reservation_id = reservation_id;
+        }
         log_decision(&request.namespace, namespace_has_limits, &decision);
         self.observer.decided(&Decided {
             namespace: &request.namespace,
@@ -210,7 +322,7 @@ impl Limiter {
         let call = Call::CheckRateLimit;
         let plan = plan(&limits, request, call);
         let descriptors = request.descriptors.len();
-        let decision = match self.outcomes(&plan).await {
+        let decision = match self.outcomes(&plan, self.clock.now_ms()).await {
             Ok(outcomes) => Ok(decision::assemble(call, descriptors, plan, outcomes)),
             Err(error) => Err(error),
         };
@@ -219,16 +331,23 @@ impl Limiter {
 
     /// The storage's answer to a plan: one outcome per group (every group admitted without
     /// asking the storage when no counter applies).
-    async fn outcomes(&self, plan: &Plan<'_>) -> Result<Vec<GroupOutcome>, StorageError> {
+    async fn outcomes(
+        &self,
+        plan: &Plan<'_>,
+        now_ms: u64,
+    ) -> Result<Vec<GroupOutcome>, StorageError> {
         if plan.batch.counters.is_empty() {
-            let admitted = GroupOutcome {
-                admitted: true,
+            // Nothing applies: every group is admitted without asking the storage (a commit
+            // finds no hold to release).
+            let outcomes = (plan.batch.groups.iter()).map(|group| GroupOutcome {
+                admitted: group.policy != Policy::Commit,
                 counters: Vec::new(),
-            };
-            return Ok(vec![admitted; plan.batch.groups.len()]);
+                holds_full: false,
+            });
+            return Ok(outcomes.collect());
         }
         let started = Instant::now();
-        let result = self.storage.apply(&plan.batch, self.clock.now_ms()).await;
+        let result = self.storage.apply(&plan.batch, now_ms).await;
         self.observer.storage_called(started.elapsed());
         result
     }
@@ -308,4 +427,14 @@ impl Limiter {
             next: snapshots.next,
         })
     }
+}
+
+/// A new reservation id: 128 random bits from the operating system, in hex (unguessable, so
+/// no client can commit or release another's reservation).
+fn new_reservation_id() -> Result<String, StorageError> {
+    let mut bits = [0u8; 16];
+    getrandom::fill(&mut bits).map_err(|e| {
+        StorageError::Unavailable(format!("no randomness for a reservation id: {e}"))
+    })?;
+    Ok(bits.iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -35,10 +35,11 @@ pub struct PlannedContext {
 }
 
 /// Splits a request into contexts (DESIGN.md "Hits"): when no descriptor carries its own
-/// cost (or is a refund), the whole request is one context (Limitador); otherwise each
-/// descriptor is its own (Envoy).
-fn contexts(request: &Request) -> SmallVec<[(Range<usize>, Context); 1]> {
-    let per_descriptor = (request.descriptors.iter()).any(|d| d.hits.is_some() || d.refund);
+/// cost (or is a refund), or the call is a reservation's, the whole request is one context
+/// (Limitador); otherwise each descriptor is its own (Envoy).
+fn contexts(request: &Request, call: Call) -> SmallVec<[(Range<usize>, Context); 1]> {
+    let per_descriptor =
+        !call.whole_request() && (request.descriptors.iter()).any(|d| d.hits.is_some() || d.refund);
     if !per_descriptor {
         let whole = Context::Request { hits: request.hits };
         return smallvec::smallvec![(0..request.descriptors.len(), whole)];
@@ -61,10 +62,11 @@ fn contexts(request: &Request) -> SmallVec<[(Range<usize>, Context); 1]> {
 /// Plans `request` as `call` against `limits`.
 pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r> {
     let namespace = limits.namespace_entry(&request.namespace);
-    let contexts = contexts(request);
+    let contexts = contexts(request, call);
     let mut plan = Plan {
         batch: Batch {
             namespace: &request.namespace,
+            hold: None,
             counters: Vec::new(),
             groups: Vec::with_capacity(contexts.len()),
         },

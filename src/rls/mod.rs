@@ -130,6 +130,90 @@ impl RateLimitServer {
     }
 }
 
+impl RateLimitServer {
+    async fn reserve_now(
+        &self,
+        message: kuadrant::ReserveRequest,
+    ) -> Result<kuadrant::ReserveResponse, Status> {
+        if !self.limiter.reservations().enabled {
+            return Err(Status::unimplemented(
+                "reservations are disabled (--disable-reservations)",
+            ));
+        }
+        // A negative ttl is no ttl of its own, like an absent or zero one.
+        let ttl = message.ttl.and_then(|ttl| {
+            let seconds = u64::try_from(ttl.seconds).ok()?;
+            let nanos = u32::try_from(ttl.nanos).ok()?;
+            Some(std::time::Duration::new(seconds, nanos.min(999_999_999)))
+        });
+        let request = to_request(
+            RateLimitRequest {
+                domain: message.domain,
+                descriptors: message.descriptors,
+                hits_addend: 0,
+            },
+            &self.bounds,
+        )?;
+        let request = Request {
+            hits: message.amount,
+            ..request
+        };
+        let decision = (self.limiter.reserve(&request, ttl).await)
+            .map_err(|error| self.storage_refused(Call::Reserve, &error))?;
+        if decision.holds_full {
+            return Err(Status::resource_exhausted(format!(
+                "a counter of this request already carries {} holds (the bound per counter); nothing was held",
+                crate::algorithm::MAX_HOLDS
+            )));
+        }
+        let code = match decision.code() {
+            Code::Ok => response::Code::Ok,
+            Code::OverLimit => response::Code::OverLimit,
+            Code::Unknown => response::Code::Unknown,
+        };
+        Ok(kuadrant::ReserveResponse {
+            code: code as i32,
+            reservation_id: decision.reservation_id.unwrap_or_default(),
+        })
+    }
+
+    async fn commit_now(
+        &self,
+        message: kuadrant::CommitRequest,
+    ) -> Result<kuadrant::CommitResponse, Status> {
+        if !self.limiter.reservations().enabled {
+            return Err(Status::unimplemented(
+                "reservations are disabled (--disable-reservations)",
+            ));
+        }
+        let request = to_request(
+            RateLimitRequest {
+                domain: message.domain,
+                descriptors: message.descriptors,
+                hits_addend: 0,
+            },
+            &self.bounds,
+        )?;
+        let request = Request {
+            hits: message.actual_amount,
+            ..request
+        };
+        let decision = (self.limiter.commit(&request, &message.reservation_id).await)
+            .map_err(|error| self.storage_refused(Call::Commit, &error))?;
+        Ok(kuadrant::CommitResponse {
+            reservation_released: decision.released,
+        })
+    }
+
+    fn storage_refused(&self, call: Call, error: &StorageError) -> Status {
+        if let Some(skipped) = STORAGE_FAILED.admit() {
+            tracing::warn!(rpc = call.name(), %error, skipped,
+                "storage refused a decision (similar lines are throttled)");
+        }
+        storage_status(error)
+    }
+}
+
 #[tonic::async_trait]
 impl rate_limit_service_server::RateLimitService for RateLimitServer {
     async fn should_rate_limit(
@@ -154,6 +238,38 @@ impl kuadrant::rate_limit_service_server::RateLimitService for RateLimitServer {
         request: tonic::Request<RateLimitRequest>,
     ) -> Result<tonic::Response<RateLimitResponse>, Status> {
         self.handle(request, Call::Report).await
+    }
+
+    async fn reserve(
+        &self,
+        request: tonic::Request<kuadrant::ReserveRequest>,
+    ) -> Result<tonic::Response<kuadrant::ReserveResponse>, Status> {
+        let started = Instant::now();
+        let result = self.reserve_now(request.into_inner()).await;
+        let outcome = match &result {
+            Ok(response) if response.code == response::Code::Ok as i32 => Outcome::Ok,
+            Ok(response) if response.code == response::Code::OverLimit as i32 => Outcome::OverLimit,
+            Ok(_) => Outcome::Unknown,
+            Err(status) if status.code() == tonic::Code::InvalidArgument => Outcome::Invalid,
+            Err(_) => Outcome::Error,
+        };
+        metrics::rpc(Call::Reserve, outcome, started.elapsed());
+        result.map(tonic::Response::new)
+    }
+
+    async fn commit(
+        &self,
+        request: tonic::Request<kuadrant::CommitRequest>,
+    ) -> Result<tonic::Response<kuadrant::CommitResponse>, Status> {
+        let started = Instant::now();
+        let result = self.commit_now(request.into_inner()).await;
+        let outcome = match &result {
+            Ok(_) => Outcome::Ok,
+            Err(status) if status.code() == tonic::Code::InvalidArgument => Outcome::Invalid,
+            Err(_) => Outcome::Error,
+        };
+        metrics::rpc(Call::Commit, outcome, started.elapsed());
+        result.map(tonic::Response::new)
     }
 }
 

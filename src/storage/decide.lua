@@ -2,44 +2,55 @@
 -- (`evaluate` and the three algorithms), with the same rules, in the same order, giving the same
 -- answers. All quantities are integers below 2^53, exact in Lua's doubles.
 --
+-- KEYS     n counters, then their n hold keys.
 -- KEYS[i]  counter i. Its value, packed by `struct` as little-endian doubles after a tag byte:
 --          '<Bdd' 1, used, window end (fixed window); '<Bdd' 2, units, refilled at (token
 --          bucket); '<Bddd' 3, window start, current, previous (sliding window). Its TTL is the
 --          time until the state no longer matters. A value of another shape reads as no state.
+-- KEYS[n+i] counter i's holds (`<counter key>:h`): a hash from reservation id to '<dd' amount,
+--          expiry (ratekeeper's clock, ms); its TTL lasts until its last hold expires. Expired
+--          (or malformed) holds are deleted by any call that touches the counter.
 -- ARGV     pairs of a `struct` format ('<' and one 'd' per number) and the numbers it packs,
 --          little-endian doubles (one pair unless there are thousands of numbers). The
 --          numbers, in order: now_ms (ratekeeper's clock: windows and refills), deadline_ms
 --          (Redis's clock, 0: none), then for each counter its algorithm and parameters
 --          (FIXED_WINDOW: max, period_ms; TOKEN_BUCKET: capacity, scale, quantum, step_ms;
---          SLIDING_WINDOW: max, period_ms), then for each group: its policy, cost, k, and k
---          counter indices (1-based).
+--          SLIDING_WINDOW: max, period_ms), then the holds' latest expiry (RESERVE) and for each
+--          counter the hold a RESERVE places on it (0: none), then for each group: its policy,
+--          cost, k, and k counter indices (1-based). The last ARGV is the reservation id
+--          (RESERVE, COMMIT; else empty).
 -- Returns  '<Bd': DECIDED or TOO_LATE, and Redis's clock (TIME) in ms. TOO_LATE: Redis ran the
 --          call after its deadline (the caller has given up on it, or is about to) and nothing
 --          was read or written. DECIDED is followed by, for each group, for each of its
---          counters, packed as '<Bddddd': flags (1: over, 2: the group is admitted), remaining,
---          reset_in_ms, retry_after_ms (-1: never), charged, overshoot; all concatenated. (A
---          group without counters is admitted.)
+--          counters, packed as '<Bddddddddd': flags (1: over, 2: the group is admitted (COMMIT:
+--          a hold was released), 4: a counter is at MAX_HOLDS), remaining, reset_in_ms,
+--          retry_after_ms (-1: never), charged, overshoot, tokens held by this call, tokens
+--          released, expired holds purged and their tokens (on a counter's first record only);
+--          all concatenated. (A group without counters is admitted.)
 --
 -- The rules are written once: each algorithm is a set of functions over one counter (below),
 -- and one loop applies a group's policy to its counters with them, whatever the mix.
 
 -- The wire numbers, the same as Rust's (`Policy::wire`, `Algorithm::wire`; a unit test in
 -- src/storage/redis.rs compares them).
-local ALL_OR_NOTHING, CHECK_ONLY, CHARGE, REFUND = 0, 1, 2, 3
+local ALL_OR_NOTHING, CHECK_ONLY, CHARGE, REFUND, RESERVE, COMMIT = 0, 1, 2, 3, 4, 5
 local FIXED_WINDOW, TOKEN_BUCKET, SLIDING_WINDOW = 0, 1, 2
 local TOO_LATE, DECIDED = 0, 1
+local MAX_HOLDS = 1000 -- holds per counter (Rust's MAX_HOLDS)
 
 local MAX_COUNT = 9007199254740991
 local unpack, pack, floor, min, max = struct.unpack, struct.pack, math.floor, math.min, math.max
 
 local num = {unpack(ARGV[1], ARGV[2])}
 num[#num] = nil -- (unpack's last result is the position after the data)
-for c = 3, #ARGV, 2 do -- further chunks, for batches too large for one unpack
+for c = 3, #ARGV - 1, 2 do -- further chunks, for batches too large for one unpack
   local more, m = {unpack(ARGV[c], ARGV[c + 1])}, #num
   for j = 1, #more - 1 do num[m + j] = more[j] end
 end
 local last = #num
 local now = num[1]
+local id = ARGV[#ARGV]
+local n = #KEYS / 2
 
 -- A call its caller answered as failed must never take effect later: Redis's own clock says
 -- whether it is too late, against a deadline ratekeeper has put on Redis's clock.
@@ -61,7 +72,7 @@ end
 -- call uses.
 local counters, windows, buckets, slidings = {}, false, false, false
 local a = 3
-for i = 1, #KEYS do
+for i = 1, n do
   local algorithm = num[a]
   if algorithm == FIXED_WINDOW then
     windows = true
@@ -82,6 +93,10 @@ for i = 1, #KEYS do
     a = a + 3
   end
 end
+-- The holds a RESERVE places.
+local hold_expires = num[a]
+for i = 1, n do counters[i].hold_amount = num[a + i] end
+a = a + 1 + n
 
 local idiv, cdiv -- exact integer division (the bucket and the sliding window use them)
 if buckets or slidings then
@@ -125,7 +140,7 @@ if windows then
         c.used, c.ends = 0, now + c.period
       end
     end,
-    admits = function(c, cost) return c.used + cost <= c.max end,
+    admits = function(c, cost) return c.used + c.held + cost <= c.max end,
     charge = function(c, cost) c.used = min(c.used + cost, MAX_COUNT) end,
     refund = function(c, cost)
       local before = c.used
@@ -170,7 +185,7 @@ if buckets then
         c.units, c.refilled = c.capacity, now
       end
     end,
-    admits = function(c, cost) return c.units >= cost * c.scale end,
+    admits = function(c, cost) return c.units - c.held * c.scale >= cost * c.scale end,
     charge = function(c, cost)
       c.units = max(c.units - cost * c.scale, c.capacity - MAX_COUNT)
     end,
@@ -243,7 +258,9 @@ if slidings then
       -- Nothing counts any more: the same as new, the grid starts over at the next charge.
       if c.current == 0 and c.previous == 0 then c.start = now end
     end,
-    admits = function(c, cost) return used(c) + cost * c.period <= c.max * c.period end,
+    admits = function(c, cost)
+      return used(c) + (c.held + cost) * c.period <= c.max * c.period
+    end,
     charge = function(c, cost) c.current = min(c.current + cost, MAX_COUNT) end,
     refund = function(c, cost)
       local before = c.current
@@ -264,8 +281,8 @@ if slidings then
   }
 end
 
--- Each counter's state in force now.
-for i = 1, #KEYS do
+-- Each counter's state in force now, and its live holds (expired ones are deleted).
+for i = 1, n do
   local c = counters[i]
   if c.algorithm == FIXED_WINDOW then
     c.rules = window
@@ -277,6 +294,39 @@ for i = 1, #KEYS do
   local stored = redis.call('GET', KEYS[i])
   c.exists = stored ~= false -- a refund never creates a counter
   c.rules.load(c, stored)
+  local hkey = KEYS[n + i]
+  c.hkey, c.held, c.holds, c.last, c.mine = hkey, 0, 0, 0, nil
+  c.expired_holds, c.expired, c.reported = 0, 0, false
+  local raw = redis.call('HGETALL', hkey)
+  for j = 1, #raw, 2 do
+    local amount, ends
+    if #raw[j + 1] == 16 then amount, ends = unpack('<dd', raw[j + 1]) end
+    if amount and amount == amount and ends == ends and ends > now then
+      c.held, c.holds = c.held + amount, c.holds + 1
+      if ends > c.last then c.last = ends end
+      if id ~= '' and raw[j] == id then c.mine = amount end
+    else
+      redis.call('HDEL', hkey, raw[j])
+      if amount and amount == amount then
+        c.expired_holds, c.expired = c.expired_holds + 1, c.expired + amount
+      end
+    end
+  end
+end
+
+-- Time until `cost` would be admitted on top of the holds: as if they stayed; when cost and
+-- holds together never fit, the time until the counter is back to its full budget.
+local function retry_holding(c, cost)
+  local rules = c.rules
+  if c.held == 0 then
+    local _, _, retry = rules.view(c, cost)
+    return retry
+  end
+  local _, _, retry = rules.view(c, cost + c.held)
+  if retry ~= -1 then return retry end
+  local _, reset, alone = rules.view(c, cost)
+  if alone == -1 then return -1 end
+  return reset
 end
 
 -- The groups, in order: a later group sees an earlier one's charges.
@@ -286,21 +336,60 @@ while a <= last do
   local first = a + 3
   a = first + k
   local check = cost
-  if policy == CHECK_ONLY and check < 1 then check = 1 end
+  if (policy == CHECK_ONLY or policy == RESERVE) and check < 1 then check = 1 end
   local admitted = true
   for j = first, a - 1 do
     local c = counters[num[j]]
-    c.refused = policy ~= REFUND and not c.rules.admits(c, check) -- a refund never refuses
+    -- A refund never refuses; a commit charges usage that happened.
+    c.refused = policy ~= REFUND and policy ~= COMMIT and not c.rules.admits(c, check)
     if c.refused then admitted = false end
   end
+  -- A RESERVE that would hold on a counter at the bound holds nothing; a COMMIT charges the
+  -- counters that hold its id, or, when none does, every counter.
+  local full, committed = false, false
+  for j = first, a - 1 do
+    local c = counters[num[j]]
+    if policy == RESERVE and admitted and c.hold_amount > 0 and c.holds >= MAX_HOLDS then
+      full = true
+    end
+    if policy == COMMIT and c.mine then committed = true end
+  end
+  local holds = policy == RESERVE and admitted and not full
   local charges = policy == CHARGE or (policy == ALL_OR_NOTHING and admitted)
-  local group_flag = admitted and 2 or 0
+  local group_flag = (full and 4 or 0)
+  if policy == COMMIT then
+    if committed then group_flag = group_flag + 2 end
+  elseif admitted and not full then
+    group_flag = group_flag + 2
+  end
   for j = first, a - 1 do
     local c = counters[num[j]]
     local rules = c.rules
-    local _, _, retry, beyond_before = rules.view(c, check)
+    local _, _, _, beyond_before = rules.view(c, check)
+    local placed, released, charge = 0, 0, charges
+    if policy == COMMIT then
+      local found = committed and c.mine ~= nil
+      if found then
+        released = c.mine
+        redis.call('HDEL', c.hkey, id)
+        c.held, c.holds, c.mine = c.held - released, c.holds - 1, nil
+      end
+      charge = cost > 0 and (not committed or found)
+    elseif holds and c.hold_amount > 0 then
+      placed = c.hold_amount
+      local ends = hold_expires
+      if c.algorithm == FIXED_WINDOW and c.ends < ends then ends = c.ends end
+      redis.call('HSET', c.hkey, id, pack('<dd', placed, ends))
+      if c.mine then c.held, c.holds = c.held - c.mine, c.holds - 1 end -- (replaced)
+      c.held, c.holds, c.mine = c.held + placed, c.holds + 1, placed
+      if ends > c.last then c.last = ends end
+      -- At once, so the holds' key never lives without a TTL (even if a later write failed):
+      -- until its last hold expires.
+      redis.call('PEXPIRE', c.hkey, max(c.last - now, 1))
+    end
+    local retry = retry_holding(c, check)
     local charged = 0
-    if charges then
+    if charge then
       rules.charge(c, cost)
       c.dirty = true
       charged = min(cost, MAX_COUNT)
@@ -310,21 +399,26 @@ while a <= last do
     local remaining, reset, retry_one, beyond, over = rules.view(c, 1)
     if policy == REFUND then
       over, retry, beyond = false, 0, beyond_before
-    elseif policy == CHARGE then
+    elseif policy == CHARGE or policy == COMMIT then
       -- The usage happened: over when past the limit; retry when one more fits.
       if not over then retry_one = 0 end
       retry = retry_one
     else
       over = c.refused
     end
-    local record = pack('<Bddddd', group_flag + (over and 1 or 0), remaining, reset, retry,
-      charged, max(beyond - beyond_before, 0))
+    local expired_holds, expired = 0, 0
+    if not c.reported then
+      c.reported, expired_holds, expired = true, c.expired_holds, c.expired
+    end
+    local record = pack('<Bddddddddd', group_flag + (over and 1 or 0),
+      max(remaining - c.held, 0), reset, retry, charged, max(beyond - beyond_before, 0), placed,
+      released, expired_holds, expired)
     o = o + 1
     if o == 1 then out = record elseif o == 2 then out = {out, record} else out[o] = record end
   end
 end
 
-for i = 1, #KEYS do
+for i = 1, n do
   local c = counters[i]
   if c.dirty then
     local value, ttl = c.rules.encode(c)

@@ -25,7 +25,7 @@ use super::{
     Batch, CounterKey, CounterSnapshot, LimitId, ListError, Page, PageRequest, Storage,
     StorageError, parse_cursor,
 };
-use crate::algorithm::{CounterState, GroupOutcome, evaluate};
+use crate::algorithm::{CounterState, GroupOutcome, Hold, Holds, evaluate_holding};
 
 const SHARDS: usize = 64;
 /// Entries a listing looks at under one lock.
@@ -35,11 +35,13 @@ const LIST_BUDGET: usize = 256 * 1024;
 
 type Shard = HashMap<CounterKey, Stored>;
 
-/// A counter's state and when it may be forgotten.
-#[derive(Debug, Clone, Copy)]
+/// A counter's state (none yet when only holds are on it), its holds, and when it may be
+/// forgotten (its state is back to its full budget and its last hold has expired).
+#[derive(Debug, Clone)]
 struct Stored {
-    state: CounterState,
+    state: Option<CounterState>,
     expires_at_ms: u64,
+    holds: Vec<Hold>,
 }
 
 pub struct MemoryStorage {
@@ -92,20 +94,35 @@ impl MemoryStorage {
         let guard_of =
             |counter: usize| order.binary_search(&shard_ids[counter]).unwrap_or_default();
 
-        let mut states: SmallVec<[Option<CounterState>; 4]> = batch
+        let stored: SmallVec<[Option<&Stored>; 4]> = batch
             .counters
             .iter()
             .enumerate()
-            .map(|(i, c)| guards[guard_of(i)].get(&c.key).map(|s| s.state))
+            .map(|(i, c)| guards[guard_of(i)].get(&c.key))
+            .collect();
+        let mut states: SmallVec<[Option<CounterState>; 4]> =
+            stored.iter().map(|s| s.and_then(|s| s.state)).collect();
+        let mut holds: SmallVec<[Holds; 4]> = stored
+            .iter()
+            .map(|s| Holds::new(s.map(|s| s.holds.clone()).unwrap_or_default()))
             .collect();
         // Which counters exist already (their entries are updated in place, without a new key).
-        let present: SmallVec<[bool; 4]> = states.iter().map(Option::is_some).collect();
+        let present: SmallVec<[bool; 4]> = stored.iter().map(Option::is_some).collect();
+        drop(stored);
         let limits: SmallVec<[_; 4]> = batch.counters.iter().map(|c| c.algorithm).collect();
         let mut dirty: SmallVec<[bool; 4]> = smallvec::smallvec![false; batch.counters.len()];
-        let outcomes = evaluate(&limits, &mut states, &mut dirty, &batch.groups, now_ms);
+        let outcomes = evaluate_holding(
+            &limits,
+            &mut states,
+            &mut holds,
+            &mut dirty,
+            &batch.groups,
+            batch.hold.as_ref(),
+            now_ms,
+        );
 
         let new_counters = (0..batch.counters.len())
-            .filter(|&i| dirty[i] && !present[i])
+            .filter(|&i| (dirty[i] || !holds[i].list.is_empty()) && !present[i])
             .count();
         if new_counters > 0 {
             // Reserve the room first, so concurrent requests on other shards cannot overshoot.
@@ -116,17 +133,35 @@ impl MemoryStorage {
             }
         }
         for (i, counter) in batch.counters.iter().enumerate() {
-            if let (true, Some(state)) = (dirty[i], states[i]) {
-                let stored = Stored {
-                    state,
-                    expires_at_ms: counter.algorithm.expires_at_ms(state, now_ms),
-                };
-                let shard = &mut guards[guard_of(i)];
-                match shard.get_mut(&counter.key) {
-                    Some(slot) => *slot = stored,
-                    None => {
-                        shard.insert(counter.key.clone(), stored);
-                    }
+            if !dirty[i] && !holds[i].changed {
+                continue;
+            }
+            let shard = &mut guards[guard_of(i)];
+            // The state as stored (unchanged unless dirty), with the holds as they are now.
+            let state = if dirty[i] {
+                states[i]
+            } else {
+                shard.get(&counter.key).and_then(|s| s.state)
+            };
+            let holds = std::mem::take(&mut holds[i].list);
+            let state_expires = state.map_or(0, |s| counter.algorithm.expires_at_ms(s, now_ms));
+            let last_hold = holds.iter().map(|h| h.expires_at_ms).max().unwrap_or(0);
+            let stored = Stored {
+                state,
+                expires_at_ms: state_expires.max(last_hold),
+                holds,
+            };
+            if stored.state.is_none() && stored.holds.is_empty() {
+                // Only holds were there, and none is left.
+                if shard.remove(&counter.key).is_some() {
+                    self.live.fetch_sub(1, Ordering::Relaxed);
+                }
+                continue;
+            }
+            match shard.get_mut(&counter.key) {
+                Some(slot) => *slot = stored,
+                None => {
+                    shard.insert(counter.key.clone(), stored);
                 }
             }
         }
@@ -182,10 +217,14 @@ fn list(
                 break;
             }
             at += 1;
-            if stored.expires_at_ms > now_ms && limits.contains(&key.limit) {
+            if let (true, true, Some(state)) = (
+                stored.expires_at_ms > now_ms,
+                limits.contains(&key.limit),
+                stored.state,
+            ) {
                 items.push(CounterSnapshot {
                     key: key.clone(),
-                    state: stored.state,
+                    state,
                 });
             }
         }
@@ -273,6 +312,7 @@ mod tests {
     fn batch(user: &str, max: u64, policy: Policy, cost: u64) -> Batch<'static> {
         Batch {
             namespace: "ns",
+            hold: None,
             counters: vec![CounterRequest {
                 key: CounterKey::new(1, [user]),
                 algorithm: Algorithm::FixedWindow(FixedWindow::new(max, 1_000)),

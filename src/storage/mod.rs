@@ -10,7 +10,7 @@ use std::fmt;
 
 use async_trait::async_trait;
 
-use crate::algorithm::{Algorithm, CounterState, Group, GroupOutcome};
+use crate::algorithm::{Algorithm, CounterState, Group, GroupOutcome, HoldRequest};
 
 pub use memory::MemoryStorage;
 pub use redis::{RedisStorage, counter_key};
@@ -118,6 +118,9 @@ pub struct Batch<'a> {
     pub namespace: &'a str,
     pub counters: Vec<CounterRequest>,
     pub groups: Vec<Group>,
+    /// What a Reserve or Commit group does with holds (its reservation id, and for a Reserve
+    /// the holds to place).
+    pub hold: Option<HoldRequest>,
 }
 
 /// A live counter, for the admin API.

@@ -23,7 +23,10 @@
 //! `<values>` is each variable value as `<byte length>:<value>`. The `{…}` hash tag puts every
 //! counter of a namespace in one cluster slot, so one script can touch all of a request's
 //! counters. The value is the counter's state, packed (see decide.lua), and the key expires when
-//! the state no longer matters: nothing grows forever. The key format and the packed values
+//! the state no longer matters: nothing grows forever. A counter's reservation holds live beside
+//! it in `<counter key>:h` (same hash tag; a hash from reservation id to amount and expiry, at
+//! most [`crate::algorithm::MAX_HOLDS`] of them), which the same script reads and writes, and
+//! which expires with its last hold. The key format and the packed values
 //! outlive upgrades: tests/golden.rs pins them (README, "Upgrades and the Redis key format").
 //!
 //! Listing a namespace's counters (the admin API) pages from the client: each round trip is one
@@ -52,8 +55,8 @@ use super::{
     StorageError, parse_cursor,
 };
 use crate::algorithm::{
-    Algorithm, BucketState, CounterOutcome, CounterState, GroupOutcome, MAX_COUNT, SlidingState,
-    WindowState,
+    Algorithm, BucketState, CounterOutcome, CounterState, GroupOutcome, HoldChange, MAX_COUNT,
+    Policy, SlidingState, WindowState,
 };
 
 /// Numbers per argument of decide.lua: well below the 8000 values one Lua `struct.unpack` may
@@ -393,6 +396,11 @@ impl Storage for RedisStorage {
                 Algorithm::SlidingWindow(w) => [w.max, w.period_ms].into_iter().for_each(&mut push),
             }
         }
+        let hold = batch.hold.as_ref();
+        push(hold.map_or(0, |h| h.expires_at_ms));
+        for i in 0..batch.counters.len() {
+            push(hold.map_or(0, |h| h.amounts.get(i).copied().unwrap_or(0)));
+        }
         for group in &batch.groups {
             push(group.policy.wire().into());
             push(group.cost);
@@ -405,20 +413,24 @@ impl Storage for RedisStorage {
         let key_bytes = batch.counters.len() * (self.prefix.len() + batch.namespace.len() + 64);
         let mut cmd = evalsha_cmd(
             &self.decide,
-            batch.counters.len(),
-            64 + key_bytes + numbers.len() * 9 / 8,
+            2 * batch.counters.len(),
+            64 + 2 * key_bytes + numbers.len() * 9 / 8,
         );
         let tag = namespace_tag(batch.namespace);
-        for counter in &batch.counters {
-            cmd.arg(CounterKeyArg {
-                prefix: &self.prefix,
-                tag: &tag,
-                key: &counter.key,
-            });
+        for holds in [false, true] {
+            for counter in &batch.counters {
+                cmd.arg(CounterKeyArg {
+                    prefix: &self.prefix,
+                    tag: &tag,
+                    key: &counter.key,
+                    holds,
+                });
+            }
         }
         for chunk in numbers.chunks(8 * CHUNK) {
             cmd.arg(&self.format[..1 + chunk.len() / 8]).arg(chunk);
         }
+        cmd.arg(hold.map_or("", |h| h.id.as_str()));
         let reply = self.run(&cmd, &self.decide).await?;
         let unexpected = || StorageError::Unavailable("unexpected reply from Redis".to_string());
         let (status, redis_ms, records) = parse_head(&reply).ok_or_else(unexpected)?;
@@ -625,17 +637,18 @@ fn parse_time(reply: &Value) -> Option<i64> {
 }
 
 /// decide.lua's records: for each group, for each of its counters, a flags byte (1: over, 2:
-/// the group is admitted) and five little-endian doubles.
+/// the group is admitted, 4: holds full) and nine little-endian doubles.
 fn parse_outcomes(bytes: &[u8], batch: &Batch) -> Option<Vec<GroupOutcome>> {
-    const RECORD: usize = 1 + 5 * 8;
+    const RECORD: usize = 1 + 9 * 8;
     let mut records = bytes.chunks_exact(RECORD);
     if !records.remainder().is_empty() {
         return None;
     }
     let mut outcomes = Vec::with_capacity(batch.groups.len());
     for group in &batch.groups {
-        // A group without counters is admitted.
-        let mut admitted = true;
+        // A group without counters is admitted (a commit without counters released nothing).
+        let mut admitted = group.policy != Policy::Commit;
+        let mut holds_full = false;
         let mut counters = Vec::with_capacity(group.counters.len());
         for _ in &group.counters {
             let (&flags, numbers) = records.next()?.split_first()?;
@@ -646,6 +659,8 @@ fn parse_outcomes(bytes: &[u8], batch: &Batch) -> Option<Vec<GroupOutcome>> {
                 (x.fract() == 0.0 && x.abs() < 2f64.powi(63)).then_some(x as i64)
             };
             admitted = flags & 2 != 0;
+            holds_full = flags & 4 != 0;
+            let unsigned = |i: usize| u64::try_from(number(i)?).ok();
             counters.push(CounterOutcome {
                 over: flags & 1 != 0,
                 remaining: u64::try_from(number(0)?).ok()?,
@@ -653,9 +668,19 @@ fn parse_outcomes(bytes: &[u8], batch: &Batch) -> Option<Vec<GroupOutcome>> {
                 retry_after_ms: u64::try_from(number(2)?).ok(),
                 charged: u64::try_from(number(3)?).ok()?,
                 overshoot: u64::try_from(number(4)?).ok()?,
+                holds: HoldChange {
+                    placed: unsigned(5)?,
+                    released: unsigned(6)?,
+                    expired_holds: unsigned(7)?,
+                    expired: unsigned(8)?,
+                },
             });
         }
-        outcomes.push(GroupOutcome { admitted, counters });
+        outcomes.push(GroupOutcome {
+            admitted,
+            counters,
+            holds_full,
+        });
     }
     records.next().is_none().then_some(outcomes)
 }
@@ -735,6 +760,7 @@ pub fn counter_key(prefix: &str, namespace: &str, key: &CounterKey) -> Vec<u8> {
         prefix,
         tag: &namespace_tag(namespace),
         key,
+        holds: false,
     });
     match cmd.args_iter().next() {
         Some(redis::Arg::Simple(bytes)) => bytes.to_vec(),
@@ -742,12 +768,14 @@ pub fn counter_key(prefix: &str, namespace: &str, key: &CounterKey) -> Vec<u8> {
     }
 }
 
-/// A counter's Redis key, written straight into the command.
+/// A counter's Redis key (or, with `holds`, the key of its holds: the counter's key and
+/// `:h`, which no counter key ends with), written straight into the command.
 struct CounterKeyArg<'a> {
     prefix: &'a str,
     /// [`namespace_tag`] of the counter's namespace.
     tag: &'a str,
     key: &'a CounterKey,
+    holds: bool,
 }
 
 impl ToRedisArgs for CounterKeyArg<'_> {
@@ -765,6 +793,7 @@ impl ToRedisArgs for CounterKeyArg<'_> {
             &hex,
             b":",
             self.key.encoded().as_bytes(),
+            if self.holds { b":h" } else { b"" },
         ] {
             // Writing into memory cannot fail.
             let _ = writer.write_all(part);
@@ -820,7 +849,6 @@ pub fn redact(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::algorithm::Policy;
 
     #[test]
     fn passwords_are_masked() {
@@ -948,11 +976,19 @@ mod tests {
             Policy::CheckOnly,
             Policy::Charge,
             Policy::Refund,
+            Policy::Reserve,
+            Policy::Commit,
         ];
         assert_eq!(
-            constants("ALL_OR_NOTHING, CHECK_ONLY, CHARGE, REFUND"),
+            constants("ALL_OR_NOTHING, CHECK_ONLY, CHARGE, REFUND, RESERVE, COMMIT"),
             policies.map(Policy::wire)
         );
+        let max_holds = script
+            .lines()
+            .find_map(|l| l.strip_prefix("local MAX_HOLDS = "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<usize>().ok());
+        assert_eq!(max_holds, Some(crate::algorithm::MAX_HOLDS));
         let algorithms = [
             Algorithm::FixedWindow(crate::algorithm::FixedWindow::new(1, 1)),
             Algorithm::TokenBucket(crate::algorithm::TokenBucket::continuous(1, 1)),

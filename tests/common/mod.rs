@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ratekeeper::clock::ManualClock;
-use ratekeeper::limiter::{Decided, Limiter, Observer};
+use ratekeeper::limiter::{Decided, Limiter, Observer, Reservations};
 use ratekeeper::limits::{
     EvalError, FixedLimits, Limit, RATE_LIMIT_CONFIG, load_file, parse_rate_limit_config,
 };
@@ -103,6 +103,8 @@ pub struct Options {
     pub asm_rate_limit_config: Option<String>,
     /// A Redis the test owns, instead of the backend's shared one.
     pub redis_url: Option<String>,
+    /// How reservations work (`--max-reservation-*`, `--disable-reservations`).
+    pub reservations: Reservations,
 }
 
 impl Default for Options {
@@ -118,6 +120,7 @@ impl Default for Options {
             edited_while_starting: None,
             asm_rate_limit_config: None,
             redis_url: None,
+            reservations: Reservations::default(),
         }
     }
 }
@@ -160,7 +163,9 @@ impl TestServer {
             evaluation_errors: AtomicUsize::new(0),
         });
         let limiter = Arc::new(
-            Limiter::new(limits, storage(&options), clock.clone()).observed_by(observed.clone()),
+            Limiter::new(limits, storage(&options), clock.clone())
+                .observed_by(observed.clone())
+                .with_reservations(options.reservations),
         );
         let status = Arc::new(ServerStatus::default());
         let settings = Settings {

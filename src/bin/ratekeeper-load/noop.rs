@@ -12,6 +12,7 @@ use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_service_server:
     RateLimitService, RateLimitServiceServer,
 };
 use ratekeeper::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use ratekeeper::proto::kuadrant::service::ratelimit::v1 as kuadrant;
 use ratekeeper::proto::kuadrant::service::ratelimit::v1::rate_limit_service_server::{
     RateLimitService as KuadrantService, RateLimitServiceServer as KuadrantServer,
 };
@@ -71,6 +72,25 @@ impl KuadrantService for Noop {
         _request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
         ok()
+    }
+
+    async fn reserve(
+        &self,
+        _request: Request<kuadrant::ReserveRequest>,
+    ) -> Result<Response<kuadrant::ReserveResponse>, Status> {
+        Ok(Response::new(kuadrant::ReserveResponse {
+            code: Code::Ok as i32,
+            reservation_id: "noop".to_string(),
+        }))
+    }
+
+    async fn commit(
+        &self,
+        _request: Request<kuadrant::CommitRequest>,
+    ) -> Result<Response<kuadrant::CommitResponse>, Status> {
+        Ok(Response::new(kuadrant::CommitResponse {
+            reservation_released: true,
+        }))
     }
 }
 
