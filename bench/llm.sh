@@ -50,3 +50,5 @@ run check-report user1
 run check-charge user2
 run estimate-refund user3
 run estimate-refund user4 $((COST / 2))
+run reserve-commit user5
+run reserve-commit user6 $((COST / 2))

@@ -13,6 +13,8 @@
 //! - `estimate-refund`: Envoy with refunds — the request charges `--estimate`; when the stream
 //!   is done the usage is charged and the estimate refunded (`is_negative_hits`), also for a
 //!   refused request (Envoy sends its stream-done descriptors for a 429 too).
+//! - `reserve-commit`: the wasm-shim in Kuadrant's `Reservation` mode — Reserve `--estimate` on
+//!   the request, Commit the usage with the reservation's id at the end.
 //!
 //! Run it for less than the limit's window, against a user no one else spends: the tokens let
 //! through are then simply admitted × cost.
@@ -28,6 +30,7 @@ use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use ratekeeper::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use ratekeeper::proto::kuadrant::service::ratelimit::v1::rate_limit_service_client::RateLimitServiceClient as KuadrantClient;
+use ratekeeper::proto::kuadrant::service::ratelimit::v1::{CommitRequest, ReserveRequest};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::load::check_target;
@@ -37,6 +40,7 @@ pub enum Pattern {
     CheckReport,
     CheckCharge,
     EstimateRefund,
+    ReserveCommit,
 }
 
 #[derive(Debug, Args)]
@@ -62,7 +66,7 @@ pub struct LlmOptions {
     /// Tokens a generation really uses.
     #[arg(long, default_value_t = 100)]
     cost: u64,
-    /// Tokens estimated on admission (`estimate-refund`).
+    /// Tokens estimated on admission (`estimate-refund`, `reserve-commit`).
     #[arg(long, default_value_t = 100)]
     estimate: u64,
     /// The budget configured on the server for this user, to report the overshoot against.
@@ -199,6 +203,27 @@ impl Client {
                 generate().await;
                 let charge = self.request(vec![self.descriptor(Some(o.cost), false)], 0);
                 self.envoy.clone().should_rate_limit(charge).await?;
+                Ok(true)
+            }
+            Pattern::ReserveCommit => {
+                let reserve = ReserveRequest {
+                    domain: o.domain.clone(),
+                    descriptors: vec![self.descriptor(None, false)],
+                    amount: o.estimate,
+                    ttl: None,
+                };
+                let reserved = self.kuadrant.clone().reserve(reserve).await?.into_inner();
+                if reserved.code != Code::Ok as i32 {
+                    return Ok(false);
+                }
+                generate().await;
+                let commit = CommitRequest {
+                    domain: o.domain.clone(),
+                    descriptors: vec![self.descriptor(None, false)],
+                    reservation_id: reserved.reservation_id,
+                    actual_amount: o.cost,
+                };
+                self.kuadrant.clone().commit(commit).await?;
                 Ok(true)
             }
             Pattern::EstimateRefund => {
