@@ -23,6 +23,7 @@ use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use ratekeeper::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use ratekeeper::proto::kuadrant::service::ratelimit::v1::rate_limit_service_client::RateLimitServiceClient as KuadrantClient;
+use ratekeeper::proto::kuadrant::service::ratelimit::v1::{CommitRequest, ReserveRequest};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::summary::{Latency, RunResult};
@@ -43,6 +44,9 @@ pub enum CallKind {
     /// The token pattern: CheckRateLimit (cost `--check-hits`), then, when it is OK, Report
     /// (cost `--hits`) for the same user. One operation is both calls.
     Token,
+    /// The reservation pattern: Reserve (amount `--hits`), then, when it is OK, Commit (actual
+    /// `--hits`) with its id. One operation is both calls.
+    Reservation,
 }
 
 impl CallKind {
@@ -52,6 +56,7 @@ impl CallKind {
             CallKind::Check => "check",
             CallKind::Report => "report",
             CallKind::Token => "token",
+            CallKind::Reservation => "reservation",
         }
     }
 }
@@ -638,6 +643,32 @@ async fn operate(
             CallKind::Report => {
                 let request = template.request(user, plan.hits);
                 (outcome(kuadrant.report(request).await), 1)
+            }
+            CallKind::Reservation => {
+                let request = template.request(user, 0);
+                let reserve = ReserveRequest {
+                    domain: request.domain.clone(),
+                    descriptors: request.descriptors.clone(),
+                    amount: u64::from(plan.hits),
+                    ttl: None,
+                };
+                match kuadrant.reserve(reserve).await {
+                    Ok(reserved) if reserved.get_ref().code == Code::Ok as i32 => {
+                        let commit = CommitRequest {
+                            domain: request.domain,
+                            descriptors: request.descriptors,
+                            reservation_id: reserved.into_inner().reservation_id,
+                            actual_amount: u64::from(plan.hits),
+                        };
+                        let committed = kuadrant.commit(commit).await;
+                        (
+                            committed.map_or_else(|s| Outcome::Error(s.code()), |_| Outcome::Ok),
+                            2,
+                        )
+                    }
+                    Ok(_) => (Outcome::OverLimit, 1),
+                    Err(status) => (Outcome::Error(status.code()), 1),
+                }
             }
             CallKind::Token => {
                 let check = template.request(user, plan.check_hits);
