@@ -603,35 +603,49 @@ async fn incomplete_or_mismatched_tls_files_stop_the_start_with_a_clear_error() 
     let ca = pki.ca("ca");
     let one = pki.server(&ca, "one", 1);
     let two = pki.server(&ca, "two", 2);
-    let run = |args: &[&str]| {
-        let output = command()
+    let run = async |args: &[&str]| {
+        let mut command = command();
+        command
             .args(["-b", "127.0.0.1", "-p", "0", "-B", "127.0.0.1", "-P", "0"])
             .args(args)
-            .arg("limits/llm-tiers.yaml")
-            .output()
-            .unwrap();
-        assert!(!output.status.success(), "{args:?} started");
-        String::from_utf8_lossy(&output.stderr).into_owned()
+            .arg("limits/llm-tiers.yaml");
+        let mut process = ChildProcess::spawn("ratekeeper", command, "");
+        let deadline = Instant::now() + PATIENCE;
+        let status = loop {
+            if let Some(status) = process.exited() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{args:?} started: {}",
+                process.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(!status.success(), "{args:?}: {status}");
+        process.log()
     };
-    let alone = run(&["--tls-cert", path_str(&one.cert)]);
+    let alone = run(&["--tls-cert", path_str(&one.cert)]).await;
     assert!(alone.contains("--tls-key"), "{alone}");
-    let alone = run(&["--tls-key", path_str(&one.key)]);
+    let alone = run(&["--tls-key", path_str(&one.key)]).await;
     assert!(alone.contains("--tls-cert"), "{alone}");
-    let ca_alone = run(&["--tls-client-ca", path_str(&ca.cert)]);
+    let ca_alone = run(&["--tls-client-ca", path_str(&ca.cert)]).await;
     assert!(ca_alone.contains("--tls-cert"), "{ca_alone}");
     let mismatched = run(&[
         "--tls-cert",
         path_str(&one.cert),
         "--tls-key",
         path_str(&two.key),
-    ]);
+    ])
+    .await;
     assert!(mismatched.contains("--tls-key"), "{mismatched}");
     let missing = run(&[
         "--tls-cert",
         path_str(&pki.path("absent.crt")),
         "--tls-key",
         path_str(&one.key),
-    ]);
+    ])
+    .await;
     assert!(missing.contains("absent.crt"), "{missing}");
     let not_a_ca = run(&[
         "--tls-cert",
@@ -640,6 +654,7 @@ async fn incomplete_or_mismatched_tls_files_stop_the_start_with_a_clear_error() 
         path_str(&one.key),
         "--tls-client-ca",
         path_str(&one.key),
-    ]);
+    ])
+    .await;
     assert!(not_a_ca.contains("--tls-client-ca"), "{not_a_ca}");
 }
