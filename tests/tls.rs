@@ -658,3 +658,115 @@ async fn incomplete_or_mismatched_tls_files_stop_the_start_with_a_clear_error() 
     .await;
     assert!(not_a_ca.contains("--tls-client-ca"), "{not_a_ca}");
 }
+
+/// examples/envoy/tiers.yaml with its `ratekeeper` cluster over TLS, trusting `ca` and
+/// presenting `client` (mTLS) if given: the README's cluster config. Written to `dir`.
+fn envoy_config_over_tls(dir: &Path, ca: &Pair, client: Option<&Pair>, name: &str) -> PathBuf {
+    let cluster = "    load_assignment: {cluster_name: ratekeeper,";
+    let template =
+        std::fs::read_to_string(common::process::manifest_dir().join("examples/envoy/tiers.yaml"))
+            .unwrap();
+    let line = template
+        .lines()
+        .find(|line| line.starts_with(cluster))
+        .expect("the ratekeeper cluster of examples/envoy/tiers.yaml");
+    let mut tls = format!(
+        "{line}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: localhost
+        common_tls_context:
+          alpn_protocols: [h2]
+          validation_context:
+            trusted_ca: {{filename: {}}}
+            match_typed_subject_alt_names:
+            - san_type: DNS
+              matcher: {{exact: localhost}}
+",
+        ca.cert.display()
+    );
+    if let Some(client) = client {
+        tls.push_str(&format!(
+            "          tls_certificates:
+          - certificate_chain: {{filename: {}}}
+            private_key: {{filename: {}}}
+",
+            client.cert.display(),
+            client.key.display()
+        ));
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, template.replacen(line, tls.trim_end(), 1)).unwrap();
+    path
+}
+
+/// `POST /v1/chat/completions` through Envoy as alice (free tier, 50 tokens a minute), the mock
+/// answering with `tokens` of usage: the status and `x-ratelimit-remaining`.
+async fn alice_chats(envoy: &common::envoy::Envoy, tokens: u64) -> (u16, Option<String>) {
+    let response = common::http_client()
+        .post(format!("http://{}/v1/chat/completions", envoy.listener))
+        .header("authorization", "APIKEY iamafreeuser")
+        .header("x-mock-total-tokens", tokens.to_string())
+        .json(
+            &serde_json::json!({"model": "mock", "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("request through Envoy failed: {e}\n{}", envoy.log()));
+    let remaining = response
+        .headers()
+        .get("x-ratelimit-remaining")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    (response.status().as_u16(), remaining)
+}
+
+#[tokio::test]
+async fn a_real_envoy_asks_over_mtls_and_is_refused_without_its_client_certificate() {
+    common::envoy::require_envoy();
+    let pki = Pki::new();
+    let ca = pki.ca("ca");
+    let clients_ca = pki.ca("clients-ca");
+    let server_pair = pki.server(&ca, "ratekeeper", 1);
+    let envoy_pair = pki.client(&clients_ca, "envoy", 2);
+    let server = Server::start(&[
+        "--tls-cert",
+        path_str(&server_pair.cert),
+        "--tls-key",
+        path_str(&server_pair.key),
+        "--tls-client-ca",
+        path_str(&clients_ca.cert),
+    ])
+    .await;
+    let mock = common::upstream::MockLlm::start().await;
+    let with_cert = envoy_config_over_tls(pki.dir.path(), &ca, Some(&envoy_pair), "mtls.yaml");
+    let envoy =
+        common::envoy::Envoy::start(path_str(&with_cert), mock.addr.port(), server.rls.port())
+            .await;
+
+    // Served: the check's statuses come back (Envoy builds x-ratelimit-* from them), the usage
+    // charge spends alice's 50 tokens, and she is refused next.
+    let (status, remaining) = alice_chats(&envoy, 60).await;
+    assert_eq!(status, 200, "{}\n{}", envoy.log(), server.log());
+    assert_eq!(remaining.as_deref(), Some("50"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alice_chats(&envoy, 1).await.0 != 429 {
+        assert!(Instant::now() < deadline, "never refused: {}", server.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(envoy.stat("cluster.ratekeeper.ssl.handshake").await >= 1);
+
+    // Without its client certificate, the handshake fails and Envoy's failure_mode_deny answers
+    // 500: nothing reaches the services.
+    let without = envoy_config_over_tls(pki.dir.path(), &ca, None, "tls-only.yaml");
+    let uncertified =
+        common::envoy::Envoy::start(path_str(&without), mock.addr.port(), server.rls.port()).await;
+    let (status, _) = alice_chats(&uncertified, 1).await;
+    assert_eq!(status, 500, "{}", uncertified.log());
+    assert_eq!(
+        uncertified.stat("cluster.ratekeeper.ssl.handshake").await,
+        0
+    );
+}
