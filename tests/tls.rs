@@ -402,6 +402,21 @@ async fn both_listeners_serve_tls_and_refuse_plaintext() {
         matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
         "a silent peer was kept: {closed:?}"
     );
+
+    // SIGTERM with an idle TLS connection open and a handshake waiting: out well within a
+    // second, not after the 2 s handshake timeout.
+    assert_eq!(grpc.should().await.unwrap(), Code::Ok);
+    let _waiting = TcpStream::connect(server.rls).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut server = server;
+    let started = Instant::now();
+    let status = server.process.terminate(PATIENCE).await;
+    assert!(status.success(), "{status}: {}", server.log());
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "SIGTERM took {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
