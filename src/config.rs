@@ -15,7 +15,7 @@ use crate::rls::refusal::OverLimitResponse;
 use crate::server::{
     Connections, DEFAULT_HEADER_READ_TIMEOUT_MS, DEFAULT_HTTP_MAX_CONNECTIONS,
     DEFAULT_HTTP2_KEEPALIVE_INTERVAL_MS, DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_MS,
-    DEFAULT_RLS_MAX_CONNECTIONS,
+    DEFAULT_RLS_MAX_CONNECTIONS, TlsFiles,
 };
 
 #[derive(Debug, Clone, Parser)]
@@ -191,6 +191,9 @@ pub struct Cli {
     pub refuse_evicting_storage: bool,
 
     #[command(flatten)]
+    pub tls: TlsArgs,
+
+    #[command(flatten)]
     pub bounds: BoundsArgs,
 
     #[command(flatten)]
@@ -198,6 +201,43 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub storage: Option<StorageCommand>,
+}
+
+/// TLS on the listeners ([`TlsFiles`]), as flags. Plain text without them.
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// Serve TLS on both listeners with this PEM certificate chain (with `--tls-key`). The
+    /// files are checked every few seconds and a changed pair is used for new connections
+    /// (cert-manager's rotations); a pair that does not load is logged and the old one kept.
+    #[arg(long, env = "TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of `--tls-cert` (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// mTLS on the gRPC listener: clients must present a certificate signed by a CA in this
+    /// PEM file, or are refused at the handshake. The HTTP listener never asks for one.
+    #[arg(
+        long,
+        env = "TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The files TLS is served from; `None`: plain text (clap has checked that the
+    /// certificate and the key come together).
+    pub fn files(&self) -> Option<TlsFiles> {
+        let (cert, key) = (self.tls_cert.clone()?, self.tls_key.clone()?);
+        Some(TlsFiles {
+            cert,
+            key,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
 }
 
 /// Bounds on what one request may carry ([`RequestBounds`]), as flags.

@@ -13,7 +13,7 @@ use ratekeeper::limits::{
     FixedLimits, LimitSet, RATE_LIMIT_CONFIG, load_file, parse_rate_limit_config,
 };
 use ratekeeper::metrics::{self, Prometheus};
-use ratekeeper::server::{self, Settings};
+use ratekeeper::server::{self, Settings, Tls};
 use ratekeeper::status::ServerStatus;
 use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage};
 
@@ -171,6 +171,10 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
             }),
     );
     let http_auth_token = http_auth_token(&cli)?;
+    let tls = match cli.tls.files() {
+        Some(files) => Some(Arc::new(Tls::load(files).map_err(anyhow::Error::msg)?)),
+        None => None,
+    };
     let settings = Settings {
         rls_addr: SocketAddr::new(cli.rls_ip, cli.rls_port),
         http_addr: SocketAddr::new(cli.http_ip, cli.http_port),
@@ -182,6 +186,7 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
         asm_namespace: cli.asm_namespace.clone(),
         connections: cli.connections.into(),
         http_auth_token,
+        tls,
     };
     let running = server::start(settings, limiter, Arc::new(status))
         .await

@@ -37,6 +37,9 @@ const RECLAIM_EVERY: Duration = Duration::from_secs(5);
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
 
 mod connections;
+mod tls;
+
+pub use self::tls::{Tls, TlsFiles};
 
 /// Defaults of [`Connections`]. The two connection limits together stay well inside the 1024
 /// open files many systems allow a process by default.
@@ -95,6 +98,9 @@ pub struct Settings {
     pub connections: Connections,
     /// The bearer token the HTTP API requires on all but its open endpoints; `None`: open.
     pub http_auth_token: Option<HttpToken>,
+    /// TLS on both listeners (mTLS on the gRPC one with a client CA), loaded with
+    /// [`Tls::load`] and kept up to date with its files while serving; `None`: plain text.
+    pub tls: Option<Arc<Tls>>,
 }
 
 /// A server that is listening; stop it with [`Running::shutdown`].
@@ -111,6 +117,7 @@ pub async fn start(
     limiter: Arc<Limiter>,
     status: Arc<ServerStatus>,
 ) -> std::io::Result<Running> {
+    let tls = settings.tls.clone();
     let rls_listener = bind(settings.rls_addr, "gRPC").await?;
     let http_listener = bind(settings.http_addr, "HTTP").await?;
     let rls_addr = rls_listener.local_addr()?;
@@ -158,6 +165,7 @@ pub async fn start(
     let serving = connections::serve(
         rls_listener,
         protocol,
+        tls.as_ref().map(|tls| tls.grpc.clone()),
         limits.rls_max,
         grpc,
         stopped.clone(),
@@ -166,6 +174,14 @@ pub async fn start(
         serving.await;
         Ok(())
     });
+
+    if let Some(tls) = tls.clone() {
+        let watcher = tls::watch_files(tls, stopped.clone());
+        tasks.spawn(async move {
+            watcher.await;
+            Ok(())
+        });
+    }
 
     tasks.spawn(check_health(
         limiter.clone(),
@@ -204,6 +220,7 @@ pub async fn start(
     let serving = connections::serve(
         http_listener,
         protocol,
+        tls.as_ref().map(|tls| tls.http.clone()),
         limits.http_max,
         http,
         stopped.clone(),
@@ -228,7 +245,7 @@ pub async fn start(
         }
     });
 
-    tracing::info!(%rls_addr, %http_addr, "listening: gRPC rate limit services and HTTP API");
+    tracing::info!(%rls_addr, %http_addr, tls = tls.is_some(), mtls = tls.as_ref().is_some_and(|tls| tls.mutual()), "listening: gRPC rate limit services and HTTP API");
     Ok(Running {
         rls_addr,
         http_addr,

@@ -8,7 +8,10 @@
 //! - timeouts for peers that connect and say nothing, trickle, or stop answering: HTTP/1's
 //!   header-read timeout (which also ends idle keep-alive connections), HTTP/2's handshake
 //!   timeout (the connection preface) and keepalive PINGs;
-//! - a shutdown that waits for calls in flight, but not for idle or half-sent ones.
+//! - a shutdown that waits for calls in flight, but not for idle or half-sent ones;
+//! - TLS when configured: the handshake runs in the connection's own task (a slow peer holds
+//!   its connection slot, never the accept loop), bounded by the same timeout as the preface
+//!   (HTTP/2) or the first request's headers (HTTP/1), and abandoned at shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,6 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,7 +30,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
 use tower::{Service, ServiceExt};
 
 /// How long a listener waits after a failed accept before trying again.
@@ -59,12 +64,32 @@ pub enum Protocol {
     },
 }
 
+impl Protocol {
+    /// The longest a new connection may take to say something useful: its TLS handshake must
+    /// be done within it, and (HTTP/2) its preface must have arrived by then too.
+    fn first_words_timeout(&self) -> Duration {
+        match *self {
+            Protocol::Http1 {
+                header_read_timeout,
+            } => header_read_timeout,
+            Protocol::Http2 {
+                handshake_timeout, ..
+            } => handshake_timeout,
+        }
+    }
+}
+
+/// The TLS configuration new connections of a listener get (`None`: plain text); whoever holds
+/// it may swap in another (certificate rotation), which connections already open never see.
+pub type TlsConfig = Option<Arc<ArcSwap<rustls::ServerConfig>>>;
+
 /// Serves `service` on every connection `listener` accepts, at most `max_connections` at
 /// once, until `stopped` turns true; then stops accepting, lets calls in flight finish and
 /// returns once every connection is closed.
 pub async fn serve<S, B>(
     listener: TcpListener,
     protocol: Protocol,
+    tls: TlsConfig,
     max_connections: usize,
     service: S,
     mut stopped: watch::Receiver<bool>,
@@ -102,6 +127,7 @@ pub async fn serve<S, B>(
                 connections.spawn(serve_connection(
                     stream,
                     protocol,
+                    tls.clone(),
                     service.clone(),
                     stopped.clone(),
                     slot,
@@ -143,13 +169,57 @@ fn is_peer_error(error: &io::Error) -> bool {
     )
 }
 
+/// One connection, from the TLS handshake (if any) to its close; `_slot` is its place among
+/// the listener's connections, given back when it ends.
 async fn serve_connection<S, B>(
     stream: TcpStream,
     protocol: Protocol,
+    tls: TlsConfig,
     service: S,
-    stopped: watch::Receiver<bool>,
+    mut stopped: watch::Receiver<bool>,
     _slot: OwnedSemaphorePermit,
 ) where
+    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let deadline = Instant::now() + protocol.first_words_timeout();
+    let Some(config) = tls else {
+        return serve_http(stream, protocol, deadline, service, stopped).await;
+    };
+    let peer = stream.peer_addr().ok();
+    let handshake = TlsAcceptor::from(config.load_full()).accept(stream);
+    let stream = tokio::select! {
+        done = tokio::time::timeout_at(deadline, handshake) => match done {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                tracing::debug!(?peer, %error, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(?peer, "no TLS handshake within the timeout");
+                return;
+            }
+        },
+        _ = stop_asked(&mut stopped) => return,
+    };
+    serve_http(stream, protocol, deadline, service, stopped).await
+}
+
+/// HTTP on one connection (plain or TLS) until it closes.
+async fn serve_http<I, S, B>(
+    stream: I,
+    protocol: Protocol,
+    deadline: Instant,
+    service: S,
+    stopped: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
         + Clone
         + Send
@@ -189,7 +259,7 @@ async fn serve_connection<S, B>(
             .await
         }
         Protocol::Http2 {
-            handshake_timeout,
+            handshake_timeout: _,
             keepalive_interval,
             keepalive_timeout,
         } => {
@@ -199,7 +269,7 @@ async fn serve_connection<S, B>(
                 .keep_alive_timeout(keepalive_timeout)
                 .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
                 .serve_connection(
-                    TokioIo::new(HandshakeDeadline::new(stream, handshake_timeout)),
+                    TokioIo::new(HandshakeDeadline::new(stream, deadline)),
                     service,
                 );
             drive(
@@ -286,23 +356,23 @@ impl Drop for Call {
 /// A connection that must deliver the HTTP/2 preface before a deadline: until
 /// [`H2_PREFACE_LEN`] bytes have arrived, a read still waiting at the deadline fails with
 /// `TimedOut`, which ends the connection. After that it is the plain stream.
-struct HandshakeDeadline {
-    stream: TcpStream,
+struct HandshakeDeadline<I> {
+    stream: I,
     deadline: Option<Pin<Box<Sleep>>>,
     received: usize,
 }
 
-impl HandshakeDeadline {
-    fn new(stream: TcpStream, timeout: Duration) -> Self {
+impl<I> HandshakeDeadline<I> {
+    fn new(stream: I, deadline: Instant) -> Self {
         Self {
             stream,
-            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
+            deadline: Some(Box::pin(tokio::time::sleep_until(deadline))),
             received: 0,
         }
     }
 }
 
-impl AsyncRead for HandshakeDeadline {
+impl<I: AsyncRead + Unpin> AsyncRead for HandshakeDeadline<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -332,7 +402,7 @@ impl AsyncRead for HandshakeDeadline {
     }
 }
 
-impl AsyncWrite for HandshakeDeadline {
+impl<I: AsyncWrite + Unpin> AsyncWrite for HandshakeDeadline<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -179,6 +179,7 @@ impl TestServer {
             asm_namespace: "asm".to_string(),
             connections: Default::default(),
             http_auth_token: None,
+            tls: None,
         };
         let running = server::start(settings, limiter.clone(), status.clone())
             .await
