@@ -608,7 +608,9 @@ async fn limitador_operators_command_line_starts_and_serves() {
         .args([limits_file().to_str().unwrap(), "memory"]);
     let server = Server::spawn(command, loopback(rls_port), loopback(http_port)).await;
     assert_eq!(code(&server.should(llm_tokens("zoe", 10)).await), Code::Ok);
-    let log = server.log();
+    let log = server
+        .log_when(|log| log.contains("--metric-labels-default is accepted"))
+        .await;
     assert!(
         log.contains("--metric-labels-default is accepted but not applied"),
         "{log}"

@@ -337,8 +337,10 @@ mod connections {
         let took = started.elapsed();
         eprintln!("exited {took:?} after SIGTERM");
         assert_eq!(status.code(), Some(0), "{status}; log:\n{}", server.log());
+        // 0.2 s on an idle machine; the bound leaves room for a busy one (the tests of this
+        // file run in parallel) and still tells it from the 10 s shutdown timeout of before.
         assert!(
-            took < Duration::from_secs(1),
+            took < Duration::from_secs(3),
             "exit took {took:?}; log:\n{}",
             server.log()
         );
@@ -693,11 +695,9 @@ mod token {
             .args(["-B", "0.0.0.0", "-P", &http_port.to_string()])
             .arg(LIMITS);
         let server = Server::spawn(command, loopback(rls_port), loopback(http_port)).await;
-        let log = server.log();
-        assert!(
-            log.contains("WARN") && log.contains("without a token"),
-            "no warning:\n{log}"
-        );
+        let warned = |log: &str| log.contains("WARN") && log.contains("without a token");
+        let log = server.log_when(warned).await;
+        assert!(warned(&log), "no warning:\n{log}");
     }
 
     /// Runs the binary with `env`, expecting it to refuse to start: its exit status and stderr

@@ -119,7 +119,9 @@ async fn refusals_and_failing_expressions_do_not_flood_the_log() {
         let expected = if i == 0 { Code::Ok } else { Code::OverLimit };
         assert_eq!(code(&r), expected, "call {i}");
     }
-    let log = server.log();
+    let log = server
+        .log_when(|log| log.contains("CEL expression failed"))
+        .await;
     let per_call = log
         .lines()
         .filter(|l| l.contains("over the limit") || l.contains("CEL expression failed"))

@@ -543,7 +543,31 @@ async fn a_reservation_made_on_one_replica_is_committed_on_another() {
     assert!(refused(&c, 751).await);
 }
 
+/// `/counters` shows each counter's held tokens, and a `remaining` that leaves them out.
+async fn counters_show_what_is_held(backend: Backend) {
+    let server = TestServer::on(backend, LIMITS).await;
+    let url = format!("{}/counters/{DOMAIN}", server.http_base);
+    // A counter with usage: 100 used, then two holds of 150 and 50.
+    server
+        .report(request(DOMAIN, shim_descriptor("dora"), 100))
+        .await;
+    let first = reserve(&server, "dora", 150, None).await;
+    assert_eq!(reserved_code(&first), Code::Ok);
+    let second = reserve(&server, "dora", 50, None).await;
+    assert_eq!(reserved_code(&second), Code::Ok);
+    let counters = get_json(&http_client(), &url).await;
+    assert_eq!(counters[0]["held"], 200, "{counters}");
+    assert_eq!(counters[0]["remaining"], 700, "{counters}");
+
+    // Committed: the hold is gone, its usage counted.
+    commit(&server, "dora", &first.reservation_id, 120).await;
+    let counters = get_json(&http_client(), &url).await;
+    assert_eq!(counters[0]["held"], 50, "{counters}");
+    assert_eq!(counters[0]["remaining"], 730, "{counters}");
+}
+
 on_every_storage!(
+    counters_show_what_is_held,
     the_shims_sequence_holds_commits_and_expires,
     every_admission_sees_the_holds,
     reservations_over_http,

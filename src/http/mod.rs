@@ -124,6 +124,8 @@ struct CounterView<'a> {
     limit: LimitView<'a>,
     set_variables: BTreeMap<&'a str, &'a str>,
     remaining: u64,
+    /// Tokens held by reservations now (already subtracted from `remaining`).
+    held: u64,
     expires_in_seconds: u64,
 }
 
@@ -139,7 +141,11 @@ impl<'a> CounterView<'a> {
                 .map(|v| v.source())
                 .zip(counter.key.values())
                 .collect(),
-            remaining: limit.algorithm.remaining(state, now),
+            remaining: limit
+                .algorithm
+                .remaining(state, now)
+                .saturating_sub(counter.held),
+            held: counter.held,
             expires_in_seconds: limit.algorithm.reset_in_ms(state, now) / 1000,
         }
     }

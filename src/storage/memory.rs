@@ -222,9 +222,11 @@ fn list(
                 limits.contains(&key.limit),
                 stored.state,
             ) {
+                let live = stored.holds.iter().filter(|h| h.expires_at_ms > now_ms);
                 items.push(CounterSnapshot {
                     key: key.clone(),
                     state,
+                    held: live.fold(0u64, |sum, h| sum.saturating_add(h.amount)),
                 });
             }
         }

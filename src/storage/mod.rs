@@ -128,6 +128,8 @@ pub struct Batch<'a> {
 pub struct CounterSnapshot {
     pub key: CounterKey,
     pub state: CounterState,
+    /// Tokens held on it now by reservations (live holds).
+    pub held: u64,
 }
 
 /// Which page of a namespace's counters to list.

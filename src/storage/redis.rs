@@ -257,10 +257,10 @@ impl RedisStorage {
 
     /// Waits for `call` at most the timeout; an error is the storage's, and READONLY (the node
     /// is a replica now) replaces a standalone connection.
-    async fn bounded(
+    async fn bounded<T>(
         &self,
-        call: impl Future<Output = redis::RedisResult<Value>>,
-    ) -> Result<Value, StorageError> {
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StorageError> {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
@@ -284,6 +284,57 @@ impl RedisStorage {
 }
 
 impl RedisStorage {
+    /// The tokens held now on each of these counters (their `<key>:h` hashes), in one pipelined
+    /// round trip to the node that owns the slot of `slot_key`.
+    async fn held<'k>(
+        &self,
+        slot_key: &str,
+        keys: impl ExactSizeIterator<Item = &'k Vec<u8>>,
+        now_ms: u64,
+    ) -> Result<Vec<u64>, StorageError> {
+        let count = keys.len();
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            let mut holds = key.clone();
+            holds.extend_from_slice(b":h");
+            pipe.cmd("HGETALL").arg(holds);
+        }
+        let replies = self
+            .bounded(async {
+                match &self.connection {
+                    Connection::Standalone(standalone) => {
+                        standalone
+                            .manager()
+                            .req_packed_commands(&pipe, 0, count)
+                            .await
+                    }
+                    Connection::Cluster(cluster) => {
+                        let (client, connection) = cluster.as_ref();
+                        let connection = connection
+                            .get_or_try_init(|| client.get_async_connection())
+                            .await?;
+                        let route = Route::with_key(slot_key, SlotAddr::Master);
+                        (connection.clone())
+                            .route_pipeline(
+                                pipe,
+                                0,
+                                count,
+                                SingleNodeRoutingInfo::SpecificNode(route),
+                            )
+                            .await
+                    }
+                }
+            })
+            .await?;
+        Ok(replies
+            .iter()
+            .map(|reply| live_held(reply, now_ms))
+            .collect())
+    }
+
     /// Runs a listing's `cmd` on the node that owns the slot of `slot_key` (in a cluster), within
     /// the timeout.
     async fn list_call(&self, slot_key: &str, cmd: Cmd) -> Result<Value, StorageError> {
@@ -330,6 +381,32 @@ fn config_value(reply: &Value) -> Option<String> {
         Value::Array(items) => items.first().and_then(config_value),
         _ => None,
     }
+}
+
+/// The tokens of a counter's live holds, from `HGETALL <key>:h` (a hash from reservation id to
+/// `'<dd'` amount and expiry, as decide.lua writes it); what does not read as a hold counts 0.
+fn live_held(reply: &Value, now_ms: u64) -> u64 {
+    let hold = |value: &Value| -> Option<u64> {
+        let Value::BulkString(bytes) = value else {
+            return None;
+        };
+        let number = |i: usize| -> Option<f64> {
+            Some(f64::from_le_bytes(
+                bytes.get(8 * i..8 * i + 8)?.try_into().ok()?,
+            ))
+        };
+        let (amount, expires) = (number(0)?, number(1)?);
+        (bytes.len() == 16 && expires > now_ms as f64 && amount >= 0.0).then_some(amount as u64)
+    };
+    let values: Vec<&Value> = match reply {
+        Value::Map(pairs) => pairs.iter().map(|(_, v)| v).collect(),
+        Value::Array(items) => items.iter().skip(1).step_by(2).collect(),
+        _ => Vec::new(),
+    };
+    values
+        .into_iter()
+        .filter_map(hold)
+        .fold(0u64, |sum, amount| sum.saturating_add(amount))
 }
 
 /// `SCAN`'s answer: the next cursor and the keys.
@@ -481,11 +558,12 @@ impl Storage for RedisStorage {
                 let Value::Array(values) = reply else {
                     return Err(StorageError::Unavailable("unexpected reply to MGET".into()).into());
                 };
-                for (key, value) in unseen[..taken].iter().zip(&values) {
+                let mut found = Vec::new();
+                for (raw, value) in unseen[..taken].iter().zip(&values) {
                     let Value::BulkString(value) = value else {
-                        continue; // expired since the SCAN
+                        continue; // expired since the SCAN, or a counter's holds
                     };
-                    let key = std::str::from_utf8(key).ok();
+                    let key = std::str::from_utf8(raw).ok();
                     let Some(key) = key
                         .and_then(|k| k.strip_prefix(&namespace_prefix))
                         .and_then(parse_key)
@@ -498,8 +576,18 @@ impl Storage for RedisStorage {
                     let expired =
                         matches!(state, CounterState::Window(w) if w.expires_at_ms <= now_ms);
                     if limits.contains(&key.limit) && !expired {
-                        items.push(CounterSnapshot { key, state });
+                        found.push((raw, key, state));
                     }
+                }
+                let held = self
+                    .held(
+                        &namespace_prefix,
+                        found.iter().map(|(raw, _, _)| *raw),
+                        now_ms,
+                    )
+                    .await?;
+                for ((_, key, state), held) in found.into_iter().zip(held) {
+                    items.push(CounterSnapshot { key, state, held });
                 }
             }
             if taken < unseen.len() {

@@ -69,6 +69,19 @@ impl Server {
         self.process.log()
     }
 
+    /// The log once `ready` holds for it, or after 5 s: the server writes its log
+    /// asynchronously, so a line may land a moment after the call that caused it.
+    pub async fn log_when(&self, ready: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.log();
+            if ready(&log) || std::time::Instant::now() >= deadline {
+                return log;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }
