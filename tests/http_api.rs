@@ -687,12 +687,14 @@ async fn counters_show_usage_and_the_window_resets_after_its_seconds() {
                 "limit": free_limit,
                 "set_variables": {USER_VAR: "alice"},
                 "remaining": 30,
+                "held": 0,
                 "expires_in_seconds": 50,
             },
             {
                 "limit": free_limit,
                 "set_variables": {USER_VAR: "bob"},
                 "remaining": 45,
+                "held": 0,
                 "expires_in_seconds": 60,
             },
         ])
