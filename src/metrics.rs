@@ -25,7 +25,7 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
-const DESCRIPTIONS: [(&str, &str); 23] = [
+const DESCRIPTIONS: [(&str, &str); 24] = [
     ("limitador_up", "Limitador is running"),
     (
         "datastore_partitioned",
@@ -52,6 +52,10 @@ const DESCRIPTIONS: [(&str, &str); 23] = [
     (
         "ratekeeper_tokens_charged",
         "Hits (tokens) added to counters, by limit",
+    ),
+    (
+        "ratekeeper_tokens_refunded",
+        "Tokens given back by refunds (Envoy's is_negative_hits), by limit: what each refund carried (usage never goes below zero)",
     ),
     (
         "ratekeeper_tokens_overshoot",
@@ -294,6 +298,7 @@ impl NamespaceSeries {
 /// A limit's series.
 struct LimitSeries {
     charged: Counter,
+    refunded: Counter,
     overshoot: Counter,
     limited_calls: Counter,
     cel_errors: Counter,
@@ -307,6 +312,7 @@ impl LimitSeries {
         }
         Self {
             charged: counter!("ratekeeper_tokens_charged", &labels),
+            refunded: counter!("ratekeeper_tokens_refunded", &labels),
             overshoot: counter!("ratekeeper_tokens_overshoot", &labels),
             limited_calls: counter!("limited_calls", &labels),
             cel_errors: counter!("ratekeeper_cel_errors", &labels),
@@ -400,6 +406,10 @@ impl Observer for Prometheus {
         };
         self.namespaces
             .with(namespace, || NamespaceSeries::new(namespace), record);
+    }
+
+    fn refunded(&self, limit: &Limit, amount: u64) {
+        self.with_limit(limit, |series| series.refunded.increment(amount));
     }
 
     fn evaluation_failed(&self, _namespace: &str, limit: &Limit, _error: &EvalError) {

@@ -598,3 +598,18 @@ async fn calls_to_namespaces_without_limits_are_counted_by_name_up_to_a_cap() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn refunds_are_counted_by_limit() {
+    let server = TestServer::start(&limits_for("metrics-refund")).await;
+    let alice = || vec![descriptor_with_hits(&[("user", "alice")], 6)];
+    let refund_alice = || vec![refund(&[("user", "alice")], 4)];
+    server.should(request("metrics-refund", alice(), 0)).await;
+    server
+        .should(request("metrics-refund", refund_alice(), 0))
+        .await;
+    let samples = scrape(&server).await;
+    let ns = ("limitador_namespace", "metrics-refund");
+    assert_eq!(value(&samples, "ratekeeper_tokens_refunded", &[ns]), 4.0);
+    assert_eq!(value(&samples, "ratekeeper_tokens_charged", &[ns]), 6.0);
+}

@@ -68,6 +68,9 @@ pub trait Observer: Send + Sync {
     /// A decision was made with the storage's answer (not for unknown namespaces or when the
     /// storage failed).
     fn decided(&self, _decided: &Decided<'_>) {}
+    /// A refund (Envoy's `is_negative_hits`) of `amount` was applied to a counter of `limit`
+    /// (it gave back at most that: usage never goes below zero).
+    fn refunded(&self, _limit: &Limit, _amount: u64) {}
     /// A limit was skipped because one of its expressions failed on a request.
     fn evaluation_failed(&self, _namespace: &str, _limit: &Limit, _error: &EvalError) {}
     /// The storage answered (or failed) after `elapsed`.
@@ -301,6 +304,12 @@ impl Limiter {
         };
 
         let namespace_has_limits = plan.namespace_has_limits;
+        let groups = plan.batch.groups.iter().zip(&plan.contexts);
+        for (group, context) in groups.filter(|(group, _)| group.policy == Policy::Refund) {
+            for limit in &context.limits {
+                self.observer.refunded(limit, group.cost);
+            }
+        }
         let mut decision = decision::assemble(call, descriptors, plan, outcomes);
         if decision.verdict == Verdict::Admitted {
             decision.reservation_id = reservation_id;

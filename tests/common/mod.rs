@@ -57,6 +57,10 @@ impl Observer for Counting {
         self.metrics.evaluation_failed(namespace, limit, error);
     }
 
+    fn refunded(&self, limit: &Limit, amount: u64) {
+        self.metrics.refunded(limit, amount);
+    }
+
     fn storage_called(&self, elapsed: Duration) {
         self.metrics.storage_called(elapsed);
     }
