@@ -15,6 +15,7 @@ use crate::call::{Call, Code, Verdict};
 use crate::limiter::{Decision, Limiter};
 use crate::metrics::{self, Outcome};
 use crate::proto::envoy::config::core::v3::HeaderValue;
+use crate::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{
     self as response, DescriptorStatus, RateLimit,
 };
@@ -66,15 +67,7 @@ impl RateLimitServer {
         let started = Instant::now();
         let (metadata, _, message) = request.into_parts();
         let result = self.decide(message, call, &metadata).await;
-        let outcome = match &result {
-            Ok(response) => match response::Code::try_from(response.overall_code) {
-                Ok(response::Code::Ok) => Outcome::Ok,
-                Ok(response::Code::OverLimit) => Outcome::OverLimit,
-                _ => Outcome::Unknown,
-            },
-            Err(status) if status.code() == tonic::Code::InvalidArgument => Outcome::Invalid,
-            Err(_) => Outcome::Error,
-        };
+        let outcome = outcome_of(&result, |response| response.overall_code);
         metrics::rpc(call, outcome, started.elapsed());
         result.map(tonic::Response::new)
     }
@@ -135,29 +128,14 @@ impl RateLimitServer {
         &self,
         message: kuadrant::ReserveRequest,
     ) -> Result<kuadrant::ReserveResponse, Status> {
-        if !self.limiter.reservations().enabled {
-            return Err(Status::unimplemented(
-                "reservations are disabled (--disable-reservations)",
-            ));
-        }
         // A negative ttl is no ttl of its own, like an absent or zero one.
         let ttl = message.ttl.and_then(|ttl| {
             let seconds = u64::try_from(ttl.seconds).ok()?;
             let nanos = u32::try_from(ttl.nanos).ok()?;
             Some(std::time::Duration::new(seconds, nanos.min(999_999_999)))
         });
-        let request = to_request(
-            RateLimitRequest {
-                domain: message.domain,
-                descriptors: message.descriptors,
-                hits_addend: 0,
-            },
-            &self.bounds,
-        )?;
-        let request = Request {
-            hits: message.amount,
-            ..request
-        };
+        let request =
+            self.reservation_request(message.domain, message.descriptors, message.amount)?;
         let decision = (self.limiter.reserve(&request, ttl).await)
             .map_err(|error| self.storage_refused(Call::Reserve, &error))?;
         if decision.holds_full {
@@ -166,13 +144,8 @@ impl RateLimitServer {
                 crate::algorithm::MAX_HOLDS
             )));
         }
-        let code = match decision.code() {
-            Code::Ok => response::Code::Ok,
-            Code::OverLimit => response::Code::OverLimit,
-            Code::Unknown => response::Code::Unknown,
-        };
         Ok(kuadrant::ReserveResponse {
-            code: code as i32,
+            code: response_code(decision.code()) as i32,
             reservation_id: decision.reservation_id.unwrap_or_default(),
         })
     }
@@ -181,27 +154,37 @@ impl RateLimitServer {
         &self,
         message: kuadrant::CommitRequest,
     ) -> Result<kuadrant::CommitResponse, Status> {
+        let request =
+            self.reservation_request(message.domain, message.descriptors, message.actual_amount)?;
+        let decision = (self.limiter.commit(&request, &message.reservation_id).await)
+            .map_err(|error| self.storage_refused(Call::Commit, &error))?;
+        Ok(kuadrant::CommitResponse {
+            reservation_released: decision.released,
+        })
+    }
+
+    /// A Reserve's or Commit's request (its amount taken as it is), unless reservations are
+    /// disabled.
+    fn reservation_request(
+        &self,
+        domain: String,
+        descriptors: Vec<RateLimitDescriptor>,
+        amount: u64,
+    ) -> Result<Request, Status> {
         if !self.limiter.reservations().enabled {
             return Err(Status::unimplemented(
                 "reservations are disabled (--disable-reservations)",
             ));
         }
-        let request = to_request(
-            RateLimitRequest {
-                domain: message.domain,
-                descriptors: message.descriptors,
-                hits_addend: 0,
-            },
-            &self.bounds,
-        )?;
-        let request = Request {
-            hits: message.actual_amount,
-            ..request
+        let request = RateLimitRequest {
+            domain,
+            descriptors,
+            hits_addend: 0,
         };
-        let decision = (self.limiter.commit(&request, &message.reservation_id).await)
-            .map_err(|error| self.storage_refused(Call::Commit, &error))?;
-        Ok(kuadrant::CommitResponse {
-            reservation_released: decision.released,
+        let request = to_request(request, &self.bounds)?;
+        Ok(Request {
+            hits: amount,
+            ..request
         })
     }
 
@@ -246,13 +229,7 @@ impl kuadrant::rate_limit_service_server::RateLimitService for RateLimitServer {
     ) -> Result<tonic::Response<kuadrant::ReserveResponse>, Status> {
         let started = Instant::now();
         let result = self.reserve_now(request.into_inner()).await;
-        let outcome = match &result {
-            Ok(response) if response.code == response::Code::Ok as i32 => Outcome::Ok,
-            Ok(response) if response.code == response::Code::OverLimit as i32 => Outcome::OverLimit,
-            Ok(_) => Outcome::Unknown,
-            Err(status) if status.code() == tonic::Code::InvalidArgument => Outcome::Invalid,
-            Err(_) => Outcome::Error,
-        };
+        let outcome = outcome_of(&result, |response| response.code);
         metrics::rpc(Call::Reserve, outcome, started.elapsed());
         result.map(tonic::Response::new)
     }
@@ -263,13 +240,24 @@ impl kuadrant::rate_limit_service_server::RateLimitService for RateLimitServer {
     ) -> Result<tonic::Response<kuadrant::CommitResponse>, Status> {
         let started = Instant::now();
         let result = self.commit_now(request.into_inner()).await;
-        let outcome = match &result {
-            Ok(_) => Outcome::Ok,
-            Err(status) if status.code() == tonic::Code::InvalidArgument => Outcome::Invalid,
-            Err(_) => Outcome::Error,
-        };
+        // A commit is always answered OK (a report when its hold is gone).
+        let outcome = outcome_of(&result, |_| response::Code::Ok as i32);
         metrics::rpc(Call::Commit, outcome, started.elapsed());
         result.map(tonic::Response::new)
+    }
+}
+
+/// How an answered call counts in `ratekeeper_rpc_calls`: by the wire code `code` reads from
+/// its answer, or by its error.
+fn outcome_of<T>(result: &Result<T, Status>, code: impl Fn(&T) -> i32) -> Outcome {
+    match result {
+        Ok(answer) => match response::Code::try_from(code(answer)) {
+            Ok(response::Code::Ok) => Outcome::Ok,
+            Ok(response::Code::OverLimit) => Outcome::OverLimit,
+            _ => Outcome::Unknown,
+        },
+        Err(status) if status.code() == tonic::Code::InvalidArgument => Outcome::Invalid,
+        Err(_) => Outcome::Error,
     }
 }
 
@@ -303,18 +291,13 @@ fn to_request(request: RateLimitRequest, bounds: &RequestBounds) -> Result<Reque
 }
 
 pub fn to_response(decision: &Decision, answers: Answers) -> RateLimitResponse {
-    let code = |code: Code| match code {
-        Code::Ok => response::Code::Ok,
-        Code::OverLimit => response::Code::OverLimit,
-        Code::Unknown => response::Code::Unknown,
-    };
     let overall_code = decision.code();
     let statuses = decision
         .statuses
         .iter()
         .map(|status| {
             let mut out = DescriptorStatus {
-                code: code(decision.code_of(status)) as i32,
+                code: response_code(decision.code_of(status)) as i32,
                 ..Default::default()
             };
             if let Some(limit) = &status.limit {
@@ -357,11 +340,20 @@ pub fn to_response(decision: &Decision, answers: Answers) -> RateLimitResponse {
         })
         .collect();
     RateLimitResponse {
-        overall_code: code(overall_code) as i32,
+        overall_code: response_code(overall_code) as i32,
         statuses,
         response_headers_to_add,
         raw_body,
         ..Default::default()
+    }
+}
+
+/// The wire code of what the client is told.
+fn response_code(code: Code) -> response::Code {
+    match code {
+        Code::Ok => response::Code::Ok,
+        Code::OverLimit => response::Code::OverLimit,
+        Code::Unknown => response::Code::Unknown,
     }
 }
 
