@@ -13,10 +13,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{AppState, bad_request};
+use super::{AppState, bad_request, values_request};
 use crate::call::Code;
 use crate::limiter::{Explanation, LimitExplanation};
-use crate::request::{Descriptor, Request};
 
 #[derive(Deserialize)]
 struct ExplainInfo {
@@ -40,21 +39,10 @@ pub(super) async fn explain(State(state): State<AppState>, body: Bytes) -> Respo
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let request = Request {
-        namespace: info.namespace,
-        descriptors: vec![Descriptor {
-            entries: info.values.into_iter().collect(),
-            hits: None,
-            refund: false,
-        }],
-        hits: info.delta,
+    let request = match values_request(&state, info.namespace, info.values, info.delta) {
+        Ok(request) => request,
+        Err(reason) => return bad_request(reason),
     };
-    if request.namespace.is_empty() {
-        return bad_request("field `namespace` must not be empty".to_string());
-    }
-    if let Err(reason) = request.check_bounds(&state.bounds) {
-        return bad_request(reason);
-    }
     let explanation = state.limiter.explain(&request).await;
     let mut body = to_json(&explanation);
     body["namespace"] = json!(request.namespace);

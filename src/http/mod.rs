@@ -231,6 +231,30 @@ struct CheckAndReportInfo {
     response_headers: Option<String>,
 }
 
+/// The request of an HTTP body's `values` (one descriptor) and cost, checked as every HTTP
+/// call checks it: a namespace, and the request bounds.
+fn values_request(
+    state: &AppState,
+    namespace: String,
+    values: HashMap<String, String>,
+    hits: u64,
+) -> Result<Request, String> {
+    let request = Request {
+        namespace,
+        descriptors: vec![Descriptor {
+            entries: values.into_iter().collect(),
+            hits: None,
+            refund: false,
+        }],
+        hits,
+    };
+    if request.namespace.is_empty() {
+        return Err("field `namespace` must not be empty".to_string());
+    }
+    request.check_bounds(&state.bounds)?;
+    Ok(request)
+}
+
 async fn check(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     decide(&state, &headers, &body, Call::CheckRateLimit).await
 }
@@ -252,22 +276,11 @@ async fn decide(state: &AppState, headers: &HeaderMap, body: &[u8], call: Call) 
         Ok(info) => info,
         Err(e) => return bad_request(format!("invalid request body: {e}")),
     };
-    let request = Request {
-        namespace: info.namespace,
-        descriptors: vec![Descriptor {
-            entries: info.values.into_iter().collect(),
-            hits: None,
-            refund: false,
-        }],
-        // As on gRPC, a request-level cost of 0 counts as 1.
-        hits: info.delta,
+    // As on gRPC, a request-level cost of 0 counts as 1.
+    let request = match values_request(state, info.namespace, info.values, info.delta) {
+        Ok(request) => request,
+        Err(reason) => return bad_request(reason),
     };
-    if request.namespace.is_empty() {
-        return bad_request("field `namespace` must not be empty".to_string());
-    }
-    if let Err(reason) = request.check_bounds(&state.bounds) {
-        return bad_request(reason);
-    }
     let decision = match state.limiter.decide(&request, call).await {
         Ok(decision) => decision,
         Err(e) => return storage_error(&e),

@@ -14,9 +14,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::{AppState, bad_request, storage_error};
+use super::{AppState, bad_request, storage_error, values_request};
 use crate::call::Code;
-use crate::request::{Descriptor, Request};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,29 +37,6 @@ struct CommitInfo {
     actual: u64,
 }
 
-/// The request of `values`, checked as `/check` checks it (else why not).
-fn request(
-    state: &AppState,
-    namespace: String,
-    values: HashMap<String, String>,
-    hits: u64,
-) -> Result<Request, String> {
-    let request = Request {
-        namespace,
-        descriptors: vec![Descriptor {
-            entries: values.into_iter().collect(),
-            hits: None,
-            refund: false,
-        }],
-        hits,
-    };
-    if request.namespace.is_empty() {
-        return Err("field `namespace` must not be empty".to_string());
-    }
-    request.check_bounds(&state.bounds)?;
-    Ok(request)
-}
-
 fn disabled() -> Response {
     (
         StatusCode::NOT_IMPLEMENTED,
@@ -77,7 +53,7 @@ pub(super) async fn reserve(State(state): State<AppState>, body: Bytes) -> Respo
         Ok(info) => info,
         Err(e) => return bad_request(format!("invalid request body: {e}")),
     };
-    let request = match request(&state, info.namespace, info.values, info.amount) {
+    let request = match values_request(&state, info.namespace, info.values, info.amount) {
         Ok(request) => request,
         Err(reason) => return bad_request(reason),
     };
@@ -110,7 +86,7 @@ pub(super) async fn commit(State(state): State<AppState>, body: Bytes) -> Respon
         Ok(info) => info,
         Err(e) => return bad_request(format!("invalid request body: {e}")),
     };
-    let request = match request(&state, info.namespace, info.values, info.actual) {
+    let request = match values_request(&state, info.namespace, info.values, info.actual) {
         Ok(request) => request,
         Err(reason) => return bad_request(reason),
     };
