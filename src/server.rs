@@ -170,17 +170,11 @@ pub async fn start(
         grpc,
         stopped.clone(),
     );
-    tasks.spawn(async move {
-        serving.await;
-        Ok(())
-    });
+    tasks.spawn(infallible(serving));
 
     if let Some(tls) = tls.clone() {
         let watcher = tls::watch_files(tls, stopped.clone());
-        tasks.spawn(async move {
-            watcher.await;
-            Ok(())
-        });
+        tasks.spawn(infallible(watcher));
     }
 
     tasks.spawn(check_health(
@@ -191,10 +185,7 @@ pub async fn start(
     ));
     if let Some(path) = settings.limits_file.clone() {
         let watcher = watch_limits(path, limiter.clone(), status.clone(), stopped.clone());
-        tasks.spawn(async move {
-            watcher.await;
-            Ok(())
-        });
+        tasks.spawn(infallible(watcher));
     }
 
     if settings.http_auth_token.is_none() && !http_addr.ip().is_loopback() {
@@ -225,10 +216,7 @@ pub async fn start(
         http,
         stopped.clone(),
     );
-    tasks.spawn(async move {
-        serving.await;
-        Ok(())
-    });
+    tasks.spawn(infallible(serving));
 
     let mut stop_sweeping = stopped;
     tasks.spawn(async move {
@@ -397,6 +385,12 @@ impl EvictionCheck {
         status.set_storage_evicts(evicts);
         self.last = Some(seen);
     }
+}
+
+/// A task that cannot fail, as one of the server's tasks.
+async fn infallible(task: impl Future<Output = ()>) -> std::io::Result<()> {
+    task.await;
+    Ok(())
 }
 
 /// The services health reports on, by their full gRPC names.
