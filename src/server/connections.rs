@@ -48,6 +48,47 @@ const H2_PREFACE_LEN: usize = 24;
 /// tonic's own server left it unbounded). Clients queue or open another connection past it.
 const MAX_STREAMS_PER_CONNECTION: u32 = 200;
 
+/// What a listener serves: a service that answers every request (it has no errors of its
+/// own), cloned per connection and moved onto the connection's task.
+pub trait Handler<B>:
+    Service<
+        http::Request<Incoming>,
+        Response = http::Response<B>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> Handler<B> for S where
+    S: Service<
+            http::Request<Incoming>,
+            Response = http::Response<B>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// The body of an answer, as hyper sends it from a connection's task.
+pub trait ResponseBody:
+    hyper::body::Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    + Send
+    + 'static
+{
+}
+
+impl<B> ResponseBody for B where
+    B: hyper::body::Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static
+{
+}
+
 /// What a listener speaks, with its timeouts.
 #[derive(Debug, Clone, Copy)]
 pub enum Protocol {
@@ -94,14 +135,8 @@ pub async fn serve<S, B>(
     service: S,
     mut stopped: watch::Receiver<bool>,
 ) where
-    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Handler<B>,
+    B: ResponseBody,
 {
     let addr = listener.local_addr().ok();
     let slots = Arc::new(Semaphore::new(max_connections.max(1)));
@@ -179,14 +214,8 @@ async fn serve_connection<S, B>(
     mut stopped: watch::Receiver<bool>,
     _slot: OwnedSemaphorePermit,
 ) where
-    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Handler<B>,
+    B: ResponseBody,
 {
     let deadline = Instant::now() + protocol.first_words_timeout();
     let Some(config) = tls else {
@@ -220,14 +249,8 @@ async fn serve_http<I, S, B>(
     stopped: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Handler<B>,
+    B: ResponseBody,
 {
     let in_flight = Arc::new(InFlight::default());
     let service = {
