@@ -87,15 +87,7 @@ async fn usage(server: &TestServer) -> u64 {
 
 /// A series' value in the server's /metrics (metrics are the process's: other tests add to them).
 async fn metric(server: &TestServer, series: &str) -> Option<f64> {
-    let url = format!("{}/metrics", server.http_base);
-    let text = http_client()
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(&format!("{}/metrics", server.http_base)).await;
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
