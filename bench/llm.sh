@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Does a token budget hold while generations are in flight? (README "Budgets that hold under
+# Does a token budget hold while generations are in flight? (docs/budgets.md, "Budgets that hold under
 # concurrency".) Starts ratekeeper on bench/llm-budget.yaml (2,000 tokens a minute per user; in
 # memory, or on a redis-server of its own with STORAGE=redis), then runs `ratekeeper-load llm`
 # once per pattern, each against a user of its own, and prints one JSON line per run.

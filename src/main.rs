@@ -70,8 +70,13 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli, limits)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("ratekeeper: {e:#}");
+            // Said once: in the log when errors are logged (JSON log collectors see it), else
+            // plainly on stderr.
+            if tracing::enabled!(tracing::Level::ERROR) {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("ratekeeper: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }

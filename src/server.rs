@@ -332,9 +332,16 @@ async fn check_health(
         if last == Some((reachable, ready)) {
             continue;
         }
-        last = Some((reachable, ready));
+        let previous = last.replace((reachable, ready));
         metrics::storage_reachable(reachable);
         let serving = if ready {
+            // Coming back is said as loudly as going away (the first check says nothing).
+            if previous.is_some() {
+                tracing::warn!(
+                    storage_reachable = reachable,
+                    "ready again: health is SERVING"
+                );
+            }
             ServingStatus::Serving
         } else {
             let reason = status.not_ready_because().unwrap_or_default();
@@ -375,7 +382,7 @@ impl EvictionCheck {
             Ok(Some(reason)) => tracing::error!(
                 %reason,
                 "the storage may EVICT live counters: budgets would reset silently when it is full; \
-                 set maxmemory-policy noeviction (see the README, Redis)"
+                 set maxmemory-policy noeviction (see docs/redis.md)"
             ),
             Ok(None) => tracing::info!("the storage does not evict counters"),
             Err(error) => tracing::info!(%error, "cannot tell whether the storage evicts counters"),

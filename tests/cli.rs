@@ -173,11 +173,32 @@ fn cannot_listen_names_the_address() {
         ]);
         let err = stderr(&output);
         assert!(!output.status.success(), "{err}");
-        assert!(
-            err.contains(&format!("cannot listen: {named}{port}")),
-            "{flags:?}: {err}"
+        assert_eq!(
+            err.matches(&format!("cannot listen: {named}{port}"))
+                .count(),
+            1,
+            "said once: {flags:?}: {err}"
         );
     }
+    // With logging switched off the reason still reaches stderr, once.
+    let mut quiet = command();
+    quiet.env("RUST_LOG", "off");
+    let args = [
+        "-b",
+        "127.0.0.1",
+        "-p",
+        port.as_str(),
+        "limits/llm-tiers.yaml",
+    ];
+    quiet.args(args);
+    let output = run_command(quiet, &args);
+    let err = stderr(&output);
+    assert!(!output.status.success(), "{err}");
+    assert_eq!(
+        err.matches("cannot listen: gRPC on 127.0.0.1:").count(),
+        1,
+        "{err}"
+    );
 }
 
 /// A bad `RATE_LIMIT_CONFIG` (ASM's rules) stops the server at start, naming the rule and

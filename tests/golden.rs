@@ -7,7 +7,7 @@
 //! way. So these values are constants here, not recomputed by a copy of the code.
 //!
 //! **Changing any value in this file is a deliberate, documented act**: it orphans counters
-//! (budgets silently restart) or misreads them. Do it only with an entry in the README's
+//! (budgets silently restart) or misreads them. Do it only with an entry in docs/redis.md's
 //! "Upgrades and the Redis key format" section that says which counters are affected and what
 //! operators should do. (The last changes, both in this release: namespace tags, where `%`, `{` and `}`
 //! became `%25`, `%7B`, `%7D`; and the identity of a continuous token bucket with an `id`, which

@@ -10,42 +10,7 @@ mod common;
 use std::process::{Command, Output};
 
 use common::process::{Server, manifest_dir};
-
-const SECTION: &str = "## Walkthrough (gRPC)";
-
-/// The (command, expected output) pairs of the README's gRPC walkthrough: every ```sh block
-/// that runs examples/grpc_call.py, with the fenced block right after it.
-fn walkthrough() -> Vec<(String, String)> {
-    let readme = std::fs::read_to_string(manifest_dir().join("README.md")).unwrap();
-    let start = readme
-        .find(SECTION)
-        .expect("the README has a gRPC walkthrough");
-    let rest = &readme[start + SECTION.len()..];
-    let section = &rest[..rest.find("\n## ").unwrap_or(rest.len())];
-    // Fenced blocks in order: (info string, body).
-    let mut blocks = Vec::new();
-    let mut lines = section.lines();
-    while let Some(line) = lines.next() {
-        if let Some(info) = line.strip_prefix("```") {
-            let mut body = Vec::new();
-            for line in lines.by_ref() {
-                if line == "```" {
-                    break;
-                }
-                body.push(line);
-            }
-            blocks.push((info.to_string(), body.join("\n")));
-        }
-    }
-    let mut pairs = Vec::new();
-    for pair in blocks.windows(2) {
-        let (info, command) = &pair[0];
-        if info == "sh" && command.starts_with("examples/grpc_call.py") {
-            pairs.push((command.clone(), pair[1].1.clone()));
-        }
-    }
-    pairs
-}
+use common::transcript::{Transcript, same_within};
 
 /// Runs one README command (a shell line, continuation backslashes included) against `server`.
 fn run(command: &str, server: &Server) -> Output {
@@ -55,19 +20,6 @@ fn run(command: &str, server: &Server) -> Output {
         .env("RATEKEEPER_GRPC", server.rls.to_string())
         .output()
         .expect("sh runs")
-}
-
-/// `"duration_until_reset": "59.516s"` → `"duration_until_reset": "<duration>"`.
-fn without_durations(text: &str) -> String {
-    text.lines()
-        .map(|line| match line.find("\"duration_until_reset\": \"") {
-            Some(at) => format!("{}\"duration_until_reset\": \"<duration>\",", &line[..at])
-                .trim_end_matches(',')
-                .to_string(),
-            None => line.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 fn script_available() {
@@ -85,25 +37,43 @@ fn script_available() {
 #[tokio::test]
 async fn the_readme_grpc_walkthrough_prints_what_it_shows() {
     script_available();
-    let pairs = walkthrough();
-    assert!(pairs.len() >= 5, "found only {} calls", pairs.len());
+    let transcript = Transcript::read(
+        "README.md",
+        "## Walkthrough (gRPC)",
+        "examples/grpc_call.py",
+    );
+    assert!(
+        transcript.steps.len() >= 5,
+        "found only {} calls",
+        transcript.steps.len()
+    );
     let server =
         Server::start_on_loopback(&["limits/llm-tiers.yaml", "--grpc-reflection-service"]).await;
-    for (command, expected) in pairs {
-        let output = run(&command, &server);
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "{command}\nfailed: {}\n{}",
-            String::from_utf8_lossy(&output.stderr),
-            server.log()
-        );
-        assert_eq!(
-            without_durations(stdout.trim_end()),
-            without_durations(&expected),
-            "{command}"
-        );
-    }
+    transcript.check(
+        |command| {
+            let output = run(command, &server);
+            assert!(
+                output.status.success(),
+                "{command}\nfailed: {}\n{}",
+                String::from_utf8_lossy(&output.stderr),
+                server.log()
+            );
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        },
+        // `duration_until_reset` moves with the clock; reservation ids are random.
+        |shown, printed| {
+            same_within(
+                shown,
+                printed,
+                &[r#""duration_until_reset": "([0-9.]+)s""#],
+                2.0,
+                &[
+                    r#""reservation_id": "[^"]*""#,
+                    r#""reservation_id": "[0-9a-f]+""#,
+                ],
+            )
+        },
+    );
 }
 
 #[tokio::test]

@@ -169,6 +169,13 @@ async fn redis_going_away_and_coming_back_while_traffic_flows() {
     assert!(back, "ratekeeper did not reconnect; log:\n{}", server.log());
     assert!(eventually(Duration::from_secs(5), async || ready(&server).await == 200).await);
     assert_eq!(health(&server).await, ServingStatus::Serving);
+    // The log says both: Redis going away, and coming back.
+    let log = server
+        .log_when(|log| log.contains("ready again: health is SERVING"))
+        .await;
+    let away = log.find("not ready: health is NOT_SERVING");
+    let back = log.find("ready again: health is SERVING");
+    assert!(away.is_some() && away < back, "{log}");
     let status = reqwest::get(format!("http://{}/status", server.http))
         .await
         .unwrap();

@@ -676,7 +676,7 @@ async fn incomplete_or_mismatched_tls_files_stop_the_start_with_a_clear_error() 
 }
 
 /// examples/envoy/tiers.yaml with its `ratekeeper` cluster over TLS, trusting `ca` and
-/// presenting `client` (mTLS) if given: the README's cluster config. Written to `dir`.
+/// presenting `client` (mTLS) if given: the cluster config of docs/security.md. Written to `dir`.
 fn envoy_config_over_tls(dir: &Path, ca: &Pair, client: Option<&Pair>, name: &str) -> PathBuf {
     let cluster = "    load_assignment: {cluster_name: ratekeeper,";
     let template =

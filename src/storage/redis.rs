@@ -27,7 +27,7 @@
 //! it in `<counter key>:h` (same hash tag; a hash from reservation id to amount and expiry, at
 //! most [`crate::algorithm::MAX_HOLDS`] of them), which the same script reads and writes, and
 //! which expires with its last hold. The key format and the packed values
-//! outlive upgrades: tests/golden.rs pins them (README, "Upgrades and the Redis key format").
+//! outlive upgrades: tests/golden.rs pins them (docs/redis.md, "Upgrades and the Redis key format").
 //!
 //! Listing a namespace's counters (the admin API) pages from the client: each round trip is one
 //! `SCAN … MATCH <namespace prefix>* COUNT 1000` and one `MGET` of the keys it found, sent to the

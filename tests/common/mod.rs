@@ -7,6 +7,7 @@ pub mod envoy;
 pub mod process;
 pub mod redis;
 pub mod stack;
+pub mod transcript;
 pub mod upstream;
 
 use std::io::Write;

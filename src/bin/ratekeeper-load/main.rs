@@ -1,5 +1,5 @@
 //! `ratekeeper-load`: the load generator and no-op reference server behind the published
-//! numbers (bench/run.sh, README "Performance").
+//! numbers (bench/run.sh, docs/performance.md).
 //!
 //! - `run` drives ShouldRateLimit, CheckRateLimit, Report, or the token pattern
 //!   (CheckRateLimit then Report), over the generated tonic clients, and prints throughput and
