@@ -176,3 +176,27 @@ fn the_readme_envoy_walkthroughs_print_what_they_show() {
         |shown, printed| same_within(shown, printed, &[r"retry-after: (\d+)"], 10.0, &[]),
     );
 }
+
+/// docs/limits.md: what `--validate` says about a broken file (stderr and stdout together).
+#[test]
+fn the_validate_example_prints_what_it_shows() {
+    let transcript = Transcript::read("docs/limits.md", "## Limits file", "ratekeeper --validate");
+    let bin = Path::new(env!("CARGO_BIN_EXE_ratekeeper"));
+    let path = format!(
+        "{}:{}",
+        bin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    transcript.check(
+        |command| {
+            let output = Command::new("sh")
+                .args(["-c", &format!("({command}) 2>&1")])
+                .env("PATH", &path)
+                .output()
+                .expect("sh runs");
+            assert!(!output.status.success(), "a broken file fails validation");
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        },
+        |shown, printed| shown == printed,
+    );
+}
