@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use ratekeeper::clock::SystemClock;
-use ratekeeper::config::{Cli, RedisCachedOptions, StorageCommand};
+use ratekeeper::config::{Cli, DISK_UNSUPPORTED, RedisCachedOptions, StorageCommand};
 use ratekeeper::http::HttpToken;
 use ratekeeper::limiter::{Limiter, Reservations};
 use ratekeeper::limits::{
@@ -157,6 +157,7 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
             );
             Arc::new(storage)
         }
+        StorageCommand::Disk(_) => anyhow::bail!(DISK_UNSUPPORTED),
     };
     tracing::info!(limits = limits.len(), file = ?cli.limits_file, asm_rules = limits.fixed().is_some(), "limits loaded");
     metrics::install().map_err(|e| anyhow::anyhow!("cannot set up metrics: {e}"))?;
