@@ -6,6 +6,7 @@
 #   memory  `ratekeeper bench/limits.yaml memory`
 #   redis   `ratekeeper bench/limits.yaml redis redis://127.0.0.1:<port>` on a redis-server of
 #           its own
+#   disk    `ratekeeper bench/limits.yaml disk <dir>` (not in the default TARGETS: add it)
 # and drives each with `ratekeeper-load run` (one client thread) for ShouldRateLimit and the
 # token pattern (CheckRateLimit then Report). With ROUNDS > 1 the three servers are measured
 # in turn ROUNDS times and the table shows medians, which evens out other load on the machine.
@@ -116,6 +117,11 @@ start_server() {
         [ -n "$REDIS_PID" ] || start_redis
         $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" "$LIMITS" \
             redis "redis://127.0.0.1:$REDIS_PORT" >>"$LOG" 2>&1 &
+        ;;
+    disk)
+        rm -rf "$OUT/disk-store"
+        $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" "$LIMITS" \
+            disk --cache $((COUNTERS * 2 + 100000)) "$OUT/disk-store" >>"$LOG" 2>&1 &
         ;;
     *)
         echo "unknown target $target" >&2

@@ -327,26 +327,23 @@ pub enum StorageCommand {
     /// decides in one round trip, so this is `redis` and the cache options are ignored.
     #[command(name = "redis_cached")]
     RedisCached(RedisCachedOptions),
-    /// Limitador's persistent counters on one node: not supported yet. Accepted on the command
-    /// line only to refuse it at start with a message saying what to use instead.
+    /// Counters that survive restarts on one node, in a directory (Limitador's `disk`).
     Disk(DiskOptions),
 }
 
 /// Limitador's `disk` storage arguments (`disk [--optimize throughput|disk] PATH`).
 #[derive(Debug, Clone, Args)]
 pub struct DiskOptions {
-    /// Where Limitador keeps its counters.
+    /// The directory of the counters' store (created if missing).
     #[arg(value_name = "PATH")]
-    pub path: String,
-    /// Limitador's RocksDB tuning (`throughput` or `disk`).
-    #[arg(long)]
+    pub path: std::path::PathBuf,
+    /// Limitador's RocksDB tuning (`throughput` or `disk`): accepted, no effect here.
+    #[arg(long, value_parser = ["throughput", "disk"])]
     pub optimize: Option<String>,
+    /// Most live counters held at once, as for `memory`.
+    #[arg(short = 'c', long = "cache", env = "CACHE_SIZE", default_value_t = DEFAULT_COUNTERS)]
+    pub cache: usize,
 }
-
-/// Why `disk` is refused, and what to use instead.
-pub const DISK_UNSUPPORTED: &str = "the `disk` storage (Limitador's counters persisted on one node) \
-is not supported yet: use `memory` (counters are lost on restart) or `redis URL` (counters survive \
-restarts and are shared by every replica)";
 
 #[derive(Debug, Clone, Args)]
 pub struct RedisOptions {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use ratekeeper::clock::SystemClock;
-use ratekeeper::config::{Cli, DISK_UNSUPPORTED, RedisCachedOptions, StorageCommand};
+use ratekeeper::config::{Cli, RedisCachedOptions, StorageCommand};
 use ratekeeper::http::HttpToken;
 use ratekeeper::limiter::{Limiter, Reservations};
 use ratekeeper::limits::{
@@ -15,7 +15,7 @@ use ratekeeper::limits::{
 use ratekeeper::metrics::{self, Prometheus};
 use ratekeeper::server::{self, Settings, Tls};
 use ratekeeper::status::ServerStatus;
-use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage};
+use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage, open_disk};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -157,7 +157,12 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
             );
             Arc::new(storage)
         }
-        StorageCommand::Disk(_) => anyhow::bail!(DISK_UNSUPPORTED),
+        StorageCommand::Disk(options) => {
+            if options.optimize.is_some() {
+                tracing::info!("disk --optimize is Limitador's RocksDB tuning: no effect here");
+            }
+            Arc::new(open_disk(&options.path, options.cache).map_err(anyhow::Error::msg)?)
+        }
     };
     tracing::info!(limits = limits.len(), file = ?cli.limits_file, asm_rules = limits.fixed().is_some(), "limits loaded");
     metrics::install().map_err(|e| anyhow::anyhow!("cannot set up metrics: {e}"))?;

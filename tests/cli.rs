@@ -641,29 +641,3 @@ async fn limitador_operators_command_line_starts_and_serves() {
         "an empty endpoint is no tracing at all: {log}"
     );
 }
-
-/// Limitador's `disk` storage (with its `--optimize`) is refused at start with a message that
-/// says what to use instead, once, rather than clap's "unexpected argument".
-#[test]
-fn disk_storage_is_refused_with_its_own_message() {
-    for storage in [
-        &["disk", "/tmp/ratekeeper-disk"][..],
-        &["disk", "--optimize", "throughput", "/tmp/ratekeeper-disk"][..],
-    ] {
-        let mut args = vec!["-b", "127.0.0.1", "-B", "127.0.0.1", "-p", "0", "-P", "0"];
-        args.push("limits/llm-tiers.yaml");
-        args.extend_from_slice(storage);
-        let output = run(&args);
-        let err = stderr(&output);
-        assert!(!output.status.success(), "{err}");
-        assert_eq!(err.matches("`disk` storage").count(), 1, "{err}");
-        assert!(
-            err.contains("use `memory`") && err.contains("`redis URL`"),
-            "{err}"
-        );
-        assert!(
-            !err.contains("listening"),
-            "refused before listening: {err}"
-        );
-    }
-}

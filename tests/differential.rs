@@ -1,7 +1,8 @@
 //! The Redis script is the Lua twin of the Rust arithmetic: random request sequences, with a
 //! driven clock, over every algorithm and policy (reservations' holds, commits and the holds'
 //! expiry included), must get identical answers from memory and from Redis (standalone and
-//! cluster), call by call.
+//! cluster), call by call. The `disk` storage decides as memory does and must keep deciding so
+//! after being closed and reopened at random points (every state and hold read back).
 
 mod common;
 
@@ -11,7 +12,7 @@ use ratekeeper::algorithm::{
     Algorithm, FixedWindow, Group, GroupOutcome, HoldRequest, Policy, SlidingWindow, TokenBucket,
 };
 use ratekeeper::storage::{
-    Batch, CounterKey, CounterRequest, MemoryStorage, RedisStorage, Storage,
+    Batch, CounterKey, CounterRequest, MemoryStorage, RedisStorage, Storage, open_disk,
 };
 
 /// xorshift64*: deterministic, so a failure can be replayed from its seed.
@@ -126,6 +127,45 @@ async fn compare(redis_url: String, seed: u64) {
 async fn redis_decides_exactly_as_memory_does() {
     for seed in [1, 2, 3, 0xdead_beef, 42] {
         compare(common::redis::shared_url(), seed).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_decides_exactly_as_memory_does_across_reopens() {
+    for seed in [1, 2, 0xdead_beef] {
+        let dir =
+            std::env::temp_dir().join(format!("ratekeeper-diff-{}-{seed}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let memory = MemoryStorage::new(10_000);
+        let algorithms = algorithms();
+        let mut rng = Rng(seed);
+        let mut now = 1_767_225_600_000u64;
+        let mut disk = Some(open_disk(&dir, 10_000).unwrap());
+        let mut reopened = 0;
+        for step in 0..400 {
+            now += match rng.below(5) {
+                0 => 0,
+                1 => rng.below(100),
+                2 => rng.below(1_500),
+                3 => rng.below(40_000),
+                _ => rng.below(10),
+            };
+            if rng.below(25) == 0 {
+                drop(disk.take());
+                disk = Some(open_disk(&dir, 10_000).unwrap());
+                reopened += 1;
+            }
+            let batch = random_batch(&mut rng, &algorithms, now);
+            let expected: Vec<GroupOutcome> = memory.apply(&batch, now).await.unwrap();
+            let actual = disk.as_ref().unwrap().apply(&batch, now).await.unwrap();
+            assert_eq!(
+                actual, expected,
+                "seed {seed}, step {step}, at {now} (reopened {reopened} times): disk differs from memory for {batch:#?}"
+            );
+        }
+        assert!(reopened > 5, "seed {seed}: reopened only {reopened} times");
+        drop(disk);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 

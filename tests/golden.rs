@@ -349,3 +349,73 @@ async fn holds_are_the_golden_ones_both_ways() {
     );
     assert_eq!(outcome[0].counters[0].holds.expired, 30);
 }
+
+/// The `disk` storage's keys and entries (src/storage/disk.rs), byte for byte, and read back:
+/// a store written by this version must be read by the next.
+#[test]
+fn disk_entries_are_the_golden_ones_both_ways() {
+    use ratekeeper::algorithm::Hold;
+    use ratekeeper::storage::{Entry, decode_entry, decode_key, encode_entry, encode_key};
+    let key = CounterKey::new(0x0102_0304_0506_0708, ["alice", "gold"]);
+    assert_eq!(
+        hex(&encode_key(&key)),
+        "0102030405060708353a616c696365343a676f6c64"
+    );
+    assert_eq!(decode_key(&encode_key(&key)), Some(key));
+    let hold = Hold {
+        id: "ab".into(),
+        amount: 3,
+        expires_at_ms: 9,
+    };
+    let cases = [
+        (
+            Some(CounterState::Window(WindowState {
+                used: 7,
+                expires_at_ms: 1_000,
+            })),
+            vec![hold.clone()],
+            "0101\
+             0700000000000000e803000000000000\
+             e803000000000000\
+             01000000\
+             02006162\
+             0300000000000000\
+             0900000000000000",
+        ),
+        (
+            Some(CounterState::Bucket(BucketState {
+                units: -2,
+                refilled_at_ms: 5,
+            })),
+            vec![],
+            "0102feffffffffffffff0500000000000000e80300000000000000000000",
+        ),
+        (
+            Some(CounterState::Sliding(SlidingState {
+                start_ms: 1,
+                current: 2,
+                previous: 3,
+            })),
+            vec![],
+            "0103010000000000000002000000000000000300000000000000e80300000000000000000000",
+        ),
+        (
+            None,
+            vec![hold],
+            "0100e803000000000000010000000200616203000000000000000900000000000000",
+        ),
+    ];
+    for (state, holds, golden) in cases {
+        let entry = Entry {
+            state,
+            expires_at_ms: 1_000,
+            holds,
+        };
+        assert_eq!(hex(&encode_entry(&entry)), golden, "{entry:?}");
+        let bytes: Vec<u8> = (0..golden.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&golden[i..i + 2], 16).unwrap())
+            .collect();
+        assert_eq!(decode_entry(&bytes), Some(entry));
+    }
+}

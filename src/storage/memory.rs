@@ -37,12 +37,7 @@ type Shard = HashMap<CounterKey, Stored>;
 
 /// A counter's state (none yet when only holds are on it), its holds, and when it may be
 /// forgotten (its state is back to its full budget and its last hold has expired).
-#[derive(Debug, Clone)]
-struct Stored {
-    state: Option<CounterState>,
-    expires_at_ms: u64,
-    holds: Vec<Hold>,
-}
+type Stored = Entry;
 
 pub struct MemoryStorage {
     /// Shared with listings, which run on blocking threads.
@@ -51,6 +46,27 @@ pub struct MemoryStorage {
     live: AtomicUsize,
     capacity: usize,
     last_full_sweep_ms: AtomicU64,
+    /// Where every change is written before it is made (the `disk` storage), if anywhere.
+    journal: Option<Arc<dyn Journal>>,
+}
+
+/// A counter's entry as a journal sees it: its state (none when only holds are on it), when it
+/// may be forgotten, and its holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub state: Option<CounterState>,
+    pub expires_at_ms: u64,
+    pub holds: Vec<Hold>,
+}
+
+/// Receives the changes of each decision before they are made, under the locks of the
+/// counters they touch (so the changes of one counter arrive in the order they happen). An
+/// error leaves the decision undone: nothing is changed and the call fails.
+pub trait Journal: Send + Sync + 'static {
+    /// The new entries of one decision (`None`: the counter is gone).
+    fn record(&self, changes: &[(&CounterKey, Option<&Entry>)]) -> Result<(), String>;
+    /// Counters dropped off the request path (expired, or of limits no longer loaded).
+    fn forget(&self, keys: &[CounterKey]);
 }
 
 impl MemoryStorage {
@@ -61,7 +77,30 @@ impl MemoryStorage {
             live: AtomicUsize::new(0),
             capacity,
             last_full_sweep_ms: AtomicU64::new(0),
+            journal: None,
         }
+    }
+
+    /// A storage whose every change is first written to `journal`, starting from `entries`
+    /// (what the journal held, as it was: the sweep reclaims the expired ones; at most
+    /// `capacity` are taken).
+    pub fn with_journal(
+        capacity: usize,
+        journal: Arc<dyn Journal>,
+        entries: impl IntoIterator<Item = (CounterKey, Entry)>,
+    ) -> Self {
+        let mut storage = Self::new(capacity);
+        for (key, entry) in entries {
+            if storage.len() >= capacity {
+                break;
+            }
+            let shard = storage.shard_of(&key);
+            if storage.shards[shard].lock().insert(key, entry).is_none() {
+                storage.live.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        storage.journal = Some(journal);
+        storage
     }
 
     /// Live counters held (expired ones count until the sweep reclaims them).
@@ -77,9 +116,9 @@ impl MemoryStorage {
         (self.hasher.hash_one(key) as usize) % SHARDS
     }
 
-    /// Decides `batch` under the locks of its shards. `Err(NoRoom)` when it would need new
+    /// Decides `batch` under the locks of its shards. `Err(NotApplied::NoRoom)` when it would need new
     /// counters beyond the capacity; then nothing was written.
-    fn try_apply(&self, batch: &Batch, now_ms: u64) -> Result<Vec<GroupOutcome>, NoRoom> {
+    fn try_apply(&self, batch: &Batch, now_ms: u64) -> Result<Vec<GroupOutcome>, NotApplied> {
         // Requests touch a few counters: their bookkeeping stays on the stack.
         let shard_ids: SmallVec<[usize; 4]> = batch
             .counters
@@ -129,19 +168,20 @@ impl MemoryStorage {
             let before = self.live.fetch_add(new_counters, Ordering::Relaxed);
             if before + new_counters > self.capacity {
                 self.live.fetch_sub(new_counters, Ordering::Relaxed);
-                return Err(NoRoom);
+                return Err(NotApplied::NoRoom);
             }
         }
+        // The new entries (None: the counter goes), journaled before any is made.
+        let mut changes: SmallVec<[(usize, Option<Stored>); 4]> = SmallVec::new();
         for (i, counter) in batch.counters.iter().enumerate() {
             if !dirty[i] && !holds[i].changed {
                 continue;
             }
-            let shard = &mut guards[guard_of(i)];
             // The state as stored (unchanged unless dirty), with the holds as they are now.
             let state = if dirty[i] {
                 states[i]
             } else {
-                shard.get(&counter.key).and_then(|s| s.state)
+                guards[guard_of(i)].get(&counter.key).and_then(|s| s.state)
             };
             let holds = std::mem::take(&mut holds[i].list);
             let state_expires = state.map_or(0, |s| counter.algorithm.expires_at_ms(s, now_ms));
@@ -151,26 +191,47 @@ impl MemoryStorage {
                 expires_at_ms: state_expires.max(last_hold),
                 holds,
             };
-            if stored.state.is_none() && stored.holds.is_empty() {
-                // Only holds were there, and none is left.
-                if shard.remove(&counter.key).is_some() {
-                    self.live.fetch_sub(1, Ordering::Relaxed);
-                }
-                continue;
+            // Only holds were there, and none is left: the counter goes.
+            let gone = stored.state.is_none() && stored.holds.is_empty();
+            changes.push((i, (!gone).then_some(stored)));
+        }
+        if let Some(journal) = &self.journal
+            && !changes.is_empty()
+        {
+            let records: SmallVec<[_; 4]> = changes
+                .iter()
+                .map(|(i, stored)| (&batch.counters[*i].key, stored.as_ref()))
+                .collect();
+            if let Err(reason) = journal.record(&records) {
+                self.live.fetch_sub(new_counters, Ordering::Relaxed);
+                return Err(NotApplied::Journal(reason));
             }
-            match shard.get_mut(&counter.key) {
-                Some(slot) => *slot = stored,
+        }
+        for (i, stored) in changes {
+            let key = &batch.counters[i].key;
+            let shard = &mut guards[guard_of(i)];
+            match stored {
                 None => {
-                    shard.insert(counter.key.clone(), stored);
+                    if shard.remove(key).is_some() {
+                        self.live.fetch_sub(1, Ordering::Relaxed);
+                    }
                 }
+                Some(stored) => match shard.get_mut(key) {
+                    Some(slot) => *slot = stored,
+                    None => {
+                        shard.insert(key.clone(), stored);
+                    }
+                },
             }
         }
         Ok(outcomes)
     }
 
     fn apply_now(&self, batch: &Batch, now_ms: u64) -> Result<Vec<GroupOutcome>, StorageError> {
-        if let Ok(outcomes) = self.try_apply(batch, now_ms) {
-            return Ok(outcomes);
+        match self.try_apply(batch, now_ms) {
+            Ok(outcomes) => return Ok(outcomes),
+            Err(NotApplied::Journal(reason)) => return Err(StorageError::Unavailable(reason)),
+            Err(NotApplied::NoRoom) => {}
         }
         // Full: sweep expired counters (at most once a second, so a flood of new keys at
         // capacity cannot make every request scan everything), then try once more.
@@ -183,14 +244,46 @@ impl MemoryStorage {
         {
             self.reclaim_expired(now_ms);
         }
-        self.try_apply(batch, now_ms)
-            .map_err(|NoRoom| StorageError::CapacityExhausted {
+        self.try_apply(batch, now_ms).map_err(|e| match e {
+            NotApplied::NoRoom => StorageError::CapacityExhausted {
                 capacity: self.capacity,
-            })
+            },
+            NotApplied::Journal(reason) => StorageError::Unavailable(reason),
+        })
     }
 }
 
-struct NoRoom;
+impl MemoryStorage {
+    /// Drops the counters `gone` selects, shard by shard, and tells the journal.
+    fn drop_where(&self, gone: impl Fn(&CounterKey, &Stored) -> bool) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            let before = shard.len();
+            let mut dropped = Vec::new();
+            shard.retain(|key, stored| {
+                let drop = gone(key, stored);
+                if drop && self.journal.is_some() {
+                    dropped.push(key.clone());
+                }
+                !drop
+            });
+            self.live.fetch_sub(before - shard.len(), Ordering::Relaxed);
+            if let Some(journal) = &self.journal
+                && !dropped.is_empty()
+            {
+                journal.forget(&dropped);
+            }
+        }
+    }
+}
+
+/// Why a decision changed nothing.
+enum NotApplied {
+    /// It needs new counters beyond the capacity.
+    NoRoom,
+    /// The journal could not take its changes.
+    Journal(String),
+}
 
 /// One page of the live counters of `limits`, from `shard`, `position` on.
 fn list(
@@ -286,21 +379,11 @@ impl Storage for MemoryStorage {
     }
 
     fn forget_unloaded(&self, loaded: &HashSet<LimitId>) {
-        for shard in self.shards.iter() {
-            let mut shard = shard.lock();
-            let before = shard.len();
-            shard.retain(|key, _| loaded.contains(&key.limit));
-            self.live.fetch_sub(before - shard.len(), Ordering::Relaxed);
-        }
+        self.drop_where(|key, _| !loaded.contains(&key.limit));
     }
 
     fn reclaim_expired(&self, now_ms: u64) {
-        for shard in self.shards.iter() {
-            let mut shard = shard.lock();
-            let before = shard.len();
-            shard.retain(|_, stored| stored.expires_at_ms > now_ms);
-            self.live.fetch_sub(before - shard.len(), Ordering::Relaxed);
-        }
+        self.drop_where(|_, stored| stored.expires_at_ms <= now_ms);
     }
 }
 

@@ -2,6 +2,7 @@
 //! it loads the states of every counter the request touches, runs
 //! [`crate::algorithm::evaluate`], and stores what changed.
 
+mod disk;
 mod memory;
 mod redis;
 
@@ -12,7 +13,8 @@ use async_trait::async_trait;
 
 use crate::algorithm::{Algorithm, CounterState, Group, GroupOutcome, HoldRequest};
 
-pub use memory::MemoryStorage;
+pub use disk::{decode_entry, decode_key, encode_entry, encode_key, open_disk};
+pub use memory::{Entry, Journal, MemoryStorage};
 pub use redis::{RedisStorage, counter_key};
 
 /// Identifies a limit's counters: a stable fingerprint of what makes two limits "the same" in
