@@ -79,6 +79,7 @@ fn random_batch(rng: &mut Rng, algorithms: &[Algorithm], now: u64) -> Batch<'sta
                 policy,
                 cost,
                 counters: members,
+                costs: Vec::new(),
             }
         })
         .collect();
@@ -189,6 +190,7 @@ async fn every_limit_that_validates_decides_the_same_on_redis_up_to_the_bounds()
                         policy,
                         cost,
                         counters: vec![0],
+                        costs: Vec::new(),
                     }],
                 };
                 let expected = memory.apply(&batch, now).await.unwrap();

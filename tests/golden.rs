@@ -220,6 +220,7 @@ fn one_group(
             policy,
             cost,
             counters: vec![0],
+            costs: Vec::new(),
         }],
     }
 }

@@ -323,6 +323,7 @@ mod tests {
                 policy,
                 cost,
                 counters: vec![0],
+                costs: Vec::new(),
             }],
         }
     }
