@@ -139,15 +139,14 @@ pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r>
                         if let Some(why) = failure {
                             plan.cost_failed.push((limit.clone(), why));
                         }
-                        if group.costs.is_empty() {
-                            group.costs.resize(group.counters.len(), cost);
-                        }
+                        // The counters before this one cost what the call carries.
+                        group.costs.resize(group.counters.len(), cost);
                         Some(own.min(MAX_COUNT))
                     }
                     _ => None,
                 };
                 group.counters.push(index);
-                if !group.costs.is_empty() {
+                if own.is_some() || !group.costs.is_empty() {
                     group.costs.push(own.unwrap_or(cost));
                 }
                 applied.push(limit.clone());
@@ -244,8 +243,8 @@ mod tests {
             parse_limits(
                 "test",
                 r#"
-- {name: plain, namespace: ns, max_value: 100, seconds: 60}
 - {name: weighed, namespace: ns, max_value: 100, seconds: 61, cost: "uint(descriptors[0].input) + 4u * uint(descriptors[0].output)"}
+- {name: plain, namespace: ns, max_value: 100, seconds: 60}
 "#,
             )
             .expect("valid limits"),
@@ -259,7 +258,7 @@ mod tests {
         for call in [Call::Report, Call::ShouldRateLimit, Call::Commit] {
             let planned = plan(&limits, &usage, call);
             let group = &planned.batch.groups[0];
-            assert_eq!((group.cost_at(0), group.cost_at(1)), (3, 30), "{call:?}");
+            assert_eq!(group.costs, [30, 3], "{call:?}");
             assert!(planned.cost_failed.is_empty());
         }
         // Checks and holds use the amount they carry.
@@ -274,7 +273,7 @@ mod tests {
         // A failing expression charges the call's own cost, and says why.
         let broken = request(&[("input", "10")], 3);
         let planned = plan(&limits, &broken, Call::Report);
-        assert_eq!(planned.batch.groups[0].cost_at(1), 3);
+        assert_eq!(planned.batch.groups[0].costs, [3, 3]);
         assert_eq!(planned.cost_failed.len(), 1);
         assert!(
             planned.cost_failed[0].1.contains("output"),
