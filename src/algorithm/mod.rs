@@ -604,8 +604,9 @@ fn retry_holding(
     }
 }
 
-/// A refund: each counter that exists gets `group.cost` back; a counter the storage does not
-/// hold (or whose state has run out) is left alone, so a refund never creates one.
+/// A refund: each counter that exists gets its cost ([`Group::cost_at`]) back; a counter the
+/// storage does not hold (or whose state has run out) is left alone, so a refund never creates
+/// one.
 fn refund_group(
     limits: &[Algorithm],
     states: &mut [Option<CounterState>],
@@ -619,10 +620,11 @@ fn refund_group(
         .counters
         .iter()
         .zip(views)
-        .map(|(&i, view)| {
+        .enumerate()
+        .map(|(position, (&i, view))| {
             let limit = &limits[i];
             let after = match states[i] {
-                Some(_) => limit.refund(view, group.cost),
+                Some(_) => limit.refund(view, group.cost_at(position)),
                 None => view,
             };
             if after != view {
