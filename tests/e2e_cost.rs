@@ -113,6 +113,21 @@ async fn usage_is_charged_at_each_models_price() {
         ],
     )
     .await;
+    // A response without `usage`: Envoy sends no usage descriptor, nothing is charged (the
+    // next request's charge lands after where that one's would have).
+    stack
+        .expect(chat("quiet", "small", 40).without_usage(), 200)
+        .await;
+    stack.expect(chat("quiet", "small", 20), 200).await;
+    settled(
+        &stack,
+        "quiet",
+        &[
+            ("team-model-day", "small", DAY - 15),
+            ("team-month", "", MONTH - (5 + 4 * 15)),
+        ],
+    )
+    .await;
     assert!(
         !stack.ratekeeper.log().contains("cost expression failed"),
         "{}",
