@@ -25,7 +25,7 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
-const DESCRIPTIONS: [(&str, &str); 24] = [
+const DESCRIPTIONS: [(&str, &str); 25] = [
     ("limitador_up", "Limitador is running"),
     (
         "datastore_partitioned",
@@ -103,6 +103,10 @@ const DESCRIPTIONS: [(&str, &str); 24] = [
     (
         "ratekeeper_cel_errors",
         "Limit expressions that failed on a request (the limit was skipped)",
+    ),
+    (
+        "ratekeeper_cost_errors",
+        "Cost expressions (`cost:`) that failed on a request (the call's own hits were charged)",
     ),
 ];
 
@@ -302,6 +306,7 @@ struct LimitSeries {
     overshoot: Counter,
     limited_calls: Counter,
     cel_errors: Counter,
+    cost_errors: Counter,
 }
 
 impl LimitSeries {
@@ -316,6 +321,7 @@ impl LimitSeries {
             overshoot: counter!("ratekeeper_tokens_overshoot", &labels),
             limited_calls: counter!("limited_calls", &labels),
             cel_errors: counter!("ratekeeper_cel_errors", &labels),
+            cost_errors: counter!("ratekeeper_cost_errors", &labels),
         }
     }
 }
@@ -414,6 +420,10 @@ impl Observer for Prometheus {
 
     fn evaluation_failed(&self, _namespace: &str, limit: &Limit, _error: &EvalError) {
         self.with_limit(limit, |series| series.cel_errors.increment(1));
+    }
+
+    fn cost_failed(&self, _namespace: &str, limit: &Limit, _why: &str) {
+        self.with_limit(limit, |series| series.cost_errors.increment(1));
     }
 
     fn storage_called(&self, elapsed: Duration) {

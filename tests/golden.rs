@@ -12,15 +12,16 @@
 //! operators should do. (The last changes, both in this release: namespace tags, where `%`, `{` and `}`
 //! became `%25`, `%7B`, `%7D`; and the identity of a continuous token bucket with an `id`, which
 //! now includes its `seconds`. Reservations added a new key beside a counter, its holds, pinned
-//! below; no existing value changed.)
+//! below; calendar quotas added new identities (the last two limits) and a fixed window whose
+//! end is a calendar boundary, stored as any fixed window; no existing value changed.)
 
 mod common;
 
 use std::time::Duration;
 
 use ratekeeper::algorithm::{
-    Algorithm, BucketState, CounterState, FixedWindow, Group, HoldRequest, Policy, SlidingState,
-    SlidingWindow, TokenBucket, WindowState,
+    Algorithm, BucketState, Calendar, CounterState, FixedWindow, Group, HoldRequest, Period,
+    Policy, SlidingState, SlidingWindow, TokenBucket, WindowState,
 };
 use ratekeeper::limits::parse_limits;
 use ratekeeper::storage::counter_key;
@@ -77,11 +78,22 @@ const LIMITS: &str = r#"
   algorithm: sliding_window
   max_value: 5
   seconds: 1
+- name: team-month
+  namespace: llm_tokens
+  max_value: 1000000
+  calendar: month
+  timezone: Europe/Paris
+  variables: ["descriptors[0].team"]
+  cost: "uint(descriptors[0].input_tokens) + 4u * uint(descriptors[0].output_tokens)"
+- id: daily
+  namespace: llm_tokens
+  max_value: 5000
+  calendar: day
 "#;
 
 /// Per limit above, in order: its identity, the values of one of its counters, and that
 /// counter's Redis key under the default prefix `ratekeeper`.
-const GOLDEN: [(u64, &[&str], &str); 8] = [
+const GOLDEN: [(u64, &[&str], &str); 10] = [
     (
         0x7cd19f4bbcb78639,
         &["alice"],
@@ -122,6 +134,16 @@ const GOLDEN: [(u64, &[&str], &str); 8] = [
         &[],
         "ratekeeper:{100%25}:97f3d3764c6ecd0b:",
     ),
+    (
+        0x5fb1e793e5541449,
+        &["research"],
+        "ratekeeper:{llm_tokens}:5fb1e793e5541449:8:research",
+    ),
+    (
+        0x27af56d62abe73f1,
+        &[],
+        "ratekeeper:{llm_tokens}:27af56d62abe73f1:",
+    ),
 ];
 
 #[test]
@@ -155,7 +177,7 @@ fn limit_identities_and_redis_keys_are_the_golden_ones() {
 /// Per kind of state: a counter, the charge made on it at [`NOW`], the exact value decide.lua
 /// stores for it (a tag byte, then little-endian doubles; decide.lua's header), and the state
 /// that value means.
-fn states() -> [(Algorithm, u64, &'static str, CounterState); 4] {
+fn states() -> [(Algorithm, u64, &'static str, CounterState); 5] {
     [
         // Fixed window: 1, used, window end.
         (
@@ -198,6 +220,19 @@ fn states() -> [(Algorithm, u64, &'static str, CounterState); 4] {
                 previous: 0,
             }),
         ),
+        // Calendar quota (a month in UTC): a fixed window that ends on the 1st of next month.
+        (
+            Algorithm::FixedWindow(FixedWindow::calendar(
+                1000,
+                Calendar::new(Period::Month, "UTC".parse().unwrap()),
+            )),
+            7,
+            "01 0000000000001c40 0000c0fc67c17942",
+            CounterState::Window(WindowState {
+                used: 7,
+                expires_at_ms: NOW + 31 * 86_400_000,
+            }),
+        ),
     ]
 }
 
@@ -220,6 +255,7 @@ fn one_group(
             policy,
             cost,
             counters: vec![0],
+            costs: Vec::new(),
         }],
     }
 }

@@ -34,6 +34,7 @@ fn batch<'a>(namespace: &'a str, counters: &[(u64, &str)], max: u64, cost: u64) 
             policy: Policy::AllOrNothing,
             cost,
             counters: (0..counters.len()).collect(),
+            costs: Vec::new(),
         }],
     }
 }

@@ -1,6 +1,8 @@
 //! Fixed windows, Limitador's algorithm: a window opens at the first charge and lasts the
-//! limit's period; at its end the counter starts again from zero.
+//! limit's period; at its end the counter starts again from zero. A calendar window
+//! (`calendar:`) ends instead at the end of the calendar period it opened in.
 
+use super::calendar::Calendar;
 use super::{MAX_COUNT, admits};
 
 /// A stored window: what has been used, and when the window ends.
@@ -10,16 +12,39 @@ pub struct WindowState {
     pub expires_at_ms: u64,
 }
 
-/// A limit of `max` per `period_ms`.
+/// A limit of `max` per `period_ms`, or per calendar period when `calendar` is set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FixedWindow {
     pub max: u64,
     pub period_ms: u64,
+    pub calendar: Option<Calendar>,
 }
 
 impl FixedWindow {
     pub fn new(max: u64, period_ms: u64) -> Self {
-        Self { max, period_ms }
+        Self {
+            max,
+            period_ms,
+            calendar: None,
+        }
+    }
+
+    /// `max` per calendar period (`period_ms` is its nominal length, for display only).
+    pub fn calendar(max: u64, calendar: Calendar) -> Self {
+        Self {
+            max,
+            period_ms: calendar.period.nominal_seconds() * 1000,
+            calendar: Some(calendar),
+        }
+    }
+
+    /// How long a window opened at `now` lasts: the period, or the rest of the calendar
+    /// period in force (what the Redis script is given as the window's length).
+    pub fn length_from_ms(&self, now_ms: u64) -> u64 {
+        match self.calendar {
+            Some(calendar) => calendar.period_end_ms(now_ms).saturating_sub(now_ms),
+            None => self.period_ms,
+        }
     }
 
     /// The window in force at `now`: a missing or expired window reads as a fresh, empty one
@@ -29,7 +54,7 @@ impl FixedWindow {
             Some(window) if window.expires_at_ms > now_ms => window,
             _ => WindowState {
                 used: 0,
-                expires_at_ms: now_ms.saturating_add(self.period_ms),
+                expires_at_ms: now_ms.saturating_add(self.length_from_ms(now_ms)),
             },
         }
     }
@@ -115,5 +140,22 @@ mod tests {
         assert_eq!(limit.retry_after_ms(w, 250, 1), Some(750));
         assert_eq!(limit.retry_after_ms(w, 250, 4), None);
         assert_eq!(limit.retry_after_ms(limit.current(None, 0), 0, 3), Some(0));
+    }
+
+    #[test]
+    fn a_calendar_window_ends_at_its_period_end_and_the_next_one_opens_there() {
+        use crate::algorithm::calendar::{Period, zone};
+        let month = Calendar::new(Period::Month, zone("UTC").unwrap());
+        let limit = FixedWindow::calendar(100, month);
+        let jan_31 = 1_769_817_600_000; // 2026-01-31T00:00:00Z
+        let feb_1 = jan_31 + 86_400_000;
+        let w = limit.charge(limit.current(None, jan_31 + 5), 60);
+        assert_eq!(w.expires_at_ms, feb_1);
+        assert_eq!(limit.reset_in_ms(w, feb_1 - 1), 1, "exact to the boundary");
+        assert_eq!(limit.current(Some(w), feb_1 - 1).used, 60);
+        let next = limit.current(Some(w), feb_1);
+        assert_eq!(next.used, 0, "a new month");
+        assert_eq!(next.expires_at_ms, feb_1 + 28 * 86_400_000, "February 2026");
+        assert_eq!(limit.length_from_ms(jan_31), 86_400_000);
     }
 }

@@ -2,12 +2,14 @@
 //! same code: it loads the states one request touches, calls [`evaluate`], and stores the
 //! states it marks as changed, all in one atomic step.
 
+pub mod calendar;
 pub mod fixed_window;
 pub mod sliding_window;
 pub mod token_bucket;
 
 use smallvec::SmallVec;
 
+pub use calendar::{Calendar, Period};
 pub use fixed_window::{FixedWindow, WindowState};
 pub use sliding_window::{SlidingState, SlidingWindow};
 pub use token_bucket::{BucketState, TokenBucket};
@@ -340,6 +342,16 @@ pub struct Group {
     pub policy: Policy,
     pub cost: u64,
     pub counters: Vec<usize>,
+    /// Each counter's own cost, by position in `counters`, when a limit weighs the call
+    /// (`cost:`); empty when every counter costs `cost`.
+    pub costs: Vec<u64>,
+}
+
+impl Group {
+    /// The cost of the counter at `position` in `counters`.
+    pub fn cost_at(&self, position: usize) -> u64 {
+        self.costs.get(position).copied().unwrap_or(self.cost)
+    }
 }
 
 /// One counter's answer within a group.
@@ -446,17 +458,18 @@ fn evaluate_group(
     if group.policy == Policy::Refund {
         return refund_group(limits, states, dirty, holding, group, views, now_ms);
     }
-    let check_cost = match group.policy {
-        Policy::CheckOnly | Policy::Reserve => group.cost.max(1),
-        _ => group.cost,
+    let check_cost = |position: usize| match group.policy {
+        Policy::CheckOnly | Policy::Reserve => group.cost_at(position).max(1),
+        _ => group.cost_at(position),
     };
     let refusals: SmallVec<[bool; 4]> = group
         .counters
         .iter()
         .zip(&views)
-        .map(|(&i, view)| {
+        .enumerate()
+        .map(|(position, (&i, view))| {
             let held = holding.holds[i].held();
-            !limits[i].admits_holding(*view, now_ms, held, check_cost)
+            !limits[i].admits_holding(*view, now_ms, held, check_cost(position))
         })
         .collect();
     let admitted = !refusals.iter().any(|&r| r);
@@ -482,8 +495,10 @@ fn evaluate_group(
         .iter()
         .zip(views)
         .zip(refusals)
-        .map(|((&i, view), refused)| {
+        .enumerate()
+        .map(|(position, ((&i, view), refused))| {
             let limit = &limits[i];
+            let (cost, check_cost) = (group.cost_at(position), check_cost(position));
             let (expired_holds, expired) = holding.expired(i);
             let mut change = HoldChange {
                 expired_holds,
@@ -501,7 +516,7 @@ fn evaluate_group(
                         None
                     };
                     change.released = held.unwrap_or(0);
-                    group.cost > 0 && (!committed || held.is_some())
+                    cost > 0 && (!committed || held.is_some())
                 }
             };
             if group.policy == Policy::Reserve && admitted && !holds_full {
@@ -523,7 +538,7 @@ fn evaluate_group(
             }
             let held = holding.holds[i].held();
             let after = if charge {
-                let after = limit.charge(view, group.cost);
+                let after = limit.charge(view, cost);
                 states[i] = Some(after);
                 dirty[i] = true;
                 after
@@ -551,7 +566,7 @@ fn evaluate_group(
                 remaining: limit.remaining(after, now_ms).saturating_sub(held),
                 reset_in_ms: limit.reset_in_ms(after, now_ms),
                 retry_after_ms,
-                charged: if charge { group.cost.min(MAX_COUNT) } else { 0 },
+                charged: if charge { cost.min(MAX_COUNT) } else { 0 },
                 overshoot: limit.beyond(after).saturating_sub(limit.beyond(view)),
                 holds: change,
             }
@@ -589,8 +604,9 @@ fn retry_holding(
     }
 }
 
-/// A refund: each counter that exists gets `group.cost` back; a counter the storage does not
-/// hold (or whose state has run out) is left alone, so a refund never creates one.
+/// A refund: each counter that exists gets its cost ([`Group::cost_at`]) back; a counter the
+/// storage does not hold (or whose state has run out) is left alone, so a refund never creates
+/// one.
 fn refund_group(
     limits: &[Algorithm],
     states: &mut [Option<CounterState>],
@@ -604,10 +620,11 @@ fn refund_group(
         .counters
         .iter()
         .zip(views)
-        .map(|(&i, view)| {
+        .enumerate()
+        .map(|(position, (&i, view))| {
             let limit = &limits[i];
             let after = match states[i] {
-                Some(_) => limit.refund(view, group.cost),
+                Some(_) => limit.refund(view, group.cost_at(position)),
                 None => view,
             };
             if after != view {
@@ -661,6 +678,7 @@ mod tests {
             policy,
             cost,
             counters: vec![0],
+            costs: Vec::new(),
         }]
     }
 
@@ -683,6 +701,7 @@ mod tests {
             policy: Policy::AllOrNothing,
             cost: 2,
             counters: vec![0, 1],
+            costs: Vec::new(),
         }];
         let first = evaluate(&limits, &mut states, &mut dirty, &groups, 0);
         assert!(first[0].admitted);
@@ -993,11 +1012,13 @@ mod tests {
                 policy: Policy::Charge,
                 cost: 10,
                 counters: vec![0],
+                costs: Vec::new(),
             },
             Group {
                 policy: Policy::CheckOnly,
                 cost: 0,
                 counters: vec![0],
+                costs: Vec::new(),
             },
         ];
         let out = evaluate(&limits, &mut states, &mut dirty, &groups, 0);

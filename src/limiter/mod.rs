@@ -73,6 +73,9 @@ pub trait Observer: Send + Sync {
     fn refunded(&self, _limit: &Limit, _amount: u64) {}
     /// A limit was skipped because one of its expressions failed on a request.
     fn evaluation_failed(&self, _namespace: &str, _limit: &Limit, _error: &EvalError) {}
+    /// A limit's cost expression (`cost:`) failed on a request: its counters were charged the
+    /// call's own cost instead.
+    fn cost_failed(&self, _namespace: &str, _limit: &Limit, _why: &str) {}
     /// The storage answered (or failed) after `elapsed`.
     fn storage_called(&self, _elapsed: Duration) {}
     /// The storage failed.
@@ -152,6 +155,7 @@ pub struct Limiter {
 /// The limiter's log lines that a client can cause on every call.
 struct Throttled {
     evaluation_failed: Throttle,
+    cost_failed: Throttle,
     storage_failed: Throttle,
 }
 
@@ -166,6 +170,7 @@ impl Limiter {
             on_storage_error: OnStorageError::Error,
             throttled: Throttled {
                 evaluation_failed: Throttle::new(LOG_EVERY),
+                cost_failed: Throttle::new(LOG_EVERY),
                 storage_failed: Throttle::new(LOG_EVERY),
             },
         }
@@ -261,6 +266,9 @@ impl Limiter {
         let mut plan = plan(&limits, request, call);
         for (limit, error) in &plan.failed {
             self.evaluation_failed(&request.namespace, limit, error);
+        }
+        for (limit, why) in &plan.cost_failed {
+            self.cost_failed(&request.namespace, limit, why);
         }
         let now_ms = self.clock.now_ms();
         let reservation_id = match holding {
@@ -399,6 +407,30 @@ impl Limiter {
                 limit,
                 ?error,
                 "limit skipped: its CEL expression failed on this request"
+            ),
+        }
+    }
+
+    /// A cost expression that failed: the call's own cost was charged; reported, and logged.
+    fn cost_failed(&self, namespace: &str, limit: &Limit, why: &str) {
+        self.observer.cost_failed(namespace, limit, why);
+        let cost = limit.cost.as_ref().map_or("", |c| c.source());
+        let limit = limit.name.as_deref().unwrap_or("");
+        match self.throttled.cost_failed.admit() {
+            Some(skipped) => tracing::warn!(
+                namespace,
+                limit,
+                cost,
+                why,
+                skipped,
+                "cost expression failed on this request; charged the call's own hits (similar lines are throttled; ratekeeper_cost_errors counts them all)"
+            ),
+            None => tracing::debug!(
+                namespace,
+                limit,
+                cost,
+                why,
+                "cost expression failed on this request; charged the call's own hits"
             ),
         }
     }

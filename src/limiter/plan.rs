@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use crate::algorithm::{Group, MAX_COUNT};
+use crate::algorithm::{Group, MAX_COUNT, Policy};
 use crate::call::{Call, Context};
 use crate::limits::{EvalError, Input, KeyValues, Limit, LimitSet};
 use crate::request::Request;
@@ -21,6 +21,9 @@ pub struct Plan<'r> {
     pub contexts: SmallVec<[PlannedContext; 1]>,
     /// Limits skipped because an expression failed on this request.
     pub failed: SmallVec<[(Arc<Limit>, EvalError); 1]>,
+    /// Limits whose cost expression failed on this request (their counters were charged the
+    /// call's own cost), with the reason.
+    pub cost_failed: SmallVec<[(Arc<Limit>, String); 1]>,
     /// Whether the namespace has limits at all.
     pub namespace_has_limits: bool,
     /// What the call costs, summed over its contexts, saturating at [`MAX_COUNT`].
@@ -72,6 +75,7 @@ pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r>
         },
         contexts: SmallVec::with_capacity(contexts.len()),
         failed: SmallVec::new(),
+        cost_failed: SmallVec::new(),
         namespace_has_limits: namespace.is_some(),
         cost: 0,
     };
@@ -87,7 +91,15 @@ pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r>
             policy,
             cost,
             counters: Vec::new(),
+            costs: Vec::new(),
         };
+        // Charges of usage are weighed by the limits' `cost:` (checks, holds and refunds use
+        // the amount they carry; a cost of 0 charges nothing).
+        let weighs = cost > 0
+            && matches!(
+                policy,
+                Policy::Charge | Policy::Commit | Policy::AllOrNothing
+            );
         let mut applied = SmallVec::new();
         if let Some(namespace) = namespace {
             let descriptors = &request.descriptors[descriptors.clone()];
@@ -121,7 +133,22 @@ pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r>
                     },
                     None => add(key),
                 };
+                let own = match (weighs, &limit.cost) {
+                    (true, Some(_)) => {
+                        let (own, failure) = limit.cost_of(&input, cost);
+                        if let Some(why) = failure {
+                            plan.cost_failed.push((limit.clone(), why));
+                        }
+                        // The counters before this one cost what the call carries.
+                        group.costs.resize(group.counters.len(), cost);
+                        Some(own.min(MAX_COUNT))
+                    }
+                    _ => None,
+                };
                 group.counters.push(index);
+                if own.is_some() || !group.costs.is_empty() {
+                    group.costs.push(own.unwrap_or(cost));
+                }
                 applied.push(limit.clone());
             }
         }
@@ -208,6 +235,51 @@ mod tests {
         assert_eq!(plan.failed[0].0.name.as_deref(), Some("broken"));
         assert_eq!(plan.contexts[0].limits.len(), 2);
         assert_eq!(plan.batch.groups[0].cost, 3);
+    }
+
+    #[test]
+    fn charges_of_usage_are_weighed_by_each_limits_cost() {
+        let limits = LimitSet::new(
+            parse_limits(
+                "test",
+                r#"
+- {name: weighed, namespace: ns, max_value: 100, seconds: 61, cost: "uint(descriptors[0].input) + 4u * uint(descriptors[0].output)"}
+- {name: plain, namespace: ns, max_value: 100, seconds: 60}
+"#,
+            )
+            .expect("valid limits"),
+        );
+        let request = |entries: &[(&str, &str)], hits| Request {
+            namespace: "ns".into(),
+            descriptors: vec![Descriptor::of(entries)],
+            hits,
+        };
+        let usage = request(&[("input", "10"), ("output", "5")], 3);
+        for call in [Call::Report, Call::ShouldRateLimit, Call::Commit] {
+            let planned = plan(&limits, &usage, call);
+            let group = &planned.batch.groups[0];
+            assert_eq!(group.costs, [30, 3], "{call:?}");
+            assert!(planned.cost_failed.is_empty());
+        }
+        // Checks and holds use the amount they carry.
+        for call in [Call::CheckRateLimit, Call::Reserve] {
+            let planned = plan(&limits, &usage, call);
+            assert!(planned.batch.groups[0].costs.is_empty(), "{call:?}");
+        }
+        // A commit of 0 charges nothing, whatever the expression says.
+        let zero = request(&[("input", "10"), ("output", "5")], 0);
+        let planned = plan(&limits, &zero, Call::Commit);
+        assert!(planned.batch.groups[0].costs.is_empty());
+        // A failing expression charges the call's own cost, and says why.
+        let broken = request(&[("input", "10")], 3);
+        let planned = plan(&limits, &broken, Call::Report);
+        assert_eq!(planned.batch.groups[0].costs, [3, 3]);
+        assert_eq!(planned.cost_failed.len(), 1);
+        assert!(
+            planned.cost_failed[0].1.contains("output"),
+            "{}",
+            planned.cost_failed[0].1
+        );
     }
 
     #[test]

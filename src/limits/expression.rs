@@ -20,6 +20,10 @@ use crate::request::Descriptor;
 /// The variables an expression may use.
 pub const VARIABLES: [&str; 2] = ["descriptors", "limit"];
 
+/// The variables a cost expression (`cost:`) may use: [`VARIABLES`] and `hits`, the cost the
+/// call carries.
+pub const COST_VARIABLES: [&str; 3] = ["descriptors", "limit", "hits"];
+
 static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| Arc::new(Env::stdlib()));
 
 /// A compiled expression and the text it came from.
@@ -72,6 +76,18 @@ impl Expression {
     /// deeper than [`MAX_SOURCE_BYTES`] / [`MAX_DEPTH`] (the evaluator recurses per level: a
     /// deep enough expression would overflow the stack and abort the process).
     pub fn compile(source: &str) -> Result<Self, String> {
+        Self::compile_with(source, &VARIABLES)
+    }
+
+    /// Compiles a cost expression (`cost:`): as [`Expression::compile`], with `hits` too. It
+    /// is evaluated by [`Expression::cost`] only.
+    pub fn compile_cost(source: &str) -> Result<Self, String> {
+        let mut expression = Self::compile_with(source, &COST_VARIABLES)?;
+        expression.native = None;
+        Ok(expression)
+    }
+
+    fn compile_with(source: &str, variables: &[&str]) -> Result<Self, String> {
         if source.len() > MAX_SOURCE_BYTES {
             return Err(format!(
                 "expression of {} bytes; at most {MAX_SOURCE_BYTES} are allowed",
@@ -92,11 +108,11 @@ impl Expression {
         if let Some(unknown) = references
             .variables()
             .into_iter()
-            .find(|v| !VARIABLES.contains(v) && !bound.iter().any(|b| b == v))
+            .find(|v| !variables.contains(v) && !bound.iter().any(|b| b == v))
         {
             return Err(format!(
                 "unknown variable `{unknown}` (available: {})",
-                VARIABLES.join(", ")
+                variables.join(", ")
             ));
         }
         Ok(Self {
@@ -167,6 +183,31 @@ impl Expression {
                 self.source,
                 other.type_of()
             ))),
+        }
+    }
+
+    /// Evaluates a cost expression to the number to charge, with `hits` the cost the call
+    /// carries. A whole number >= 0 is the cost; a double >= 0 is rounded up; anything else
+    /// (a negative number, a text, a missing key) is an error, with its reason.
+    pub fn cost(&self, input: &Input, limit: Option<&Value>, hits: u64) -> Result<u64, String> {
+        let mut scope = input.cel().new_inner_scope();
+        scope.add_variable_from_value("hits", Value::UInt(hits));
+        if let Some(limit) = limit.filter(|_| self.reads_limit) {
+            scope.add_variable_from_value("limit", limit.clone());
+        }
+        let value = self.program.execute(&scope).map_err(|e| match e {
+            ExecutionError::NoSuchKey(key) => format!("no entry {key} in this request"),
+            ExecutionError::IndexOutOfBounds(_) => "no such descriptor in this request".into(),
+            other => other.to_string(),
+        })?;
+        match value {
+            Value::UInt(cost) => Ok(cost),
+            Value::Int(cost) => {
+                u64::try_from(cost).map_err(|_| format!("gave {cost}, a negative cost"))
+            }
+            Value::Float(cost) if cost.is_finite() && cost >= 0.0 => Ok(cost.ceil() as u64),
+            Value::Float(cost) => Err(format!("gave {cost}, not a cost")),
+            other => Err(format!("gave a {:?}, not a number", other.type_of())),
         }
     }
 
@@ -383,6 +424,48 @@ mod tests {
             .err()
             .unwrap();
         assert!(unbound.contains("`e`"), "{unbound}");
+    }
+
+    #[test]
+    fn costs_are_numbers_and_everything_else_is_an_error() {
+        let d = descriptors(&[
+            ("input", "100"),
+            ("output", "20"),
+            ("model", "big"),
+            ("bad", "x"),
+        ]);
+        let c = Input::new(&d);
+        let cost = |source: &str| Expression::compile_cost(source).unwrap().cost(&c, None, 7);
+        assert_eq!(
+            cost("uint(descriptors[0].input) + 4u * uint(descriptors[0].output)"),
+            Ok(180)
+        );
+        assert_eq!(cost("hits"), Ok(7));
+        assert_eq!(
+            cost("descriptors[0].model == 'big' ? 3u * uint(descriptors[0].input) : hits"),
+            Ok(300)
+        );
+        assert_eq!(cost("int(descriptors[0].input) / 3"), Ok(33));
+        assert_eq!(
+            cost("double(descriptors[0].input) * 0.015"),
+            Ok(2),
+            "rounded up"
+        );
+        for failing in [
+            "uint(descriptors[0].missing)",
+            "uint(descriptors[0].bad)",
+            "descriptors[0].model",
+            "int(descriptors[0].output) - 50",
+            "descriptors[3].input",
+            "-1.5",
+        ] {
+            let e = cost(failing);
+            assert!(e.is_err(), "{failing}: {e:?}");
+        }
+        // `hits` is only for costs.
+        assert!(Expression::compile("hits > 3").is_err());
+        let e = Expression::compile_cost("tokens + 1").err().unwrap();
+        assert!(e.contains("hits"), "{e}");
     }
 
     /// xorshift64*: deterministic, so a failure names its seed.

@@ -8,7 +8,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
 
 use super::{AlgorithmKind, Expression, Limit, LimitFields, LimitSet};
-use crate::algorithm::MAX_COUNT;
+use crate::algorithm::{Calendar, MAX_COUNT, Period, calendar};
 
 /// Every problem found in one limits file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,10 +50,13 @@ struct RawLimit {
     variables: Option<Vec<String>>,
     algorithm: Option<String>,
     refill_tokens: Option<u64>,
+    calendar: Option<String>,
+    timezone: Option<String>,
+    cost: Option<String>,
 }
 
 /// Every field an entry may have.
-const FIELDS: [&str; 9] = [
+const FIELDS: [&str; 12] = [
     "namespace",
     "max_value",
     "seconds",
@@ -63,6 +66,9 @@ const FIELDS: [&str; 9] = [
     "variables",
     "algorithm",
     "refill_tokens",
+    "calendar",
+    "timezone",
+    "cost",
 ];
 
 /// A YAML value as a problem shows it: scalars as written, texts quoted, collections by kind.
@@ -166,17 +172,22 @@ impl RawLimit {
                 None => problems.push(format!("a key that is not a text: {}", describe(key))),
             }
         }
+        // A calendar quota has `calendar` instead of `seconds`.
+        let has_calendar = mapping.get("calendar").is_some_and(|v| !v.is_null());
         let mut reader = FieldReader { mapping, problems };
         let raw = RawLimit {
             namespace: reader.text("namespace", true),
             max_value: reader.count("max_value", true),
-            seconds: reader.count("seconds", true),
+            seconds: reader.count("seconds", !has_calendar),
             name: reader.text("name", false),
             id: reader.text("id", false),
             conditions: reader.expressions("conditions"),
             variables: reader.expressions("variables"),
             algorithm: reader.text("algorithm", false),
             refill_tokens: reader.count("refill_tokens", false),
+            calendar: reader.text("calendar", false),
+            timezone: reader.text("timezone", false),
+            cost: reader.text("cost", false),
         };
         (Some(raw), reader.problems)
     }
@@ -308,7 +319,7 @@ fn build_limit(entry: serde_yaml::Value) -> Result<Limit, Vec<String>> {
             problems.push(format!("field `{field}` must not be empty when given"));
         }
     }
-    let kind = match raw.algorithm.as_deref().unwrap_or("fixed_window") {
+    let mut kind = match raw.algorithm.as_deref().unwrap_or("fixed_window") {
         "fixed_window" => AlgorithmKind::FixedWindow,
         "token_bucket" => AlgorithmKind::TokenBucket {
             refill_tokens: raw.refill_tokens,
@@ -349,6 +360,20 @@ fn build_limit(entry: serde_yaml::Value) -> Result<Limit, Vec<String>> {
             "max_value × seconds × 1000 must be at most {MAX_COUNT} for this algorithm"
         ));
     }
+    let calendar = read_calendar(&raw, kind, &mut problems);
+    if let Some(calendar) = calendar {
+        kind = AlgorithmKind::Calendar(calendar);
+    }
+    let cost = raw
+        .cost
+        .as_deref()
+        .and_then(|source| match Expression::compile_cost(source) {
+            Ok(cost) => Some(cost),
+            Err(e) => {
+                problems.push(format!("field `cost` ({source:?}): {e}"));
+                None
+            }
+        });
     let mut compile_all = |field: &str, sources: Option<Vec<String>>| -> Vec<Expression> {
         let mut compiled = Vec::new();
         for (i, source) in sources.unwrap_or_default().iter().enumerate() {
@@ -361,8 +386,8 @@ fn build_limit(entry: serde_yaml::Value) -> Result<Limit, Vec<String>> {
     };
     let conditions = compile_all("conditions", raw.conditions);
     let variables = compile_all("variables", raw.variables);
-    let (Some(namespace), Some(max_value), Some(seconds)) =
-        (raw.namespace, raw.max_value, raw.seconds)
+    let seconds = calendar.map(|c| c.period.nominal_seconds()).or(raw.seconds);
+    let (Some(namespace), Some(max_value), Some(seconds)) = (raw.namespace, raw.max_value, seconds)
     else {
         return Err(problems);
     };
@@ -377,7 +402,49 @@ fn build_limit(entry: serde_yaml::Value) -> Result<Limit, Vec<String>> {
         id: raw.id,
         kind,
     };
-    Ok(Limit::new(fields, conditions, variables))
+    Ok(Limit::new(fields, conditions, variables).with_cost(cost))
+}
+
+/// A calendar quota's `calendar` and `timezone`, with a problem for each misuse: both
+/// `seconds` and `calendar`, `calendar` on an algorithm other than the fixed window, `timezone`
+/// without `calendar`, an unknown period or zone.
+fn read_calendar(
+    raw: &RawLimit,
+    kind: AlgorithmKind,
+    problems: &mut Vec<String>,
+) -> Option<Calendar> {
+    let Some(period) = raw.calendar.as_deref() else {
+        if raw.timezone.is_some() {
+            problems.push("field `timezone` only applies with `calendar`".to_string());
+        }
+        return None;
+    };
+    let mut fine = true;
+    if raw.seconds.is_some() {
+        problems.push(
+            "field `calendar`: a limit has `seconds` or `calendar`, not both (remove one)"
+                .to_string(),
+        );
+        fine = false;
+    }
+    if kind != AlgorithmKind::FixedWindow {
+        problems.push(format!(
+            "field `calendar` only applies to `algorithm: fixed_window`, found `algorithm: {}`",
+            raw.algorithm.as_deref().unwrap_or("")
+        ));
+        fine = false;
+    }
+    let period = period
+        .parse::<Period>()
+        .map_err(|e| problems.push(format!("field `calendar`: {e}")))
+        .ok();
+    let zone = calendar::zone(raw.timezone.as_deref().unwrap_or("UTC"))
+        .map_err(|e| problems.push(format!("field `timezone`: {e}")))
+        .ok();
+    match (period, zone) {
+        (Some(period), Some(zone)) if fine => Some(Calendar::new(period, zone)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -531,6 +598,84 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn calendar_quotas_are_fixed_windows_without_seconds() {
+        let limits = parse_limits(
+            "t",
+            "- {namespace: a, max_value: 1000, calendar: month, timezone: Europe/Paris, cost: 'hits * 2u'}\n\
+             - {namespace: a, max_value: 10, calendar: day}",
+        )
+        .unwrap();
+        let month = limits[0].calendar().unwrap();
+        assert_eq!(
+            (month.period, month.zone.name()),
+            (Period::Month, "Europe/Paris")
+        );
+        assert_eq!(limits[0].seconds, 30 * 86_400, "its nominal length");
+        assert_eq!(limits[1].calendar().unwrap().zone.name(), "UTC");
+        assert_eq!(
+            limits[0].cost.as_ref().map(|c| c.source()),
+            Some("hits * 2u")
+        );
+        // Another identity than the same limit with `seconds`, or with another zone.
+        let seconds =
+            parse_limits("t", "- {namespace: a, max_value: 1000, seconds: 2592000}").unwrap();
+        let utc = parse_limits("t", "- {namespace: a, max_value: 1000, calendar: month}").unwrap();
+        assert_ne!(limits[0].key, seconds[0].key);
+        assert_ne!(limits[0].key, utc[0].key);
+        assert_ne!(seconds[0].key, utc[0].key);
+    }
+
+    #[test]
+    fn calendar_and_cost_misuse_is_an_error_naming_the_field() {
+        let cases = [
+            (
+                "calendar: month, seconds: 60",
+                "field `calendar`: a limit has `seconds` or `calendar`, not both",
+            ),
+            (
+                "calendar: month, algorithm: token_bucket",
+                "field `calendar` only applies to `algorithm: fixed_window`, found `algorithm: token_bucket`",
+            ),
+            (
+                "calendar: month, algorithm: sliding_window",
+                "field `calendar` only applies to `algorithm: fixed_window`",
+            ),
+            (
+                "calendar: fortnight",
+                "field `calendar`: unknown calendar period \"fortnight\"",
+            ),
+            (
+                "calendar: month, timezone: Mars/Olympus",
+                "field `timezone`: unknown time zone \"Mars/Olympus\"",
+            ),
+            (
+                "seconds: 60, timezone: UTC",
+                "field `timezone` only applies with `calendar`",
+            ),
+            (
+                "seconds: 60, cost: 'tokens * 2'",
+                "field `cost` (\"tokens * 2\"): unknown variable `tokens`",
+            ),
+            (
+                "seconds: 60, cost: 'uint('",
+                "field `cost` (\"uint(\"): invalid CEL",
+            ),
+            ("calendar: 3", "field `calendar`: expected a text, found 3"),
+        ];
+        for (fields, expected) in cases {
+            let p = problems(&format!("- {{namespace: a, max_value: 1, {fields}}}"));
+            assert_eq!(p.len(), 1, "{fields}: {p:?}");
+            assert!(
+                p[0].starts_with(&format!("entry #1 (namespace \"a\"): {expected}")),
+                "{fields}: {p:?}"
+            );
+        }
+        // Without `calendar`, `seconds` is still required.
+        let p = problems("- {namespace: a, max_value: 1}");
+        assert_eq!(p, ["entry #1 (namespace \"a\"): missing field `seconds`"]);
     }
 
     #[test]

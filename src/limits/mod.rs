@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use cel::Value;
 
-use crate::algorithm::{Algorithm, FixedWindow, SlidingWindow, TokenBucket};
+use crate::algorithm::{Algorithm, Calendar, FixedWindow, SlidingWindow, TokenBucket};
 use crate::request::Descriptor;
 pub use crate::storage::LimitId;
 use index::LimitIndex;
@@ -38,6 +38,9 @@ pub struct Limit {
     /// What the YAML asked for, and the arithmetic built from it.
     pub kind: AlgorithmKind,
     pub algorithm: Algorithm,
+    /// What a charge of usage costs on this limit's counters (`cost:`), when not the call's
+    /// own cost.
+    pub cost: Option<Expression>,
     /// Stable fingerprint of the limit's identity; part of every counter key.
     pub key: LimitId,
     /// The CEL value `limit`, built once; `None` when no expression reads it.
@@ -113,10 +116,35 @@ impl Limit {
         Ok(())
     }
 
+    /// What a charge of `hits` costs on this limit's counters, for the request in `input`:
+    /// `hits` without a `cost:` expression; the expression's value with one, or, when it
+    /// fails, `hits` and the reason (a charge is never lost).
+    pub fn cost_of(&self, input: &Input<'_>, hits: u64) -> (u64, Option<String>) {
+        match &self.cost {
+            None => (hits, None),
+            Some(cost) => match cost.cost(input, self.cel_self.as_ref(), hits) {
+                Ok(cost) => (cost, None),
+                Err(why) => (hits, Some(why)),
+            },
+        }
+    }
+
+    /// Sets the cost expression (not part of the identity: repricing keeps the counters).
+    pub(crate) fn with_cost(mut self, cost: Option<Expression>) -> Self {
+        if cost.as_ref().is_some_and(Expression::reads_limit) && self.cel_self.is_none() {
+            self.cel_self = Some(expression::limit_value(
+                self.name.as_deref(),
+                self.id.as_deref(),
+            ));
+        }
+        self.cost = cost;
+        self
+    }
+
     /// The shape Limitador's HTTP API and `--validate` show.
     pub fn view(&self) -> LimitView<'_> {
         let (algorithm, refill_tokens) = match self.kind {
-            AlgorithmKind::FixedWindow => (None, None),
+            AlgorithmKind::FixedWindow | AlgorithmKind::Calendar(_) => (None, None),
             AlgorithmKind::TokenBucket { refill_tokens } => (Some("token_bucket"), refill_tokens),
             AlgorithmKind::SlidingWindow => (Some("sliding_window"), None),
         };
@@ -130,6 +158,17 @@ impl Limit {
             name: self.name.as_deref(),
             conditions: self.conditions.iter().map(Expression::source).collect(),
             variables: self.variables.iter().map(Expression::source).collect(),
+            calendar: self.calendar().map(|c| c.period.name()),
+            timezone: self.calendar().map(|c| c.zone.name()),
+            cost: self.cost.as_ref().map(Expression::source),
+        }
+    }
+
+    /// The calendar period of a calendar quota.
+    pub fn calendar(&self) -> Option<Calendar> {
+        match self.kind {
+            AlgorithmKind::Calendar(calendar) => Some(calendar),
+            _ => None,
         }
     }
 }
@@ -228,6 +267,13 @@ pub struct LimitView<'a> {
     pub algorithm: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refill_tokens: Option<u64>,
+    /// A calendar quota's period and time zone (`seconds` is then its nominal length).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calendar: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<&'a str>,
 }
 
 /// The algorithm a limit asks for in its YAML.
@@ -239,6 +285,8 @@ pub enum AlgorithmKind {
         refill_tokens: Option<u64>,
     },
     SlidingWindow,
+    /// A fixed window that lasts a calendar period (`calendar:`, `timezone:`).
+    Calendar(Calendar),
 }
 
 impl AlgorithmKind {
@@ -256,6 +304,9 @@ impl AlgorithmKind {
             AlgorithmKind::SlidingWindow => {
                 Algorithm::SlidingWindow(SlidingWindow::new(max_value, period_ms))
             }
+            AlgorithmKind::Calendar(calendar) => {
+                Algorithm::FixedWindow(FixedWindow::calendar(max_value, calendar))
+            }
         }
     }
 
@@ -268,6 +319,11 @@ impl AlgorithmKind {
                 format!("token_bucket/{}", refill_tokens.unwrap_or(0))
             }
             AlgorithmKind::SlidingWindow => "sliding_window".to_string(),
+            AlgorithmKind::Calendar(calendar) => format!(
+                "calendar/{}/{}",
+                calendar.period.name(),
+                calendar.zone.name()
+            ),
         }
     }
 }
@@ -496,6 +552,7 @@ impl Limit {
             variables,
             kind,
             algorithm: kind.build(max_value, seconds.saturating_mul(1000)),
+            cost: None,
             key,
             cel_self,
         }

@@ -304,7 +304,7 @@ pub fn to_response(decision: &Decision, answers: Answers) -> RateLimitResponse {
                 out.current_limit = Some(RateLimit {
                     name: limit.limit.name.clone().unwrap_or_default(),
                     requests_per_unit: saturate_u32(limit.limit.max_value),
-                    unit: unit_of(limit.limit.seconds) as i32,
+                    unit: unit_of(&limit.limit) as i32,
                 });
                 out.limit_remaining = saturate_u32(limit.outcome.remaining);
                 out.duration_until_reset = Some(duration(limit.outcome.reset_in_ms));
@@ -357,11 +357,18 @@ fn response_code(code: Code) -> response::Code {
     }
 }
 
-/// Envoy's unit for a window, when the window is exactly one unit; UNKNOWN otherwise (Envoy
-/// then leaves `w=` out of the headers it builds).
-fn unit_of(seconds: u64) -> response::rate_limit::Unit {
+/// Envoy's unit for a window, when the window is exactly one unit (a calendar quota's period
+/// is its unit); UNKNOWN otherwise (Envoy then leaves `w=` out of the headers it builds).
+fn unit_of(limit: &crate::limits::Limit) -> response::rate_limit::Unit {
+    use crate::algorithm::Period;
     use response::rate_limit::Unit;
-    match seconds {
+    match limit.calendar().map(|c| c.period) {
+        Some(Period::Day) => return Unit::Day,
+        Some(Period::Week) => return Unit::Week,
+        Some(Period::Month) => return Unit::Month,
+        None => {}
+    }
+    match limit.seconds {
         1 => Unit::Second,
         60 => Unit::Minute,
         3_600 => Unit::Hour,

@@ -14,11 +14,13 @@
 --          little-endian doubles (one pair unless there are thousands of numbers). The
 --          numbers, in order: now_ms (ratekeeper's clock: windows and refills), deadline_ms
 --          (Redis's clock, 0: none), then for each counter its algorithm and parameters
---          (FIXED_WINDOW: max, period_ms; TOKEN_BUCKET: capacity, scale, quantum, step_ms;
---          SLIDING_WINDOW: max, period_ms), then the holds' latest expiry (RESERVE) and for each
---          counter the hold a RESERVE places on it (0: none), then for each group: its policy,
---          cost, k, and k counter indices (1-based). The last ARGV is the reservation id
---          (RESERVE, COMMIT; else empty).
+--          (FIXED_WINDOW: max, and the length of a window opened now: its period, or for a
+--          calendar window the rest of its calendar period; TOKEN_BUCKET: capacity, scale,
+--          quantum, step_ms; SLIDING_WINDOW: max, period_ms), then the holds' latest expiry
+--          (RESERVE) and for each counter the hold a RESERVE places on it (0: none), then for
+--          each group: its policy, k, and k pairs of a counter index (1-based) and that
+--          counter's cost in the group (a limit's `cost:` weighs it). The last ARGV is the
+--          reservation id (RESERVE, COMMIT; else empty).
 -- Returns  '<Bd': DECIDED or TOO_LATE, and Redis's clock (TIME) in ms. TOO_LATE: Redis ran the
 --          call after its deadline (the caller has given up on it, or is about to) and nothing
 --          was read or written. DECIDED is followed by, for each group, for each of its
@@ -332,14 +334,16 @@ end
 -- The groups, in order: a later group sees an earlier one's charges.
 local out, o = nil, 0 -- the records: one string, or a table of them once there are two
 while a <= last do
-  local policy, cost, k = num[a], num[a + 1], num[a + 2]
-  local first = a + 3
-  a = first + k
-  local check = cost
-  if (policy == CHECK_ONLY or policy == RESERVE) and check < 1 then check = 1 end
+  local policy, k = num[a], num[a + 1]
+  local first = a + 2
+  a = first + 2 * k
   local admitted = true
-  for j = first, a - 1 do
+  for j = first, a - 1, 2 do
     local c = counters[num[j]]
+    local cost = num[j + 1]
+    local check = cost
+    if (policy == CHECK_ONLY or policy == RESERVE) and check < 1 then check = 1 end
+    c.cost, c.check = cost, check
     -- A refund never refuses; a commit charges usage that happened.
     c.refused = policy ~= REFUND and policy ~= COMMIT and not c.rules.admits(c, check)
     if c.refused then admitted = false end
@@ -347,7 +351,7 @@ while a <= last do
   -- A RESERVE that would hold on a counter at the bound holds nothing; a COMMIT charges the
   -- counters that hold its id, or, when none does, every counter.
   local full, committed = false, false
-  for j = first, a - 1 do
+  for j = first, a - 1, 2 do
     local c = counters[num[j]]
     if policy == RESERVE and admitted and c.hold_amount > 0 and c.holds >= MAX_HOLDS then
       full = true
@@ -362,9 +366,9 @@ while a <= last do
   elseif admitted and not full then
     group_flag = group_flag + 2
   end
-  for j = first, a - 1 do
+  for j = first, a - 1, 2 do
     local c = counters[num[j]]
-    local rules = c.rules
+    local rules, cost, check = c.rules, c.cost, c.check
     local _, _, _, beyond_before = rules.view(c, check)
     local placed, released, charge = 0, 0, charges
     if policy == COMMIT then

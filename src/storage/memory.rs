@@ -406,6 +406,7 @@ mod tests {
                 policy,
                 cost,
                 counters: vec![0],
+                costs: Vec::new(),
             }],
         }
     }

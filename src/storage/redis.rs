@@ -468,7 +468,9 @@ impl Storage for RedisStorage {
         for counter in &batch.counters {
             push(counter.algorithm.wire().into());
             match counter.algorithm {
-                Algorithm::FixedWindow(w) => [w.max, w.period_ms].into_iter().for_each(&mut push),
+                Algorithm::FixedWindow(w) => [w.max, w.length_from_ms(now_ms)]
+                    .into_iter()
+                    .for_each(&mut push),
                 Algorithm::TokenBucket(b) => b.parameters().into_iter().for_each(&mut push),
                 Algorithm::SlidingWindow(w) => [w.max, w.period_ms].into_iter().for_each(&mut push),
             }
@@ -480,10 +482,10 @@ impl Storage for RedisStorage {
         }
         for group in &batch.groups {
             push(group.policy.wire().into());
-            push(group.cost);
             push(group.counters.len() as u64);
-            for &index in &group.counters {
+            for (position, &index) in group.counters.iter().enumerate() {
                 push(index as u64 + 1);
+                push(group.cost_at(position));
             }
         }
 

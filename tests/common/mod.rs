@@ -46,6 +46,8 @@ pub const START_MS: u64 = 1_767_225_600_000;
 pub struct Counting {
     metrics: Prometheus,
     pub evaluation_errors: AtomicUsize,
+    /// Cost expressions that failed (the call's own hits were charged).
+    pub cost_errors: AtomicUsize,
 }
 
 impl Observer for Counting {
@@ -56,6 +58,11 @@ impl Observer for Counting {
     fn evaluation_failed(&self, namespace: &str, limit: &Limit, error: &EvalError) {
         self.evaluation_errors.fetch_add(1, Ordering::Relaxed);
         self.metrics.evaluation_failed(namespace, limit, error);
+    }
+
+    fn cost_failed(&self, namespace: &str, limit: &Limit, why: &str) {
+        self.cost_errors.fetch_add(1, Ordering::Relaxed);
+        self.metrics.cost_failed(namespace, limit, why);
     }
 
     fn refunded(&self, limit: &Limit, amount: u64) {
@@ -166,6 +173,7 @@ impl TestServer {
         let observed = Arc::new(Counting {
             metrics: Prometheus::new(options.limit_name_in_labels),
             evaluation_errors: AtomicUsize::new(0),
+            cost_errors: AtomicUsize::new(0),
         });
         let limiter = Arc::new(
             Limiter::new(limits, storage(&options), clock.clone())

@@ -104,6 +104,12 @@ impl Chat {
         self
     }
 
+    /// With `"model": model` in the body.
+    pub fn model(mut self, model: &str) -> Chat {
+        self.body["model"] = json!(model);
+        self
+    }
+
     /// The upstream answers after `ms` milliseconds: a generation in flight.
     pub fn taking_ms(self, ms: u64) -> Chat {
         self.with("x-mock-delay-ms", &ms.to_string())
