@@ -8,7 +8,8 @@ mod common;
 use std::time::Duration;
 
 use ratekeeper::algorithm::{
-    Algorithm, FixedWindow, Group, GroupOutcome, HoldRequest, Policy, SlidingWindow, TokenBucket,
+    Algorithm, Concurrency, FixedWindow, Group, GroupOutcome, HoldRequest, Policy, SlidingWindow,
+    TokenBucket,
 };
 use ratekeeper::storage::{
     Batch, CounterKey, CounterRequest, MemoryStorage, RedisStorage, Storage,
@@ -39,6 +40,9 @@ fn algorithms() -> Vec<Algorithm> {
         Algorithm::TokenBucket(TokenBucket::continuous(7, 1_000)),
         Algorithm::SlidingWindow(SlidingWindow::new(25, 2_000)),
         Algorithm::SlidingWindow(SlidingWindow::new(3, 700)),
+        Algorithm::Concurrency(Concurrency::new(3, 2_000)),
+        Algorithm::Concurrency(Concurrency::new(1, 700)),
+        Algorithm::Concurrency(Concurrency::new(0, 1_000)),
     ]
 }
 
@@ -86,7 +90,15 @@ fn random_batch(rng: &mut Rng, algorithms: &[Algorithm], now: u64) -> Batch<'sta
     let hold = (rng.below(4) > 0).then(|| HoldRequest {
         id: format!("r{}", rng.below(4)),
         expires_at_ms: now + rng.below(3_000),
-        amounts: counters.iter().map(|_| rng.below(12)).collect(),
+        // (A reservation holds one slot on a concurrency counter, whatever its amount.)
+        amounts: (counters.iter())
+            .map(|c| match rng.below(12) {
+                amount if c.algorithm.slot_lifetime_ms().is_some() => {
+                    c.algorithm.hold_for(amount, 0.5)
+                }
+                amount => amount,
+            })
+            .collect(),
     });
     Batch {
         namespace: "diff",
@@ -153,6 +165,7 @@ async fn every_limit_that_validates_decides_the_same_on_redis_up_to_the_bounds()
         "max_value: 1, algorithm: token_bucket",
         "max_value: 1, algorithm: sliding_window",
         "max_value: 0, algorithm: sliding_window",
+        "max_value: 3, algorithm: concurrency",
     ];
     let bound = 1_000_000_000_000u64;
     let mut validated = Vec::new();

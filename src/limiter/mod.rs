@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use crate::algorithm::{GroupOutcome, HoldRequest, Policy, hold_amount};
+use crate::algorithm::{GroupOutcome, HoldRequest, Policy};
 pub use crate::call::{Call, Code, Verdict};
 use crate::clock::Clock;
 use crate::limits::{EvalError, Limit, LimitId, LimitSet};
@@ -277,7 +277,7 @@ impl Limiter {
                     id: id.clone(),
                     expires_at_ms: now_ms.saturating_add(ttl_ms),
                     amounts: (plan.batch.counters.iter())
-                        .map(|c| hold_amount(request.hits, c.algorithm.max_tokens(), fraction))
+                        .map(|c| c.algorithm.hold_for(request.hits, fraction))
                         .collect(),
                 });
                 Some(id)

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use cel::Value;
 
-use crate::algorithm::{Algorithm, FixedWindow, SlidingWindow, TokenBucket};
+use crate::algorithm::{Algorithm, Concurrency, FixedWindow, SlidingWindow, TokenBucket};
 use crate::request::Descriptor;
 pub use crate::storage::LimitId;
 use index::LimitIndex;
@@ -119,6 +119,7 @@ impl Limit {
             AlgorithmKind::FixedWindow => (None, None),
             AlgorithmKind::TokenBucket { refill_tokens } => (Some("token_bucket"), refill_tokens),
             AlgorithmKind::SlidingWindow => (Some("sliding_window"), None),
+            AlgorithmKind::Concurrency => (Some("concurrency"), None),
         };
         LimitView {
             algorithm,
@@ -239,6 +240,8 @@ pub enum AlgorithmKind {
         refill_tokens: Option<u64>,
     },
     SlidingWindow,
+    /// In-flight requests: `max_value` slots, each living at most `seconds`.
+    Concurrency,
 }
 
 impl AlgorithmKind {
@@ -256,6 +259,9 @@ impl AlgorithmKind {
             AlgorithmKind::SlidingWindow => {
                 Algorithm::SlidingWindow(SlidingWindow::new(max_value, period_ms))
             }
+            AlgorithmKind::Concurrency => {
+                Algorithm::Concurrency(Concurrency::new(max_value, period_ms))
+            }
         }
     }
 
@@ -268,6 +274,7 @@ impl AlgorithmKind {
                 format!("token_bucket/{}", refill_tokens.unwrap_or(0))
             }
             AlgorithmKind::SlidingWindow => "sliding_window".to_string(),
+            AlgorithmKind::Concurrency => "concurrency".to_string(),
         }
     }
 }

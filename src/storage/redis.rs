@@ -471,6 +471,7 @@ impl Storage for RedisStorage {
                 Algorithm::FixedWindow(w) => [w.max, w.period_ms].into_iter().for_each(&mut push),
                 Algorithm::TokenBucket(b) => b.parameters().into_iter().for_each(&mut push),
                 Algorithm::SlidingWindow(w) => [w.max, w.period_ms].into_iter().for_each(&mut push),
+                Algorithm::Concurrency(c) => [c.max, c.lifetime_ms].into_iter().for_each(&mut push),
             }
         }
         let hold = batch.hold.as_ref();
@@ -1081,9 +1082,10 @@ mod tests {
             Algorithm::FixedWindow(crate::algorithm::FixedWindow::new(1, 1)),
             Algorithm::TokenBucket(crate::algorithm::TokenBucket::continuous(1, 1)),
             Algorithm::SlidingWindow(crate::algorithm::SlidingWindow::new(1, 1)),
+            Algorithm::Concurrency(crate::algorithm::Concurrency::new(1, 1)),
         ];
         assert_eq!(
-            constants("FIXED_WINDOW, TOKEN_BUCKET, SLIDING_WINDOW"),
+            constants("FIXED_WINDOW, TOKEN_BUCKET, SLIDING_WINDOW, CONCURRENCY"),
             algorithms.map(|a| a.wire())
         );
         assert_eq!(constants("TOO_LATE, DECIDED"), [TOO_LATE, DECIDED]);
