@@ -15,6 +15,7 @@ use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use ratekeeper::proto::kuadrant::service::ratelimit::v1::{
     CommitRequest, CommitResponse, ReserveRequest, ReserveResponse,
 };
+use serde_json::{Value, json};
 
 const DOMAIN: &str = "llm";
 
@@ -331,7 +332,55 @@ async fn atomic_with_a_token_limit(backend: Backend) {
     server.shutdown().await;
 }
 
+/// `GET /counters` lists a concurrency counter with its slots (remaining = free slots, held =
+/// slots taken, expiring with the oldest), and `POST /explain` counts them as its usage.
+async fn counters_and_explain_show_slots(backend: Backend) {
+    let server = TestServer::on(backend, LIMITS).await;
+    admit(&server, "k").await;
+    server.clock.advance_ms(1_000);
+    envoy_admit(&server, "k").await;
+    let client = http_client();
+    let counters = get_json(&client, &format!("{}/counters/llm", server.http_base)).await;
+    let listed: Vec<_> = (counters.as_array().unwrap().iter())
+        .filter(|c| c["limit"]["algorithm"] == "concurrency")
+        .collect();
+    assert_eq!(listed.len(), 1, "{counters}");
+    let counter = listed[0];
+    assert_eq!(counter["set_variables"]["descriptors[0].api_key"], "k");
+    assert_eq!(
+        (&counter["remaining"], &counter["held"]),
+        (&json!(2), &json!(2))
+    );
+    assert_eq!(counter["expires_in_seconds"], 29, "the oldest ends at 30 s");
+    let explained: Value = client
+        .post(format!("{}/explain", server.http_base))
+        .json(&json!({
+            "namespace": "llm",
+            "values": {"generic_key": "inflight", "api_key": "k"},
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let limit = &explained["limits"][0];
+    assert_eq!(limit["limit"]["name"], "inflight", "{explained}");
+    let counter = &limit["counter"];
+    assert_eq!(
+        (
+            &counter["usage"],
+            &counter["remaining"],
+            &counter["reset_in_ms"]
+        ),
+        (&json!(2), &json!(2), &json!(29_000)),
+        "{explained}"
+    );
+    server.shutdown().await;
+}
+
 on_every_storage!(
+    counters_and_explain_show_slots,
     a_hundred_and_twenty_at_once_admit_exactly_four,
     never_more_than_four_run_at_once,
     commits_and_refunds_release_slots,
