@@ -201,7 +201,7 @@ async fn never_more_than_four_run_at_once(backend: Backend) {
 }
 
 /// A Commit frees its reservation's slot; an Envoy refund frees the oldest admission's slot;
-/// a Report or a late Commit takes none; the statuses tell free slots and the oldest's end.
+/// a Report or a Commit of an id that holds nothing takes none; the statuses tell free slots and the oldest's end.
 async fn commits_and_refunds_release_slots(backend: Backend) {
     let server = TestServer::on(backend, LIMITS).await;
     // A reservation's slot lives min(ttl, seconds): 10 s here.
@@ -214,6 +214,14 @@ async fn commits_and_refunds_release_slots(backend: Backend) {
     // A Commit of an id that holds nothing (committed already) takes no slot.
     let again = commit(&server, "k", &held.reservation_id, 250).await;
     assert!(!again.reservation_released);
+    assert_eq!(free_slots(&server, "k").await.1, 4);
+
+    // A Report (usage of a request that has ended) takes none either.
+    let d = descriptor(&entries(&inflight("k")));
+    assert_eq!(
+        code(&server.report(request(DOMAIN, vec![d], 7)).await),
+        Code::Ok
+    );
     assert_eq!(free_slots(&server, "k").await.1, 4);
 
     // Admissions at 0 s, 5 s and 8 s: statuses count down to the oldest's end.
