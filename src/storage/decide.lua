@@ -97,7 +97,7 @@ for i = 1, n do
   else
     concurrent = true
     counters[i] = {algorithm = algorithm, rules = false, max = num[a + 1],
-      lifetime = num[a + 2], ids = false, refused = false, dirty = false}
+      lifetime = num[a + 2], ids = false, sorted = false, refused = false, dirty = false}
     a = a + 3
   end
 end
@@ -305,7 +305,7 @@ if concurrent then
       until not c.ids[sid]
       local ends = now + c.lifetime
       redis.call('HSET', c.hkey, sid, pack('<dd', 1, ends))
-      c.ids[sid], c.held, c.holds = ends, c.held + 1, c.holds + 1
+      c.ids[sid], c.held, c.holds, c.sorted = ends, c.held + 1, c.holds + 1, nil
       if ends > c.last then c.last = ends end
       redis.call('PEXPIRE', c.hkey, max(c.last - now, 1))
       return true
@@ -318,15 +318,19 @@ if concurrent then
       end
       if not oldest then return false end
       redis.call('HDEL', c.hkey, oldest)
-      c.ids[oldest], c.held, c.holds = nil, c.held - 1, c.holds - 1
+      c.ids[oldest], c.held, c.holds, c.sorted = nil, c.held - 1, c.holds - 1, nil
       return true
     end,
     -- remaining: every slot (the caller subtracts the taken ones); reset_in: until the oldest
     -- ends; retry_after: until one more is free, whatever the cost.
     view = function(c, cost)
-      local ends = {}
-      for _, e in pairs(c.ids) do ends[#ends + 1] = e end
-      table.sort(ends)
+      local ends = c.sorted -- (sorted once per change: a view is asked several times)
+      if not ends then
+        ends = {}
+        for _, e in pairs(c.ids) do ends[#ends + 1] = e end
+        table.sort(ends)
+        c.sorted = ends
+      end
       local taken, reset, retry = #ends, 0, 0
       if taken > 0 then reset = max(ends[1] - now, 0) end
       if c.max < 1 then
@@ -434,7 +438,7 @@ while a <= last do
         released = c.mine
         redis.call('HDEL', c.hkey, id)
         c.held, c.holds, c.mine = c.held - released, c.holds - 1, nil
-        if c.ids then c.ids[id] = nil end
+        if c.ids then c.ids[id], c.sorted = nil, nil end
       end
       charge = cost > 0 and (not committed or found)
     elseif holds and c.hold_amount > 0 then
@@ -446,7 +450,7 @@ while a <= last do
       if c.mine then c.held, c.holds = c.held - c.mine, c.holds - 1 end -- (replaced)
       c.held, c.holds, c.mine = c.held + placed, c.holds + 1, placed
       if ends > c.last then c.last = ends end
-      if c.ids then c.ids[id] = ends end
+      if c.ids then c.ids[id], c.sorted = ends, nil end
       -- At once, so the holds' key never lives without a TTL (even if a later write failed):
       -- until its last hold expires.
       redis.call('PEXPIRE', c.hkey, max(c.last - now, 1))
