@@ -143,6 +143,13 @@ impl Call {
         }
     }
 
+    /// Whether in-flight (concurrency) limits apply to the call. Not to a Report: it tells the
+    /// usage of a request that has ended, which neither starts a request nor ends one (a slot
+    /// taken by it would block a key for `seconds`; see docs/in-flight-limits.md).
+    pub fn selects_slots(self) -> bool {
+        !matches!(self, Call::Report)
+    }
+
     /// What the client is told for a verdict: a report or a commit always answers OK (the
     /// usage happened, whatever the limit says).
     pub fn code(self, verdict: Verdict) -> Code {

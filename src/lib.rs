@@ -17,8 +17,8 @@
 //!   in it runs: [`reload`] wires a file watcher to a limiter, beside [`server`].
 //! - [`storage`] — where counters live (memory, Redis with its Lua twin of the arithmetic),
 //!   with their reservations' holds; each decides a whole request in one atomic step.
-//! - [`algorithm`] — the arithmetic (fixed windows, token buckets, sliding windows): pure
-//!   integer functions shared by every storage.
+//! - [`algorithm`] — the arithmetic (fixed windows, token buckets, sliding windows, in-flight
+//!   slots): pure integer functions shared by every storage.
 //! - [`request`] — what a client asks (namespace, descriptors, costs) and its bounds;
 //!   [`clock`] — time behind a trait tests can drive.
 //! - [`metrics`] — the Prometheus observer and the adapters' per-RPC series; [`status`] feeds

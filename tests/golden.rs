@@ -12,16 +12,18 @@
 //! operators should do. (The last changes, both in this release: namespace tags, where `%`, `{` and `}`
 //! became `%25`, `%7B`, `%7D`; and the identity of a continuous token bucket with an `id`, which
 //! now includes its `seconds`. Reservations added a new key beside a counter, its holds, pinned
-//! below; calendar quotas added new identities (the last two limits) and a fixed window whose
-//! end is a calendar boundary, stored as any fixed window; no existing value changed.)
+//! below; calendar quotas added new identities and a fixed window whose end is a calendar
+//! boundary, stored as any fixed window; in-flight limits added a new identity,
+//! `concurrency`, and keep their slots in the holds' key, pinned below; the `disk` storage's
+//! entries are pinned below too; no existing value changed.)
 
 mod common;
 
 use std::time::Duration;
 
 use ratekeeper::algorithm::{
-    Algorithm, BucketState, Calendar, CounterState, FixedWindow, Group, HoldRequest, Period,
-    Policy, SlidingState, SlidingWindow, TokenBucket, WindowState,
+    Algorithm, BucketState, Calendar, Concurrency, CounterState, FixedWindow, Group, HoldRequest,
+    Period, Policy, SlidingState, SlidingWindow, TokenBucket, WindowState,
 };
 use ratekeeper::limits::parse_limits;
 use ratekeeper::storage::counter_key;
@@ -89,11 +91,18 @@ const LIMITS: &str = r#"
   namespace: llm_tokens
   max_value: 5000
   calendar: day
+- name: inflight
+  namespace: llm_tokens
+  algorithm: concurrency
+  max_value: 4
+  seconds: 60
+  conditions: ["descriptors[0]['tier'] == 'free'"]
+  variables: ["descriptors[0]['user_id']"]
 "#;
 
 /// Per limit above, in order: its identity, the values of one of its counters, and that
 /// counter's Redis key under the default prefix `ratekeeper`.
-const GOLDEN: [(u64, &[&str], &str); 10] = [
+const GOLDEN: [(u64, &[&str], &str); 11] = [
     (
         0x7cd19f4bbcb78639,
         &["alice"],
@@ -144,12 +153,19 @@ const GOLDEN: [(u64, &[&str], &str); 10] = [
         &[],
         "ratekeeper:{llm_tokens}:27af56d62abe73f1:",
     ),
+    (
+        0x6367d89287276fb9,
+        &["alice"],
+        "ratekeeper:{llm_tokens}:6367d89287276fb9:5:alice",
+    ),
 ];
 
 #[test]
 fn limit_identities_and_redis_keys_are_the_golden_ones() {
     let limits = parse_limits("golden.yaml", LIMITS).unwrap();
     assert_eq!(limits.len(), GOLDEN.len());
+    // A concurrency limit is another limit than the fixed window with the same fields.
+    assert_ne!(limits[8].key, limits[0].key);
     let mut actual = Vec::new();
     for limit in &limits {
         let (_, values, _) = GOLDEN[actual.len()];
@@ -454,4 +470,87 @@ fn disk_entries_are_the_golden_ones_both_ways() {
             .collect();
         assert_eq!(decode_entry(&bytes), Some(entry));
     }
+}
+
+/// Slots (new with in-flight limits): a concurrency counter has no value of its own; each slot
+/// is a hold of 1 in `<counter key>:h`, an admission's under `~<now_ms>.<n>` (the smallest `n`
+/// free), ending `seconds` after it was taken. Written and read byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_are_the_golden_ones_both_ways() {
+    let url = common::redis::shared_url();
+    let prefix = format!("goldenslots{}", std::process::id());
+    let storage = RedisStorage::open(&url, &prefix, Duration::from_secs(2)).unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let namespace = "llm/golden";
+    let algorithm = Algorithm::Concurrency(Concurrency::new(4, 60_000));
+    let key = CounterKey::new(10, ["running"]);
+    let hold_key = [counter_key(&prefix, namespace, &key), b":h".to_vec()].concat();
+    let admit = one_group(namespace, key.clone(), algorithm, Policy::AllOrNothing, 1);
+    assert!(storage.apply(&admit, NOW).await.unwrap()[0].admitted);
+    let value: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(counter_key(&prefix, namespace, &key))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(value, None, "no counter value, only slots");
+    let stored = |connection: &mut redis::aio::MultiplexedConnection| {
+        let mut connection = connection.clone();
+        let hold_key = hold_key.clone();
+        async move {
+            let stored: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+                .arg(&hold_key)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            let mut stored: Vec<(String, String)> =
+                stored.into_iter().map(|(k, v)| (k, hex(&v))).collect();
+            stored.sort();
+            stored
+        }
+    };
+    assert_eq!(
+        stored(&mut connection).await,
+        [(
+            "~1767225600000.0".to_string(),
+            "000000000000f03f000026b96db77942".to_string()
+        )],
+        "1 slot until NOW + 60 s"
+    );
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&hold_key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(
+        (1..=60_000).contains(&ttl),
+        "the slots' key has a TTL: {ttl}"
+    );
+
+    // A slot written by an earlier release, ending at NOW + 10 s: counted, and the oldest.
+    let bytes = (0..32)
+        .step_by(2)
+        .map(|at| u8::from_str_radix(&"000000000000f03f0000f1ac6db77942"[at..at + 2], 16).unwrap())
+        .collect::<Vec<u8>>();
+    let _: () = redis::cmd("HSET")
+        .arg(&hold_key)
+        .arg("~1767225550000.0")
+        .arg(bytes)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let check = one_group(namespace, key.clone(), algorithm, Policy::CheckOnly, 0);
+    let outcome = storage.apply(&check, NOW).await.unwrap();
+    let counter = outcome[0].counters[0];
+    assert_eq!((counter.remaining, counter.reset_in_ms), (2, 10_000));
+    // A refund frees the oldest.
+    let refund = one_group(namespace, key.clone(), algorithm, Policy::Refund, 1);
+    storage.apply(&refund, NOW).await.unwrap();
+    assert_eq!(
+        stored(&mut connection).await,
+        [(
+            "~1767225600000.0".to_string(),
+            "000000000000f03f000026b96db77942".to_string()
+        )]
+    );
 }

@@ -34,6 +34,11 @@ fn sliding() -> Counter {
     vec![2, 1_000_000, 60_000]
 }
 
+/// 1000 slots of 60 s: a run's 10,000 calls (on 100 users) leave up to 100 slots per counter.
+fn slots() -> Counter {
+    vec![3, 1_000, 60_000]
+}
+
 /// `EVALSHA` arguments of one call on `counters`, one all-or-nothing group of cost 1, with a
 /// deadline (on Redis's clock: far in the future) when the script takes one (scripts before
 /// the deadline was added, e.g. 2ceb609's, do not), and the holds' keys and arguments (no
@@ -107,7 +112,7 @@ async fn decide_lua_usec_per_call() {
         .get_multiplexed_async_connection_with_config(&config)
         .await
         .unwrap();
-    let shapes: [(&str, Vec<Counter>); 4] = [
+    let shapes: [(&str, Vec<Counter>); 7] = [
         ("one fixed window", vec![window()]),
         ("three fixed windows", vec![window(), window(), window()]),
         ("one token bucket", vec![bucket()]),
@@ -115,6 +120,9 @@ async fn decide_lua_usec_per_call() {
             "mixed (window, bucket, sliding)",
             vec![window(), bucket(), sliding()],
         ),
+        ("one concurrency (<= 100 slots)", vec![slots()]),
+        ("one concurrency of 4 (full)", vec![vec![3, 4, 60_000]]),
+        ("window and concurrency", vec![window(), slots()]),
     ];
     let only = std::env::var("LUA_SPEED_SHAPES").unwrap_or_default();
     for (name, counters) in shapes.iter().filter(|(name, _)| name.contains(&only)) {

@@ -3,6 +3,7 @@
 //! states it marks as changed, all in one atomic step.
 
 pub mod calendar;
+pub mod concurrency;
 pub mod fixed_window;
 pub mod sliding_window;
 pub mod token_bucket;
@@ -10,6 +11,7 @@ pub mod token_bucket;
 use smallvec::SmallVec;
 
 pub use calendar::{Calendar, Period};
+pub use concurrency::{Concurrency, SlotState};
 pub use fixed_window::{FixedWindow, WindowState};
 pub use sliding_window::{SlidingState, SlidingWindow};
 pub use token_bucket::{BucketState, TokenBucket};
@@ -20,6 +22,8 @@ pub enum Algorithm {
     FixedWindow(FixedWindow),
     TokenBucket(TokenBucket),
     SlidingWindow(SlidingWindow),
+    /// In-flight requests: slots, which are holds of one unit (see [`concurrency`]).
+    Concurrency(Concurrency),
 }
 
 /// A counter's stored state; its kind matches its limit's algorithm.
@@ -28,6 +32,8 @@ pub enum CounterState {
     Window(WindowState),
     Bucket(BucketState),
     Sliding(SlidingState),
+    /// Never stored: a view of a concurrency counter's slots ([`Algorithm::with_holds`]).
+    Slots(SlotState),
 }
 
 /// Runs `$body` with the algorithm and the state of the same kind; `$otherwise` when they
@@ -38,6 +44,7 @@ macro_rules! with_state {
             (Algorithm::FixedWindow($a), CounterState::Window($s)) => $body,
             (Algorithm::TokenBucket($a), CounterState::Bucket($s)) => $body,
             (Algorithm::SlidingWindow($a), CounterState::Sliding($s)) => $body,
+            (Algorithm::Concurrency($a), CounterState::Slots($s)) => $body,
             _ => $otherwise,
         }
     };
@@ -45,12 +52,13 @@ macro_rules! with_state {
 
 impl Algorithm {
     /// The algorithm's number in the Redis script's arguments (decide.lua's `FIXED_WINDOW`,
-    /// `TOKEN_BUCKET`, `SLIDING_WINDOW`; a test compares them).
+    /// `TOKEN_BUCKET`, `SLIDING_WINDOW`, `CONCURRENCY`; a test compares them).
     pub const fn wire(&self) -> u8 {
         match self {
             Algorithm::FixedWindow(_) => 0,
             Algorithm::TokenBucket(_) => 1,
             Algorithm::SlidingWindow(_) => 2,
+            Algorithm::Concurrency(_) => 3,
         }
     }
 
@@ -79,6 +87,41 @@ impl Algorithm {
                 }),
                 now_ms,
             )),
+            Algorithm::Concurrency(a) => CounterState::Slots(a.current(
+                stored.and_then(|s| match s {
+                    CounterState::Slots(w) => Some(w),
+                    _ => None,
+                }),
+                now_ms,
+            )),
+        }
+    }
+
+    /// The state with what the holds say: a concurrency counter's view of its slots (its
+    /// holds); any other state as it is.
+    pub fn with_holds(&self, state: CounterState, holds: &Holds) -> CounterState {
+        match self {
+            Algorithm::Concurrency(a) => {
+                CounterState::Slots(a.slots(holds.list.iter().map(|h| h.expires_at_ms)))
+            }
+            _ => state,
+        }
+    }
+
+    /// How long a slot lives at most, for concurrency limits.
+    pub fn slot_lifetime_ms(&self) -> Option<u64> {
+        match self {
+            Algorithm::Concurrency(a) => Some(a.lifetime_ms),
+            _ => None,
+        }
+    }
+
+    /// The hold a reservation of `amount` places on a counter of this limit: one slot on a
+    /// concurrency counter, whatever the amount; else [`hold_amount`].
+    pub fn hold_for(&self, amount: u64, fraction: f64) -> u64 {
+        match self {
+            Algorithm::Concurrency(_) => 1,
+            _ => hold_amount(amount, self.max_tokens(), fraction),
         }
     }
 
@@ -103,6 +146,7 @@ impl Algorithm {
             Algorithm::FixedWindow(a) => a.max,
             Algorithm::TokenBucket(a) => a.max_tokens(),
             Algorithm::SlidingWindow(a) => a.max,
+            Algorithm::Concurrency(a) => a.max,
         }
     }
 
@@ -168,6 +212,12 @@ impl From<BucketState> for CounterState {
 impl From<SlidingState> for CounterState {
     fn from(s: SlidingState) -> Self {
         CounterState::Sliding(s)
+    }
+}
+
+impl From<SlotState> for CounterState {
+    fn from(s: SlotState) -> Self {
+        CounterState::Slots(s)
     }
 }
 
@@ -295,6 +345,38 @@ impl Holds {
 
     fn contains(&self, id: &str) -> bool {
         !id.is_empty() && self.list.iter().any(|h| *h.id == *id)
+    }
+
+    /// Takes a slot of a concurrency counter for an admission at `now_ms`, ending `lifetime_ms`
+    /// later: a hold of one unit, with an id of its own. `false` (nothing taken) when the
+    /// counter carries [`MAX_HOLDS`] already.
+    fn take_slot(&mut self, now_ms: u64, lifetime_ms: u64) -> bool {
+        if self.list.len() >= MAX_HOLDS {
+            return false;
+        }
+        let id = concurrency::slot_id(now_ms, self.list.iter().map(|h| &*h.id));
+        self.list.push(Hold {
+            id: id.into(),
+            amount: 1,
+            expires_at_ms: now_ms.saturating_add(lifetime_ms),
+        });
+        self.changed = true;
+        true
+    }
+
+    /// Frees the oldest slot an admission took (the one that ends first; a reservation's slot
+    /// is its Commit's to free): whether there was one.
+    fn free_oldest_slot(&mut self) -> bool {
+        let oldest = (self.list.iter().enumerate())
+            .filter(|(_, h)| h.id.starts_with(concurrency::SLOT_ID_PREFIX))
+            .min_by_key(|(_, h)| h.expires_at_ms)
+            .map(|(at, _)| at);
+        let Some(at) = oldest else {
+            return false;
+        };
+        self.list.swap_remove(at);
+        self.changed = true;
+        true
     }
 
     /// When the last hold expires (0: none).
@@ -453,7 +535,7 @@ fn evaluate_group(
     let views: SmallVec<[CounterState; 4]> = group
         .counters
         .iter()
-        .map(|&i| limits[i].current(states[i], now_ms))
+        .map(|&i| limits[i].with_holds(limits[i].current(states[i], now_ms), &holding.holds[i]))
         .collect();
     if group.policy == Policy::Refund {
         return refund_group(limits, states, dirty, holding, group, views, now_ms);
@@ -483,6 +565,12 @@ fn evaluate_group(
             .counters
             .iter()
             .any(|&i| amount_of(i) > 0 && holding.holds[i].list.len() >= MAX_HOLDS);
+    // On a concurrency counter, what would charge takes a slot instead (a commit only frees).
+    let takes_slot = match group.policy {
+        Policy::AllOrNothing => admitted,
+        Policy::Charge => true,
+        _ => false,
+    };
     // A Commit charges the counters that hold its id, or, when none does, every counter.
     let committed = group.policy == Policy::Commit
         && group
@@ -505,7 +593,9 @@ fn evaluate_group(
                 expired,
                 ..HoldChange::default()
             };
-            let charge = match group.policy {
+            // A concurrency counter has no usage to charge: slots are its holds.
+            let slot_lifetime = limit.slot_lifetime_ms();
+            let mut charge = match group.policy {
                 Policy::AllOrNothing => admitted,
                 Policy::CheckOnly | Policy::Refund | Policy::Reserve => false,
                 Policy::Charge => true,
@@ -519,36 +609,53 @@ fn evaluate_group(
                     cost > 0 && (!committed || held.is_some())
                 }
             };
+            if slot_lifetime.is_some() {
+                charge = false;
+            }
             if group.policy == Policy::Reserve && admitted && !holds_full {
                 let amount = amount_of(i);
                 if amount > 0 {
                     let request_end = request.map_or(now_ms, |r| r.expires_at_ms);
-                    let window_end = limit.window_end_ms(view).unwrap_or(u64::MAX);
+                    // A fixed window's hold ends with the window; a slot after its lifetime.
+                    let cap = match slot_lifetime {
+                        Some(lifetime) => Some(now_ms.saturating_add(lifetime)),
+                        None => limit.window_end_ms(view),
+                    };
                     let holds = &mut holding.holds[i];
                     // (An id reserved again replaces its hold.)
                     holds.take(&id);
                     holds.list.push(Hold {
                         id: id.as_str().into(),
                         amount,
-                        expires_at_ms: request_end.min(window_end),
+                        expires_at_ms: request_end.min(cap.unwrap_or(u64::MAX)),
                     });
                     holds.changed = true;
                     change.placed = amount;
                 }
             }
             let held = holding.holds[i].held();
+            // (What the retry sees: the holds as they are now.)
+            let before_charge = limit.with_holds(view, &holding.holds[i]);
             let after = if charge {
                 let after = limit.charge(view, cost);
                 states[i] = Some(after);
                 dirty[i] = true;
                 after
             } else {
-                view
+                if let Some(lifetime) = slot_lifetime
+                    && takes_slot
+                    && holding.holds[i].take_slot(now_ms, lifetime)
+                {
+                    change.placed = 1;
+                }
+                limit.with_holds(view, &holding.holds[i])
             };
             let (over, retry_after_ms) = match group.policy {
                 // The usage happened: over when past the limit; retry when one more fits.
                 Policy::Charge | Policy::Commit => {
-                    let over = limit.is_over(after, now_ms);
+                    // (A charge that found no room for its slot is past the limit too.)
+                    let unplaced = takes_slot && slot_lifetime.is_some() && change.placed == 0;
+                    let over = limit.is_over(after, now_ms) || unplaced;
                     let retry = if over {
                         limit.retry_after_ms(after, now_ms, 1)
                     } else {
@@ -558,12 +665,14 @@ fn evaluate_group(
                 }
                 _ => (
                     refused,
-                    retry_holding(limit, view, now_ms, held, check_cost),
+                    retry_holding(limit, before_charge, now_ms, held, check_cost),
                 ),
             };
             CounterOutcome {
                 over,
-                remaining: limit.remaining(after, now_ms).saturating_sub(held),
+                remaining: limit
+                    .remaining(after, now_ms)
+                    .saturating_sub(holding.holds[i].held()),
                 reset_in_ms: limit.reset_in_ms(after, now_ms),
                 retry_after_ms,
                 charged: if charge { cost.min(MAX_COUNT) } else { 0 },
@@ -623,15 +732,25 @@ fn refund_group(
         .enumerate()
         .map(|(position, (&i, view))| {
             let limit = &limits[i];
-            let after = match states[i] {
-                Some(_) => limit.refund(view, group.cost_at(position)),
-                None => view,
+            let (expired_holds, expired) = holding.expired(i);
+            let cost = group.cost_at(position);
+            // A concurrency counter: a refund (of anything) frees its oldest admission's slot.
+            let mut released = 0;
+            let after = if limit.slot_lifetime_ms().is_some() {
+                if cost > 0 && holding.holds[i].free_oldest_slot() {
+                    released = 1;
+                }
+                limit.with_holds(view, &holding.holds[i])
+            } else {
+                match states[i] {
+                    Some(_) => limit.refund(view, cost),
+                    None => view,
+                }
             };
-            if after != view {
+            if after != view && limit.slot_lifetime_ms().is_none() {
                 states[i] = Some(after);
                 dirty[i] = true;
             }
-            let (expired_holds, expired) = holding.expired(i);
             CounterOutcome {
                 over: false,
                 remaining: limit
@@ -642,6 +761,7 @@ fn refund_group(
                 charged: 0,
                 overshoot: 0,
                 holds: HoldChange {
+                    released,
                     expired_holds,
                     expired,
                     ..HoldChange::default()
@@ -1000,6 +1120,242 @@ mod tests {
         assert_eq!(hold_amount(500, 100, 0.5), 50);
         assert_eq!(hold_amount(5, 1, 0.5), 1, "at least 1");
         assert_eq!(hold_amount(0, 100, 0.5), 0);
+    }
+
+    #[test]
+    fn a_concurrency_counter_admits_slots_and_frees_them_oldest_first() {
+        let limits = [Algorithm::Concurrency(Concurrency::new(2, 10_000))];
+        let mut states = [None];
+        let mut holds = [Holds::default()];
+        // Two admissions take a slot each, whatever their cost.
+        let first = run(
+            &limits,
+            &mut states,
+            &mut holds,
+            Policy::AllOrNothing,
+            50,
+            None,
+            0,
+        );
+        assert!(first.admitted);
+        let c = first.counters[0];
+        assert_eq!((c.remaining, c.reset_in_ms, c.holds.placed), (1, 10_000, 1));
+        let second = run(
+            &limits,
+            &mut states,
+            &mut holds,
+            Policy::AllOrNothing,
+            1,
+            None,
+            100,
+        );
+        assert_eq!(
+            (second.counters[0].remaining, second.counters[0].reset_in_ms),
+            (0, 9_900)
+        );
+        // Full: refused, nothing taken; a check (cost 0 too) says so without taking.
+        let third = run(
+            &limits,
+            &mut states,
+            &mut holds,
+            Policy::AllOrNothing,
+            1,
+            None,
+            200,
+        );
+        assert!(!third.admitted);
+        assert_eq!(third.counters[0].retry_after_ms, Some(9_800));
+        assert!(
+            !run(
+                &limits,
+                &mut states,
+                &mut holds,
+                Policy::CheckOnly,
+                0,
+                None,
+                200
+            )
+            .admitted
+        );
+        // A refund frees the oldest admission's slot.
+        let refund = run(
+            &limits,
+            &mut states,
+            &mut holds,
+            Policy::Refund,
+            1,
+            None,
+            300,
+        );
+        assert_eq!(refund.counters[0].holds.released, 1);
+        assert_eq!(
+            (refund.counters[0].remaining, refund.counters[0].reset_in_ms),
+            (1, 9_800)
+        );
+        // A charge takes one even past the limit, and is over.
+        assert!(
+            run(
+                &limits,
+                &mut states,
+                &mut holds,
+                Policy::AllOrNothing,
+                1,
+                None,
+                400
+            )
+            .admitted
+        );
+        let past = run(
+            &limits,
+            &mut states,
+            &mut holds,
+            Policy::Charge,
+            1,
+            None,
+            500,
+        );
+        assert!(!past.admitted && past.counters[0].over);
+        assert_eq!(holds[0].list.len(), 3);
+        assert_eq!(states[0], None, "slots are holds, never a stored state");
+        // Slots end after their lifetime without any release, oldest first.
+        let later = run(
+            &limits,
+            &mut states,
+            &mut holds,
+            Policy::CheckOnly,
+            1,
+            None,
+            10_100,
+        );
+        assert!(
+            !later.admitted,
+            "the slots taken at 400 and 500 are still live"
+        );
+        assert_eq!(later.counters[0].holds.expired_holds, 1);
+        assert_eq!(later.counters[0].retry_after_ms, Some(300));
+        let free = run(
+            &limits,
+            &mut states,
+            &mut holds,
+            Policy::CheckOnly,
+            1,
+            None,
+            10_400,
+        );
+        assert!(free.admitted);
+        assert_eq!(
+            (free.counters[0].remaining, free.counters[0].reset_in_ms),
+            (1, 100)
+        );
+    }
+
+    #[test]
+    fn a_reservation_takes_one_slot_that_its_commit_frees() {
+        let limits = [
+            Algorithm::Concurrency(Concurrency::new(1, 10_000)),
+            window(100),
+        ];
+        let mut states = [None, None];
+        let mut holds = [Holds::default(), Holds::default()];
+        fn call(
+            limits: &[Algorithm],
+            states: &mut [Option<CounterState>],
+            holds: &mut [Holds],
+            (policy, cost): (Policy, u64),
+            request: Option<&HoldRequest>,
+            now: u64,
+        ) -> GroupOutcome {
+            let mut dirty = [false, false];
+            let groups = [Group {
+                policy,
+                cost,
+                counters: vec![0, 1],
+                costs: vec![],
+            }];
+            evaluate_holding(limits, states, holds, &mut dirty, &groups, request, now).remove(0)
+        }
+        // A ttl longer than the slot's lifetime: the lifetime ends it.
+        let r = HoldRequest {
+            id: "a".into(),
+            expires_at_ms: 60_000,
+            amounts: vec![1, 30],
+        };
+        assert!(
+            call(
+                &limits,
+                &mut states,
+                &mut holds,
+                (Policy::Reserve, 30),
+                Some(&r),
+                0
+            )
+            .admitted
+        );
+        assert_eq!(holds[0].list[0].expires_at_ms, 10_000);
+        // The slot is taken: another reservation is refused, and holds nothing anywhere.
+        let b = HoldRequest {
+            id: "b".into(),
+            ..r.clone()
+        };
+        assert!(
+            !call(
+                &limits,
+                &mut states,
+                &mut holds,
+                (Policy::Reserve, 30),
+                Some(&b),
+                1
+            )
+            .admitted
+        );
+        assert_eq!((holds[0].list.len(), holds[1].list.len()), (1, 1));
+        // The commit frees the slot and charges the window only.
+        let done = call(
+            &limits,
+            &mut states,
+            &mut holds,
+            (Policy::Commit, 20),
+            Some(&r),
+            2,
+        );
+        assert!(done.admitted);
+        assert!(holds[0].list.is_empty() && states[0].is_none());
+        assert_eq!(used(states[1]), Some(20));
+        // A commit of an unknown id is a report: no slot is taken by it.
+        call(
+            &limits,
+            &mut states,
+            &mut holds,
+            (Policy::Commit, 5),
+            Some(&b),
+            3,
+        );
+        assert!(holds[0].list.is_empty());
+        // Refused by the window: no slot either (all or nothing).
+        assert!(
+            !call(
+                &limits,
+                &mut states,
+                &mut holds,
+                (Policy::AllOrNothing, 80),
+                None,
+                4
+            )
+            .admitted
+        );
+        assert!(holds[0].list.is_empty());
+        assert!(
+            call(
+                &limits,
+                &mut states,
+                &mut holds,
+                (Policy::AllOrNothing, 75),
+                None,
+                5
+            )
+            .admitted
+        );
+        assert_eq!(holds[0].list.len(), 1);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use crate::algorithm::{GroupOutcome, HoldRequest, Policy, hold_amount};
+use crate::algorithm::{CounterState, GroupOutcome, HoldRequest, Policy};
 pub use crate::call::{Call, Code, Verdict};
 use crate::clock::Clock;
 use crate::limits::{EvalError, Limit, LimitId, LimitSet};
@@ -285,7 +285,7 @@ impl Limiter {
                     id: id.clone(),
                     expires_at_ms: now_ms.saturating_add(ttl_ms),
                     amounts: (plan.batch.counters.iter())
-                        .map(|c| hold_amount(request.hits, c.algorithm.max_tokens(), fraction))
+                        .map(|c| c.algorithm.hold_for(request.hits, fraction))
                         .collect(),
                 });
                 Some(id)
@@ -464,6 +464,11 @@ impl Limiter {
                 .items
                 .into_iter()
                 .filter_map(|s| limits.by_key(s.key.limit).map(|l| (l.clone(), s)))
+                // Only holds, and not a concurrency limit's: a counter that has no state yet.
+                .filter(|(l, s)| {
+                    !matches!(s.state, CounterState::Slots(_))
+                        || l.algorithm.slot_lifetime_ms().is_some()
+                })
                 .collect(),
             next: snapshots.next,
         })

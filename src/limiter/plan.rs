@@ -105,6 +105,9 @@ pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r>
             let descriptors = &request.descriptors[descriptors.clone()];
             let input = Input::new(descriptors);
             for limit in namespace.candidates(descriptors) {
+                if !call.selects_slots() && limit.algorithm.slot_lifetime_ms().is_some() {
+                    continue;
+                }
                 match limit.applies(&input, &mut values) {
                     Ok(true) => {}
                     Ok(false) => continue,

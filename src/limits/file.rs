@@ -8,7 +8,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
 
 use super::{AlgorithmKind, Expression, Limit, LimitFields, LimitSet};
-use crate::algorithm::{Calendar, MAX_COUNT, Period, calendar};
+use crate::algorithm::{Calendar, MAX_COUNT, MAX_HOLDS, Period, calendar};
 
 /// Every problem found in one limits file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,7 +29,12 @@ impl fmt::Display for LimitsError {
 
 impl std::error::Error for LimitsError {}
 
-const ALGORITHMS: [&str; 3] = ["fixed_window", "token_bucket", "sliding_window"];
+const ALGORITHMS: [&str; 4] = [
+    "fixed_window",
+    "token_bucket",
+    "sliding_window",
+    "concurrency",
+];
 
 /// The longest `seconds` (about 31,700 years), for every algorithm and storage: every time in
 /// milliseconds a storage computes (now + seconds × 1000, TTLs) then stays an integer below
@@ -325,6 +330,7 @@ fn build_limit(entry: serde_yaml::Value) -> Result<Limit, Vec<String>> {
             refill_tokens: raw.refill_tokens,
         },
         "sliding_window" => AlgorithmKind::SlidingWindow,
+        "concurrency" => AlgorithmKind::Concurrency,
         unknown => {
             problems.push(format!(
                 "field `algorithm`: unknown algorithm {unknown:?} (known: {})",
@@ -344,6 +350,15 @@ fn build_limit(entry: serde_yaml::Value) -> Result<Limit, Vec<String>> {
         (AlgorithmKind::TokenBucket { .. }, _, _) | (_, None, _) => {}
         (_, Some(_), _) => problems
             .push("field `refill_tokens` only applies to `algorithm: token_bucket`".to_string()),
+    }
+    // A concurrency counter's slots are holds, and a counter carries at most MAX_HOLDS.
+    if let (AlgorithmKind::Concurrency, Some(max_value)) = (kind, raw.max_value)
+        && max_value > MAX_HOLDS as u64
+    {
+        problems.push(format!(
+            "field `max_value` of a concurrency limit must be at most {MAX_HOLDS} (the slots \
+             one counter carries), found {max_value}"
+        ));
     }
     // Continuous buckets and sliding windows compute in token·ms: keep that exact everywhere.
     let exact_in_ms = matches!(
@@ -685,5 +700,23 @@ mod tests {
         assert_eq!(a[0].key, b[0].key);
         let c = parse_limits("t", "- {namespace: a, max_value: 1, seconds: 61}").unwrap();
         assert_ne!(a[0].key, c[0].key);
+    }
+
+    #[test]
+    fn a_concurrency_limit_has_its_own_identity_and_at_most_max_holds_slots() {
+        let window = parse_limits("t", "- {namespace: a, max_value: 4, seconds: 60}").unwrap();
+        let slots = "- {namespace: a, max_value: 4, seconds: 60, algorithm: concurrency}";
+        let slots = parse_limits("t", slots).unwrap();
+        assert_ne!(window[0].key, slots[0].key);
+        assert_eq!(slots[0].view().algorithm, Some("concurrency"));
+        let p = problems("- {namespace: a, max_value: 1001, seconds: 60, algorithm: concurrency}");
+        assert!(
+            p[0].contains("`max_value` of a concurrency limit must be at most 1000"),
+            "{p:?}"
+        );
+        let p = problems(
+            "- {namespace: a, max_value: 4, seconds: 60, algorithm: concurrency, refill_tokens: 1}",
+        );
+        assert!(p[0].contains("refill_tokens"), "{p:?}");
     }
 }

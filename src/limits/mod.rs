@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use cel::Value;
 
-use crate::algorithm::{Algorithm, Calendar, FixedWindow, SlidingWindow, TokenBucket};
+use crate::algorithm::{Algorithm, Calendar, Concurrency, FixedWindow, SlidingWindow, TokenBucket};
 use crate::request::Descriptor;
 pub use crate::storage::LimitId;
 use index::LimitIndex;
@@ -147,6 +147,7 @@ impl Limit {
             AlgorithmKind::FixedWindow | AlgorithmKind::Calendar(_) => (None, None),
             AlgorithmKind::TokenBucket { refill_tokens } => (Some("token_bucket"), refill_tokens),
             AlgorithmKind::SlidingWindow => (Some("sliding_window"), None),
+            AlgorithmKind::Concurrency => (Some("concurrency"), None),
         };
         LimitView {
             algorithm,
@@ -287,6 +288,8 @@ pub enum AlgorithmKind {
     SlidingWindow,
     /// A fixed window that lasts a calendar period (`calendar:`, `timezone:`).
     Calendar(Calendar),
+    /// In-flight requests: `max_value` slots, each living at most `seconds`.
+    Concurrency,
 }
 
 impl AlgorithmKind {
@@ -307,6 +310,9 @@ impl AlgorithmKind {
             AlgorithmKind::Calendar(calendar) => {
                 Algorithm::FixedWindow(FixedWindow::calendar(max_value, calendar))
             }
+            AlgorithmKind::Concurrency => {
+                Algorithm::Concurrency(Concurrency::new(max_value, period_ms))
+            }
         }
     }
 
@@ -324,6 +330,7 @@ impl AlgorithmKind {
                 calendar.period.name(),
                 calendar.zone.name()
             ),
+            AlgorithmKind::Concurrency => "concurrency".to_string(),
         }
     }
 }

@@ -7,20 +7,23 @@
 --          '<Bdd' 1, used, window end (fixed window); '<Bdd' 2, units, refilled at (token
 --          bucket); '<Bddd' 3, window start, current, previous (sliding window). Its TTL is the
 --          time until the state no longer matters. A value of another shape reads as no state.
+--          A concurrency counter has no value: its slots are its holds.
 -- KEYS[n+i] counter i's holds (`<counter key>:h`): a hash from reservation id to '<dd' amount,
 --          expiry (ratekeeper's clock, ms); its TTL lasts until its last hold expires. Expired
---          (or malformed) holds are deleted by any call that touches the counter.
+--          (or malformed) holds are deleted by any call that touches the counter. On a
+--          concurrency counter each hold is a slot (amount 1): a reservation's, under its id, or
+--          an admission's, under '~<now_ms>.<n>' (the smallest n not taken).
 -- ARGV     pairs of a `struct` format ('<' and one 'd' per number) and the numbers it packs,
 --          little-endian doubles (one pair unless there are thousands of numbers). The
 --          numbers, in order: now_ms (ratekeeper's clock: windows and refills), deadline_ms
 --          (Redis's clock, 0: none), then for each counter its algorithm and parameters
 --          (FIXED_WINDOW: max, and the length of a window opened now: its period, or for a
 --          calendar window the rest of its calendar period; TOKEN_BUCKET: capacity, scale,
---          quantum, step_ms; SLIDING_WINDOW: max, period_ms), then the holds' latest expiry
---          (RESERVE) and for each counter the hold a RESERVE places on it (0: none), then for
---          each group: its policy, k, and k pairs of a counter index (1-based) and that
---          counter's cost in the group (a limit's `cost:` weighs it). The last ARGV is the
---          reservation id (RESERVE, COMMIT; else empty).
+--          quantum, step_ms; SLIDING_WINDOW: max, period_ms; CONCURRENCY: max, lifetime_ms),
+--          then the holds' latest expiry (RESERVE) and for each counter the hold a RESERVE
+--          places on it (0: none), then for each group: its policy, k, and k pairs of a counter
+--          index (1-based) and that counter's cost in the group (a limit's `cost:` weighs it).
+--          The last ARGV is the reservation id (RESERVE, COMMIT; else empty).
 -- Returns  '<Bd': DECIDED or TOO_LATE, and Redis's clock (TIME) in ms. TOO_LATE: Redis ran the
 --          call after its deadline (the caller has given up on it, or is about to) and nothing
 --          was read or written. DECIDED is followed by, for each group, for each of its
@@ -36,7 +39,7 @@
 -- The wire numbers, the same as Rust's (`Policy::wire`, `Algorithm::wire`; a unit test in
 -- src/storage/redis.rs compares them).
 local ALL_OR_NOTHING, CHECK_ONLY, CHARGE, REFUND, RESERVE, COMMIT = 0, 1, 2, 3, 4, 5
-local FIXED_WINDOW, TOKEN_BUCKET, SLIDING_WINDOW = 0, 1, 2
+local FIXED_WINDOW, TOKEN_BUCKET, SLIDING_WINDOW, CONCURRENCY = 0, 1, 2, 3
 local TOO_LATE, DECIDED = 0, 1
 local MAX_HOLDS = 1000 -- holds per counter (Rust's MAX_HOLDS)
 
@@ -72,7 +75,7 @@ end
 
 -- The counters, with their parameters (their state is loaded below), and which algorithms the
 -- call uses.
-local counters, windows, buckets, slidings = {}, false, false, false
+local counters, windows, buckets, slidings, concurrent = {}, false, false, false, false
 local a = 3
 for i = 1, n do
   local algorithm = num[a]
@@ -87,11 +90,16 @@ for i = 1, n do
       scale = num[a + 2], quantum = num[a + 3], step = num[a + 4], units = 0, refilled = 0,
       refused = false, dirty = false}
     a = a + 5
-  else
+  elseif algorithm == SLIDING_WINDOW then
     slidings = true
     counters[i] = {algorithm = algorithm, rules = false, max = num[a + 1],
       period = num[a + 2], start = 0, current = 0, previous = 0, refused = false,
       dirty = false}
+    a = a + 3
+  else
+    concurrent = true
+    counters[i] = {algorithm = algorithm, rules = false, max = num[a + 1],
+      lifetime = num[a + 2], ids = false, sorted = false, refused = false, dirty = false}
     a = a + 3
   end
 end
@@ -283,6 +291,60 @@ if slidings then
   }
 end
 
+local slots -- parameters max, lifetime; no state of its own: `ids` maps each live slot (hold)
+-- to its end. `charge` takes a slot for an admission (false: the counter is at MAX_HOLDS),
+-- `refund` frees the oldest slot an admission took; neither writes a counter value.
+if concurrent then
+  slots = {
+    load = function(c, stored) c.ids = {} end, -- (filled with the holds, below)
+    admits = function(c, cost) return c.held + 1 <= c.max end,
+    charge = function(c, cost)
+      if c.holds >= MAX_HOLDS then return false end
+      local j, sid = 0, nil
+      repeat
+        sid = string.format('~%d.%d', now, j)
+        j = j + 1
+      until not c.ids[sid]
+      local ends = now + c.lifetime
+      redis.call('HSET', c.hkey, sid, pack('<dd', 1, ends))
+      c.ids[sid], c.held, c.holds, c.sorted = ends, c.held + 1, c.holds + 1, nil
+      if ends > c.last then c.last = ends end
+      redis.call('PEXPIRE', c.hkey, max(c.last - now, 1))
+      return true
+    end,
+    refund = function(c, cost)
+      if cost < 1 then return false end
+      local oldest, at = nil, nil
+      for sid, ends in pairs(c.ids) do
+        if string.sub(sid, 1, 1) == '~' and (at == nil or ends < at) then oldest, at = sid, ends end
+      end
+      if not oldest then return false end
+      redis.call('HDEL', c.hkey, oldest)
+      c.ids[oldest], c.held, c.holds, c.sorted = nil, c.held - 1, c.holds - 1, nil
+      return true
+    end,
+    -- remaining: every slot (the caller subtracts the taken ones); reset_in: until the oldest
+    -- ends; retry_after: until one more is free, whatever the cost.
+    view = function(c, cost)
+      local ends = c.sorted -- (sorted once per change: a view is asked several times)
+      if not ends then
+        ends = {}
+        for _, e in pairs(c.ids) do ends[#ends + 1] = e end
+        table.sort(ends)
+        c.sorted = ends
+      end
+      local taken, reset, retry = #ends, 0, 0
+      if taken > 0 then reset = max(ends[1] - now, 0) end
+      if c.max < 1 then
+        retry = -1
+      elseif taken >= c.max then
+        retry = max(ends[taken - c.max + 1] - now, 0)
+      end
+      return c.max, reset, retry, max(taken - c.max, 0), taken > c.max
+    end,
+  }
+end
+
 -- Each counter's state in force now, and its live holds (expired ones are deleted).
 for i = 1, n do
   local c = counters[i]
@@ -290,8 +352,10 @@ for i = 1, n do
     c.rules = window
   elseif c.algorithm == TOKEN_BUCKET then
     c.rules = bucket
-  else
+  elseif c.algorithm == SLIDING_WINDOW then
     c.rules = sliding
+  else
+    c.rules = slots
   end
   local stored = redis.call('GET', KEYS[i])
   c.exists = stored ~= false -- a refund never creates a counter
@@ -307,6 +371,7 @@ for i = 1, n do
       c.held, c.holds = c.held + amount, c.holds + 1
       if ends > c.last then c.last = ends end
       if id ~= '' and raw[j] == id then c.mine = amount end
+      if c.ids then c.ids[raw[j]] = ends end
     else
       redis.call('HDEL', hkey, raw[j])
       if amount and amount == amount then
@@ -377,23 +442,33 @@ while a <= last do
         released = c.mine
         redis.call('HDEL', c.hkey, id)
         c.held, c.holds, c.mine = c.held - released, c.holds - 1, nil
+        if c.ids then c.ids[id], c.sorted = nil, nil end
       end
       charge = cost > 0 and (not committed or found)
     elseif holds and c.hold_amount > 0 then
       placed = c.hold_amount
       local ends = hold_expires
       if c.algorithm == FIXED_WINDOW and c.ends < ends then ends = c.ends end
+      if c.algorithm == CONCURRENCY and now + c.lifetime < ends then ends = now + c.lifetime end
       redis.call('HSET', c.hkey, id, pack('<dd', placed, ends))
       if c.mine then c.held, c.holds = c.held - c.mine, c.holds - 1 end -- (replaced)
       c.held, c.holds, c.mine = c.held + placed, c.holds + 1, placed
       if ends > c.last then c.last = ends end
+      if c.ids then c.ids[id], c.sorted = ends, nil end
       -- At once, so the holds' key never lives without a TTL (even if a later write failed):
       -- until its last hold expires.
       redis.call('PEXPIRE', c.hkey, max(c.last - now, 1))
     end
     local retry = retry_holding(c, check)
-    local charged = 0
-    if charge then
+    local charged, unplaced = 0, false
+    if c.algorithm == CONCURRENCY then
+      -- No usage to charge: what would charge takes a slot; a refund frees one.
+      if charges then
+        if rules.charge(c, cost) then placed = 1 else unplaced = true end
+      elseif policy == REFUND and rules.refund(c, cost) then
+        released = 1
+      end
+    elseif charge then
       rules.charge(c, cost)
       c.dirty = true
       charged = min(cost, MAX_COUNT)
@@ -404,7 +479,9 @@ while a <= last do
     if policy == REFUND then
       over, retry, beyond = false, 0, beyond_before
     elseif policy == CHARGE or policy == COMMIT then
-      -- The usage happened: over when past the limit; retry when one more fits.
+      -- The usage happened: over when past the limit; retry when one more fits. (A charge that
+      -- found no room for its slot is past the limit too.)
+      over = over or unplaced
       if not over then retry_one = 0 end
       retry = retry_one
     else

@@ -130,7 +130,8 @@ pub fn decode_key(bytes: &[u8]) -> Option<CounterKey> {
 pub fn encode_entry(entry: &Entry) -> Vec<u8> {
     let mut bytes = vec![FORMAT];
     let numbers: &[u64] = match entry.state {
-        None => {
+        // Slots are a view of the holds (concurrency counters store no state of their own).
+        None | Some(CounterState::Slots(_)) => {
             bytes.push(0);
             &[]
         }

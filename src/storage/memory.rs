@@ -25,7 +25,7 @@ use super::{
     Batch, CounterKey, CounterSnapshot, LimitId, ListError, Page, PageRequest, Storage,
     StorageError, parse_cursor,
 };
-use crate::algorithm::{CounterState, GroupOutcome, Hold, Holds, evaluate_holding};
+use crate::algorithm::{CounterState, GroupOutcome, Hold, Holds, SlotState, evaluate_holding};
 
 const SHARDS: usize = 64;
 /// Entries a listing looks at under one lock.
@@ -310,16 +310,19 @@ fn list(
                 break;
             }
             at += 1;
-            if let (true, true, Some(state)) = (
-                stored.expires_at_ms > now_ms,
-                limits.contains(&key.limit),
-                stored.state,
-            ) {
-                let live = stored.holds.iter().filter(|h| h.expires_at_ms > now_ms);
+            if stored.expires_at_ms > now_ms && limits.contains(&key.limit) {
+                let live = || stored.holds.iter().filter(|h| h.expires_at_ms > now_ms);
+                // Without a state, only holds: listed as slots (the limiter keeps them for
+                // concurrency limits, whose counters have only those).
+                let slots = || SlotState {
+                    taken: live().count() as u64,
+                    oldest_ends_ms: live().map(|h| h.expires_at_ms).min().unwrap_or(0),
+                    free_at_ms: 0,
+                };
                 items.push(CounterSnapshot {
                     key: key.clone(),
-                    state,
-                    held: live.fold(0u64, |sum, h| sum.saturating_add(h.amount)),
+                    state: stored.state.unwrap_or_else(|| CounterState::Slots(slots())),
+                    held: live().fold(0u64, |sum, h| sum.saturating_add(h.amount)),
                 });
             }
         }

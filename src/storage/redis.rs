@@ -56,7 +56,7 @@ use super::{
 };
 use crate::algorithm::{
     Algorithm, BucketState, CounterOutcome, CounterState, GroupOutcome, HoldChange, MAX_COUNT,
-    Policy, SlidingState, WindowState,
+    Policy, SlidingState, SlotState, WindowState,
 };
 
 /// Numbers per argument of decide.lua: well below the 8000 values one Lua `struct.unpack` may
@@ -289,17 +289,16 @@ impl RedisStorage {
     async fn held<'k>(
         &self,
         slot_key: &str,
-        keys: impl ExactSizeIterator<Item = &'k Vec<u8>>,
+        keys: impl ExactSizeIterator<Item = &'k [u8]>,
         now_ms: u64,
-    ) -> Result<Vec<u64>, StorageError> {
+    ) -> Result<Vec<(u64, SlotState)>, StorageError> {
         let count = keys.len();
         if count == 0 {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
         for key in keys {
-            let mut holds = key.clone();
-            holds.extend_from_slice(b":h");
+            let holds = [key, b":h"].concat();
             pipe.cmd("HGETALL").arg(holds);
         }
         let replies = self
@@ -384,9 +383,10 @@ fn config_value(reply: &Value) -> Option<String> {
 }
 
 /// The tokens of a counter's live holds, from `HGETALL <key>:h` (a hash from reservation id to
-/// `'<dd'` amount and expiry, as decide.lua writes it); what does not read as a hold counts 0.
-fn live_held(reply: &Value, now_ms: u64) -> u64 {
-    let hold = |value: &Value| -> Option<u64> {
+/// `'<dd'` amount and expiry, as decide.lua writes it), and how many there are and when the
+/// first ends (a concurrency counter's slots); what does not read as a hold counts 0.
+fn live_held(reply: &Value, now_ms: u64) -> (u64, SlotState) {
+    let hold = |value: &Value| -> Option<(u64, u64)> {
         let Value::BulkString(bytes) = value else {
             return None;
         };
@@ -396,17 +396,24 @@ fn live_held(reply: &Value, now_ms: u64) -> u64 {
             ))
         };
         let (amount, expires) = (number(0)?, number(1)?);
-        (bytes.len() == 16 && expires > now_ms as f64 && amount >= 0.0).then_some(amount as u64)
+        (bytes.len() == 16 && expires > now_ms as f64 && amount >= 0.0)
+            .then_some((amount as u64, expires as u64))
     };
     let values: Vec<&Value> = match reply {
         Value::Map(pairs) => pairs.iter().map(|(_, v)| v).collect(),
         Value::Array(items) => items.iter().skip(1).step_by(2).collect(),
         _ => Vec::new(),
     };
-    values
-        .into_iter()
-        .filter_map(hold)
-        .fold(0u64, |sum, amount| sum.saturating_add(amount))
+    let mut held = 0u64;
+    let mut slots = SlotState::default();
+    for (amount, ends) in values.into_iter().filter_map(hold) {
+        held = held.saturating_add(amount);
+        slots.taken += 1;
+        if slots.oldest_ends_ms == 0 || ends < slots.oldest_ends_ms {
+            slots.oldest_ends_ms = ends;
+        }
+    }
+    (held, slots)
 }
 
 /// `SCAN`'s answer: the next cursor and the keys.
@@ -473,6 +480,7 @@ impl Storage for RedisStorage {
                     .for_each(&mut push),
                 Algorithm::TokenBucket(b) => b.parameters().into_iter().for_each(&mut push),
                 Algorithm::SlidingWindow(w) => [w.max, w.period_ms].into_iter().for_each(&mut push),
+                Algorithm::Concurrency(c) => [c.max, c.lifetime_ms].into_iter().for_each(&mut push),
             }
         }
         let hold = batch.hold.as_ref();
@@ -563,7 +571,20 @@ impl Storage for RedisStorage {
                 let mut found = Vec::new();
                 for (raw, value) in unseen[..taken].iter().zip(&values) {
                     let Value::BulkString(value) = value else {
-                        continue; // expired since the SCAN, or a counter's holds
+                        // Expired since the SCAN, or a counter's holds: listed as slots (the
+                        // limiter keeps them for concurrency limits, whose counters have only
+                        // those).
+                        let base = raw.strip_suffix(b":h").map(<[u8]>::to_vec);
+                        let key = (base.as_deref())
+                            .and_then(|b| std::str::from_utf8(b).ok())
+                            .and_then(|k| k.strip_prefix(&namespace_prefix))
+                            .and_then(parse_key);
+                        if let (Some(base), Some(key)) = (base, key)
+                            && limits.contains(&key.limit)
+                        {
+                            found.push((Cow::Owned(base), key, None));
+                        }
+                        continue;
                     };
                     let key = std::str::from_utf8(raw).ok();
                     let Some(key) = key
@@ -578,18 +599,26 @@ impl Storage for RedisStorage {
                     let expired =
                         matches!(state, CounterState::Window(w) if w.expires_at_ms <= now_ms);
                     if limits.contains(&key.limit) && !expired {
-                        found.push((raw, key, state));
+                        found.push((Cow::Borrowed(raw.as_slice()), key, Some(state)));
                     }
                 }
                 let held = self
                     .held(
                         &namespace_prefix,
-                        found.iter().map(|(raw, _, _)| *raw),
+                        found.iter().map(|(raw, _, _)| raw.as_ref()),
                         now_ms,
                     )
                     .await?;
-                for ((_, key, state), held) in found.into_iter().zip(held) {
-                    items.push(CounterSnapshot { key, state, held });
+                for ((_, key, state), (held, slots)) in found.into_iter().zip(held) {
+                    match state {
+                        Some(state) => items.push(CounterSnapshot { key, state, held }),
+                        None if slots.taken > 0 => items.push(CounterSnapshot {
+                            key,
+                            state: CounterState::Slots(slots),
+                            held,
+                        }),
+                        None => {}
+                    }
                 }
             }
             if taken < unseen.len() {
@@ -1083,9 +1112,10 @@ mod tests {
             Algorithm::FixedWindow(crate::algorithm::FixedWindow::new(1, 1)),
             Algorithm::TokenBucket(crate::algorithm::TokenBucket::continuous(1, 1)),
             Algorithm::SlidingWindow(crate::algorithm::SlidingWindow::new(1, 1)),
+            Algorithm::Concurrency(crate::algorithm::Concurrency::new(1, 1)),
         ];
         assert_eq!(
-            constants("FIXED_WINDOW, TOKEN_BUCKET, SLIDING_WINDOW"),
+            constants("FIXED_WINDOW, TOKEN_BUCKET, SLIDING_WINDOW, CONCURRENCY"),
             algorithms.map(|a| a.wire())
         );
         assert_eq!(constants("TOO_LATE, DECIDED"), [TOO_LATE, DECIDED]);
