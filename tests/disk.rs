@@ -215,3 +215,20 @@ async fn an_unusable_path_is_refused_at_start() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One process per store: a second server on the same directory is refused at start.
+#[tokio::test]
+async fn a_second_process_on_the_same_store_is_refused() {
+    let dir = workdir("lock");
+    let _first = start(&dir).await;
+    let output = common::process::command()
+        .args(["-b", "127.0.0.1", "-B", "127.0.0.1", "-p", "0", "-P", "0"])
+        .arg(dir.join("limits.yaml"))
+        .arg("disk")
+        .arg(dir.join("store"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{err}");
+    assert!(err.contains("another process is using it"), "{err}");
+}

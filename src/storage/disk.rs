@@ -11,6 +11,7 @@
 //! as from memory. The entry
 //! format below is pinned by tests/golden.rs: changing it orphans the stored counters.
 
+use std::fs::{File, TryLockError};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -28,6 +29,8 @@ const FSYNC_MS: u16 = 100;
 
 /// The fjall keyspace behind the `disk` storage.
 pub struct DiskJournal {
+    /// Held while the store is open: one process per directory.
+    _lock: File,
     keyspace: Keyspace,
     counters: PartitionHandle,
     forget_failed: Throttle,
@@ -36,6 +39,7 @@ pub struct DiskJournal {
 /// Opens (or creates) the store at `path` and returns a memory storage holding what it had,
 /// writing every change to it from now on. `capacity` bounds live counters as in memory.
 pub fn open_disk(path: &Path, capacity: usize) -> Result<MemoryStorage, String> {
+    let lock = lock(path)?;
     let keyspace = Config::new(path)
         .fsync_ms(Some(FSYNC_MS))
         .open()
@@ -76,11 +80,27 @@ pub fn open_disk(path: &Path, capacity: usize) -> Result<MemoryStorage, String> 
     }
     tracing::info!(path = %path.display(), counters = live.len(), "counters on disk");
     let journal = Arc::new(DiskJournal {
+        _lock: lock,
         keyspace,
         counters,
         forget_failed: Throttle::new(std::time::Duration::from_secs(10)),
     });
     Ok(MemoryStorage::with_journal(capacity, journal, live))
+}
+
+/// Locks `path` for this process (creating the directory): two processes writing one store
+/// would each overwrite the other's counters.
+fn lock(path: &Path) -> Result<File, String> {
+    let cannot = |e: &dyn std::fmt::Display| {
+        format!("cannot open the disk storage at {}: {e}", path.display())
+    };
+    std::fs::create_dir_all(path).map_err(|e| cannot(&e))?;
+    let file = File::create(path.join("ratekeeper.lock")).map_err(|e| cannot(&e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(cannot(&"another process is using it")),
+        Err(TryLockError::Error(e)) => Err(cannot(&e)),
+    }
 }
 
 impl Journal for DiskJournal {
