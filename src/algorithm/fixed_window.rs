@@ -1,5 +1,7 @@
 //! Fixed windows, Limitador's algorithm: a window opens at the first charge and lasts the
-//! limit's period; at its end the counter starts again from zero.
+//! limit's period; at its end the counter starts again from zero. An aligned window
+//! (envoyproxy/ratelimit's) is instead the multiple of the period since the Unix epoch that
+//! holds the first charge: a per-minute window resets at the top of the minute.
 
 use super::{MAX_COUNT, admits};
 
@@ -15,11 +17,35 @@ pub struct WindowState {
 pub struct FixedWindow {
     pub max: u64,
     pub period_ms: u64,
+    /// Windows are aligned to the clock (multiples of the period since the epoch).
+    pub aligned: bool,
 }
 
 impl FixedWindow {
     pub fn new(max: u64, period_ms: u64) -> Self {
-        Self { max, period_ms }
+        Self {
+            max,
+            period_ms,
+            aligned: false,
+        }
+    }
+
+    /// A window aligned to the clock, as envoyproxy/ratelimit's.
+    pub fn aligned(max: u64, period_ms: u64) -> Self {
+        Self {
+            aligned: true,
+            ..Self::new(max, period_ms)
+        }
+    }
+
+    /// When a window that opens at `now` ends.
+    fn end_of_window_opened(&self, now_ms: u64) -> u64 {
+        if self.aligned {
+            let period = self.period_ms.max(1);
+            (now_ms - now_ms % period).saturating_add(period)
+        } else {
+            now_ms.saturating_add(self.period_ms)
+        }
     }
 
     /// The window in force at `now`: a missing or expired window reads as a fresh, empty one
@@ -29,7 +55,7 @@ impl FixedWindow {
             Some(window) if window.expires_at_ms > now_ms => window,
             _ => WindowState {
                 used: 0,
-                expires_at_ms: now_ms.saturating_add(self.period_ms),
+                expires_at_ms: self.end_of_window_opened(now_ms),
             },
         }
     }
@@ -106,6 +132,17 @@ mod tests {
         let next = limit.current(Some(w), 6_000);
         assert_eq!(next.used, 0, "the window ends at exactly its period");
         assert_eq!(next.expires_at_ms, 7_000);
+    }
+
+    #[test]
+    fn an_aligned_window_ends_at_the_next_multiple_of_its_period() {
+        let limit = FixedWindow::aligned(3, 60_000);
+        let w = limit.charge(limit.current(None, 125_000), 1);
+        assert_eq!(w.expires_at_ms, 180_000, "the top of the next minute");
+        assert_eq!(limit.reset_in_ms(w, 125_000), 55_000);
+        assert_eq!(limit.current(Some(w), 179_999).used, 1);
+        let next = limit.current(Some(w), 180_000);
+        assert_eq!((next.used, next.expires_at_ms), (0, 240_000));
     }
 
     #[test]

@@ -456,6 +456,7 @@ mod tests {
                     .collect(),
                 hits: None,
                 refund: false,
+                limit: None,
             })
             .collect()
     }

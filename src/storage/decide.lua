@@ -14,7 +14,7 @@
 --          little-endian doubles (one pair unless there are thousands of numbers). The
 --          numbers, in order: now_ms (ratekeeper's clock: windows and refills), deadline_ms
 --          (Redis's clock, 0: none), then for each counter its algorithm and parameters
---          (FIXED_WINDOW: max, period_ms; TOKEN_BUCKET: capacity, scale, quantum, step_ms;
+--          (FIXED_WINDOW: max, period_ms, aligned (1: to the clock); TOKEN_BUCKET: capacity, scale, quantum, step_ms;
 --          SLIDING_WINDOW: max, period_ms), then the holds' latest expiry (RESERVE) and for each
 --          counter the hold a RESERVE places on it (0: none), then for each group: its policy,
 --          cost, k, and k counter indices (1-based). The last ARGV is the reservation id
@@ -77,8 +77,9 @@ for i = 1, n do
   if algorithm == FIXED_WINDOW then
     windows = true
     counters[i] = {algorithm = algorithm, rules = false, max = num[a + 1],
-      period = num[a + 2], used = 0, ends = 0, refused = false, dirty = false}
-    a = a + 3
+      period = num[a + 2], aligned = num[a + 3] == 1, used = 0, ends = 0, refused = false,
+      dirty = false}
+    a = a + 4
   elseif algorithm == TOKEN_BUCKET then
     buckets = true
     counters[i] = {algorithm = algorithm, rules = false, capacity = num[a + 1],
@@ -136,6 +137,8 @@ if windows then
       local used, ends = fields(stored, 1, '<Bdd', 17)
       if used and used >= 0 and ends > now then
         c.used, c.ends = used, ends
+      elseif c.aligned then
+        c.used, c.ends = 0, now - now % c.period + c.period
       else
         c.used, c.ends = 0, now + c.period
       end

@@ -468,7 +468,9 @@ impl Storage for RedisStorage {
         for counter in &batch.counters {
             push(counter.algorithm.wire().into());
             match counter.algorithm {
-                Algorithm::FixedWindow(w) => [w.max, w.period_ms].into_iter().for_each(&mut push),
+                Algorithm::FixedWindow(w) => [w.max, w.period_ms, u64::from(w.aligned)]
+                    .into_iter()
+                    .for_each(&mut push),
                 Algorithm::TokenBucket(b) => b.parameters().into_iter().for_each(&mut push),
                 Algorithm::SlidingWindow(w) => [w.max, w.period_ms].into_iter().for_each(&mut push),
             }
