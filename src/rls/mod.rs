@@ -327,6 +327,9 @@ pub fn to_response(decision: &Decision, answers: Answers) -> RateLimitResponse {
         RateLimitHeaders::DraftVersion03 if decision.call.has_headers() => {
             headers::draft03(decision, over_limit)
         }
+        RateLimitHeaders::EnvoyRatelimit if decision.call.has_headers() => {
+            headers::envoy_ratelimit(decision)
+        }
         _ => Vec::new(),
     };
     let raw_body = match answers.over_limit {
