@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::process::{PATIENCE, Server, command, free_ports, loopback};
+use common::process::{self, PATIENCE, Server, command, free_ports, loopback};
 use common::*;
 use ratekeeper::limits::{RatelimitSettings, load_path};
 use ratekeeper::proto::envoy::service::ratelimit::v3::RateLimitResponse;
@@ -443,4 +443,50 @@ fn settings_it_cannot_honour_stop_the_start_with_the_reason() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_contains(&stderr, &["CONFIG_TYPE", "xDS"]);
+}
+
+/// The shipped example: a check on the request path, the tokens charged when the response is
+/// done, per user and model, in the shape Envoy Gateway generates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_token_budget_example_charges_tokens_per_user_and_model() {
+    let yaml =
+        std::fs::read_to_string(process::manifest_dir().join("limits/ratelimit-llm-tokens.yaml"))
+            .unwrap();
+    let server = TestServer::start(&yaml).await;
+    let domain = "default/envoy-ai-gateway-basic";
+    let rule = "default/usage-rate-limit/rule/0/match/0";
+    let entries = |user: &'static str, model: &'static str| {
+        [
+            (rule, rule),
+            ("rule-0-match-0-user", user),
+            ("rule-0-match-0-model", model),
+        ]
+    };
+    let ask = async |user, model, hits| {
+        let d = descriptor_with_hits(&entries(user, model), hits);
+        server.should(request(domain, vec![d], 0)).await
+    };
+    let r = ask("alice", "gpt-4o-mini", 0).await;
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 1000));
+    let r = ask("alice", "gpt-4o-mini", 900).await;
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 100));
+    ask("alice", "gpt-4o-mini", 300).await;
+    assert_eq!(code(&ask("alice", "gpt-4o-mini", 0).await), Code::OverLimit);
+    assert_eq!(
+        code(&ask("bob", "gpt-4o-mini", 0).await),
+        Code::Ok,
+        "per user"
+    );
+    let r = ask("alice", "gpt-4o", 0).await;
+    assert_eq!(
+        r.statuses[0]
+            .current_limit
+            .as_ref()
+            .unwrap()
+            .requests_per_unit,
+        200
+    );
+    // The top of the hour starts a new budget.
+    server.clock.advance_ms(3_600_000);
+    assert_eq!(code(&ask("alice", "gpt-4o-mini", 0).await), Code::Ok);
 }
