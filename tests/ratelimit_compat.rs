@@ -592,3 +592,28 @@ async fn dynamic_metadata_carries_the_passed_descriptors_metadata(backend: Backe
             .is_none()
     );
 }
+
+/// `POST /explain` on a domain of this format: only the limit the descriptor reaches in the
+/// tree applies; the others say why not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_tells_which_limit_the_tree_reaches() {
+    let server = TestServer::start(BASIC).await;
+    let ask = serde_json::json!({"namespace": "basic", "values": {"key2": "k"}});
+    let body: serde_json::Value = http_client()
+        .post(format!("{}/explain", server.http_base))
+        .json(&ask)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let limits = body["limits"].as_array().unwrap();
+    let applying: Vec<u64> = (limits.iter())
+        .filter(|l| l["applies"] == true)
+        .map(|l| l["limit"]["max_value"].as_u64().unwrap())
+        .collect();
+    assert_eq!(applying, [3], "{body:#}");
+    let other = limits.iter().find(|l| l["applies"] == false).unwrap();
+    assert_eq!(other["reason"]["kind"], "no_match", "{body:#}");
+}
