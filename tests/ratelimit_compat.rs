@@ -436,6 +436,17 @@ async fn quota_mode_refuses_only_when_every_quota_descriptor_is_over(backend: Ba
         (code(&r), codes(&r)),
         (Code::OverLimit, vec![Code::OverLimit, Code::Ok])
     );
+    // A quota descriptor whose limit another replaces no longer counts as a quota one.
+    let server = TestServer::on(backend, QUOTA_REPLACED).await;
+    let request: &[&[(&str, &str)]] = &[&[("quota1", "q")], &[("quota2", "q")], &[("boss", "b")]];
+    should(&server, "quota", request).await;
+    let r = should(&server, "quota", request).await;
+    assert_eq!(codes(&r), [Code::OverLimit, Code::Ok, Code::Ok]);
+    assert_eq!(
+        code(&r),
+        Code::OverLimit,
+        "every quota descriptor left is over"
+    );
 
     // QUOTA_MODE makes every descriptor a quota one.
     let settings = RatelimitSettings {
@@ -453,6 +464,19 @@ async fn quota_mode_refuses_only_when_every_quota_descriptor_is_over(backend: Ba
     let r = should(&server, "quota", mixed).await;
     assert_eq!(code(&r), Code::OverLimit, "both over");
 }
+
+const QUOTA_REPLACED: &str = r#"
+domain: quota
+descriptors:
+  - key: quota1
+    quota_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: quota2
+    quota_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 5, name: replaced}
+  - key: boss
+    rate_limit: {unit: minute, requests_per_unit: 5, replaces: [{name: replaced}]}
+"#;
 
 const TWO: &str = r#"
 domain: two

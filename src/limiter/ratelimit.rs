@@ -110,13 +110,15 @@ pub fn plan<'r>(domain: &Arc<Domain>, request: &'r Request, call: Call) -> Plan<
             name: rule.name.as_deref(),
         }));
     }
-    // `replaces` removes the named limits from the whole request.
-    for slot in &mut matched {
+    // `replaces` removes the named limits from the whole request: their descriptors answer
+    // as if nothing matched (no quota mode, no metadata).
+    for (slot, rule) in matched.iter_mut().zip(&mut rules) {
         if slot
             .as_ref()
             .is_some_and(|m| m.name.is_some_and(|n| replacing.contains(n)))
         {
             *slot = None;
+            *rule = DescriptorRule::default();
         }
     }
 
