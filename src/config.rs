@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 
+pub mod ratelimit_env;
+
 use crate::limiter::OnStorageError;
 use crate::request::RequestBounds;
 use crate::rls::headers::RateLimitHeaders;
@@ -28,13 +30,19 @@ use crate::server::{
                   environment variable shown; the command line wins."
 )]
 pub struct Cli {
-    /// The limits file (Limitador's YAML format). Optional with `--rate-limit-config`.
+    /// The limits file (Limitador's YAML format, or envoyproxy/ratelimit's), or a directory of
+    /// such files. Optional with `--rate-limit-config` or RUNTIME_ROOT.
     #[arg(
         env = "LIMITS_FILE",
         value_name = "LIMITS_FILE",
-        required_unless_present = "rate_limit_config"
+        required_unless_present_any = ["rate_limit_config", "runtime_root"]
     )]
     pub limits_file: Option<PathBuf>,
+
+    /// envoyproxy/ratelimit's runtime root: without a limits file, limits are read from the
+    /// directory RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY (default `config`).
+    #[arg(long, env = "RUNTIME_ROOT", value_name = "DIR", hide = true)]
+    pub runtime_root: Option<PathBuf>,
 
     /// Address the gRPC rate limit services listen on.
     #[arg(short = 'b', long, env = "ENVOY_RLS_HOST", default_value = "0.0.0.0")]
@@ -406,6 +414,10 @@ impl Cli {
         }
         let env = |name| std::env::var(name).ok().filter(|v| !v.is_empty());
         let url = match (env("REDIS_URL"), env("REDIS_ADDRESS")) {
+            // envoyproxy/ratelimit's REDIS_URL is an address, not a URL.
+            (Some(address), _) if !address.contains("://") => {
+                ratelimit_env::redis_url(&address, |name| std::env::var(name).ok())?
+            }
             (Some(url), _) => url,
             (None, Some(address)) => asm_redis_url(
                 &address,
@@ -418,6 +430,41 @@ impl Cli {
             url,
             key_prefix: env("REDIS_KEY_PREFIX").unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_string()),
         }))
+    }
+
+    /// The command line and environment, with envoyproxy/ratelimit's variables applied where
+    /// neither a flag nor ratekeeper's own variable is set (`GRPC_PORT`, `PORT`,
+    /// `LIMIT_RESPONSE_HEADERS_ENABLED`); exits with the reason on bad input.
+    pub fn parse_all() -> (Self, ratelimit_env::RatelimitEnv) {
+        use clap::parser::ValueSource;
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Self::command().get_matches();
+        let mut cli = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        let ratelimit = ratelimit_env::read(|name| std::env::var(name).ok()).unwrap_or_else(|e| {
+            Self::command()
+                .error(clap::error::ErrorKind::InvalidValue, e)
+                .exit()
+        });
+        let defaulted = |id: &str| matches.value_source(id) == Some(ValueSource::DefaultValue);
+        if let (true, Some(port)) = (defaulted("rls_port"), ratelimit.rls_port) {
+            cli.rls_port = port;
+        }
+        if let (true, Some(port)) = (defaulted("http_port"), ratelimit.http_port) {
+            cli.http_port = port;
+        }
+        if defaulted("rate_limit_headers") && ratelimit.response_headers {
+            cli.rate_limit_headers = RateLimitHeaders::EnvoyRatelimit;
+        }
+        (cli, ratelimit)
+    }
+
+    /// The limits path: the limits file, else envoyproxy/ratelimit's runtime directory.
+    pub fn limits_path(&self) -> Option<PathBuf> {
+        let runtime = self
+            .runtime_root
+            .as_ref()
+            .map(|root| ratelimit_env::runtime_path(root, |name| std::env::var(name).ok()));
+        self.limits_file.clone().or(runtime)
     }
 
     /// The tracing filter: RUST_LOG if set, else from `-v`.
@@ -465,7 +512,7 @@ pub fn asm_redis_url(
 }
 
 /// `text` with every byte but URL-unreserved ones (`A-Z a-z 0-9 - . _ ~`) as `%XX`.
-fn percent_encode(text: &str) -> String {
+pub(crate) fn percent_encode(text: &str) -> String {
     let mut encoded = String::with_capacity(text.len());
     for byte in text.bytes() {
         if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {

@@ -4,13 +4,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
 use ratekeeper::clock::SystemClock;
 use ratekeeper::config::{Cli, RedisCachedOptions, StorageCommand};
 use ratekeeper::http::HttpToken;
 use ratekeeper::limiter::{Limiter, Reservations};
 use ratekeeper::limits::{
-    FixedLimits, LimitSet, RATE_LIMIT_CONFIG, load_file, parse_rate_limit_config,
+    FixedLimits, LimitSet, RATE_LIMIT_CONFIG, RatelimitSettings, load_path, parse_rate_limit_config,
 };
 use ratekeeper::metrics::{self, Prometheus};
 use ratekeeper::server::{self, Settings, Tls};
@@ -21,10 +20,13 @@ use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage, open_disk};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let (cli, ratelimit_env) = Cli::parse_all();
     // Kept until main returns: dropping it flushes the lines still queued.
     let _logging = init_logging(&cli);
-    let limits = match load_limits(&cli) {
+    for note in &ratelimit_env.ignored {
+        tracing::info!("{note} (an envoyproxy/ratelimit variable)");
+    }
+    let limits = match load_limits(&cli, ratelimit_env.settings) {
         Ok(limits) => limits,
         Err(e) => {
             eprintln!("{e}");
@@ -83,10 +85,10 @@ fn main() -> ExitCode {
 }
 
 /// The limits file's limits (none without one) and ASM's `RATE_LIMIT_CONFIG` rules, if set.
-fn load_limits(cli: &Cli) -> Result<LimitSet, LoadError> {
-    let (limits, file) = match &cli.limits_file {
+fn load_limits(cli: &Cli, settings: RatelimitSettings) -> Result<LimitSet, LoadError> {
+    let (limits, file) = match &cli.limits_path() {
         Some(path) => (
-            load_file(path).map_err(|e| LoadError {
+            load_path(path, settings).map_err(|e| LoadError {
                 message: e.to_string(),
                 problems: e.problems.len(),
             })?,
@@ -164,7 +166,7 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
             Arc::new(open_disk(&options.path, options.cache).map_err(anyhow::Error::msg)?)
         }
     };
-    tracing::info!(limits = limits.len(), file = ?cli.limits_file, asm_rules = limits.fixed().is_some(), "limits loaded");
+    tracing::info!(limits = limits.len(), path = ?cli.limits_path(), asm_rules = limits.fixed().is_some(), "limits loaded");
     metrics::install().map_err(|e| anyhow::anyhow!("cannot set up metrics: {e}"))?;
     metrics::limits_applied(0, limits.len());
     let status = ServerStatus::default().refusing_evicting_storage(cli.refuse_evicting_storage);
@@ -192,7 +194,7 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
         rate_limit_headers: cli.rate_limit_headers,
         over_limit_response: cli.over_limit_response,
         bounds: cli.bounds.into(),
-        limits_file: cli.limits_file.clone(),
+        limits_file: cli.limits_path(),
         grpc_reflection: cli.grpc_reflection_service,
         asm_namespace: cli.asm_namespace.clone(),
         connections: cli.connections.into(),

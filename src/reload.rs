@@ -16,7 +16,7 @@
 //! change are kept (a counter belongs to the limit's identity, not to the file); counters of
 //! limits no longer loaded are freed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +24,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
 use crate::limiter::Limiter;
-use crate::limits::{FixedLimits, LimitSet};
-use crate::limits::{digest, load_bytes};
+use crate::limits::{FixedLimits, LimitSet, RatelimitSettings, Source, load_source, read_source};
 use crate::metrics;
 use crate::status::ServerStatus;
 
@@ -55,16 +54,27 @@ pub async fn watch_limits(
     mut stop: watch::Receiver<bool>,
 ) {
     let (events, mut event_rx) = mpsc::unbounded_channel::<Seen>();
-    let file_name = path.file_name().map(|name| name.to_os_string());
+    // A limits directory (envoyproxy/ratelimit's layout) is watched itself, recursively: any
+    // change in it counts as a write in place.
+    let is_directory = path.is_dir();
+    let file_name = (!is_directory)
+        .then(|| path.file_name().map(|name| name.to_os_string()))
+        .flatten();
     let directory = match path.parent() {
+        _ if is_directory => path.clone(),
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
+    };
+    let mode = if is_directory {
+        RecursiveMode::Recursive
+    } else {
+        RecursiveMode::NonRecursive
     };
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let _ = events.send(Seen::of(event, file_name.as_deref()));
     })
     .and_then(|mut watcher| {
-        watcher.watch(&directory, RecursiveMode::NonRecursive)?;
+        watcher.watch(&directory, mode)?;
         Ok(watcher)
     });
     let _watcher = match watcher {
@@ -164,15 +174,15 @@ struct Reloader {
 
 impl Reloader {
     async fn reload(&mut self, trigger: Trigger) {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(bytes) => bytes,
+        let source = match read_source(&self.path) {
+            Ok(source) => source,
             Err(e) => {
                 // Mid-swap (a symlink or rename in progress) or removed: keep what we have.
                 tracing::debug!(file = %self.path.display(), error = %e, "limits file not readable now");
                 return;
             }
         };
-        let seen = digest(&bytes);
+        let seen = source.digest();
         if trigger != Trigger::Forced && self.last_seen == Some(seen) {
             self.settling = None;
             return;
@@ -191,8 +201,9 @@ impl Reloader {
         }
         self.settling = None;
         self.last_seen = Some(seen);
-        let fixed = self.limiter.limits().fixed().cloned();
-        match validate(&self.path, &bytes, fixed) {
+        let in_force = self.limiter.limits();
+        let fixed = in_force.fixed().cloned();
+        match validate(&source, fixed, in_force.ratelimit_settings()) {
             Ok(limits) => {
                 let count = limits.len();
                 self.limiter.replace_limits(limits);
@@ -215,17 +226,21 @@ impl Reloader {
     }
 }
 
-/// The limits of the file's new content, with the `fixed` ones in force (ASM's rules) kept.
+/// The limits of the new content, with the `fixed` ones in force (ASM's rules) kept, read
+/// with the envoyproxy/ratelimit settings in force.
 fn validate(
-    path: &Path,
-    bytes: &[u8],
+    source: &Source,
     fixed: Option<Arc<FixedLimits>>,
+    settings: RatelimitSettings,
 ) -> Result<LimitSet, String> {
-    if std::str::from_utf8(bytes).is_ok_and(|text| text.trim().is_empty()) {
-        return Err("the file is empty (write `[]` to remove every limit)".to_string());
+    if source.is_empty() {
+        return Err(
+            "the file is empty, or the directory has no content (write `[]` to remove every limit)"
+                .to_string(),
+        );
     }
-    let limits = load_bytes(path, bytes).map_err(|e| e.to_string())?;
-    limits.with_fixed(&path.display().to_string(), fixed)
+    let limits = load_source(source, settings).map_err(|e| e.to_string())?;
+    limits.with_fixed(&source.path.display().to_string(), fixed)
 }
 
 /// SIGHUP as a stream of (); never yields where there are no such signals.

@@ -33,6 +33,16 @@ pub struct Descriptor {
     pub hits: Option<u64>,
     /// The cost is a refund (Envoy's `is_negative_hits`): given back, not charged.
     pub refund: bool,
+    /// A limit the client sent for this descriptor (Envoy's `RateLimitDescriptor.limit`);
+    /// only the envoyproxy/ratelimit format reads it.
+    pub limit: Option<LimitOverride>,
+}
+
+/// A descriptor's own limit: `max_value` per `seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitOverride {
+    pub max_value: u64,
+    pub seconds: u64,
 }
 
 impl Descriptor {
@@ -45,6 +55,7 @@ impl Descriptor {
                 .collect(),
             hits: None,
             refund: false,
+            limit: None,
         }
     }
 }

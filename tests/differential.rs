@@ -37,6 +37,8 @@ fn algorithms() -> Vec<Algorithm> {
     vec![
         Algorithm::FixedWindow(FixedWindow::new(20, 1_000)),
         Algorithm::FixedWindow(FixedWindow::new(0, 5_000)),
+        // envoyproxy/ratelimit's windows, aligned to the clock.
+        Algorithm::FixedWindow(FixedWindow::aligned(9, 1_500)),
         Algorithm::TokenBucket(TokenBucket::continuous(30, 3_000)),
         Algorithm::TokenBucket(TokenBucket::stepped(200, 50, 30_000)),
         Algorithm::TokenBucket(TokenBucket::continuous(7, 1_000)),

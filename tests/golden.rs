@@ -554,3 +554,70 @@ async fn slots_are_the_golden_ones_both_ways() {
         )]
     );
 }
+
+/// envoyproxy/ratelimit-format limits: their identity is their domain, descriptor path, unit
+/// and algorithm (not `requests_per_unit` or `name`), their counter's values the descriptor's.
+const RATELIMIT_FORMAT: &str = r#"
+domain: envoy/route
+descriptors:
+  - key: user
+    rate_limit: {unit: minute, requests_per_unit: 10, name: per-user}
+  - key: route
+    value: chat
+    descriptors:
+      - key: model
+        value: gpt*
+        share_threshold: true
+        rate_limit: {unit: hour, requests_per_unit: 1000}
+  - key: bucket
+    rate_limit: {unit: day, requests_per_unit: 5, algorithm: token_bucket}
+"#;
+
+const RATELIMIT_GOLDEN: [(u64, &[&str], &str); 3] = [
+    (
+        0x92887ccdf6280823,
+        &["alice"],
+        "ratekeeper:{envoy/route}:92887ccdf6280823:5:alice",
+    ),
+    (
+        0x182701fd7e891232,
+        &["chat", "gpt*"],
+        "ratekeeper:{envoy/route}:182701fd7e891232:4:chat4:gpt*",
+    ),
+    (
+        0xf42e82a30eb62855,
+        &["b"],
+        "ratekeeper:{envoy/route}:f42e82a30eb62855:1:b",
+    ),
+];
+
+#[test]
+fn ratelimit_format_identities_and_redis_keys_are_the_golden_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("envoy.yaml");
+    std::fs::write(&path, RATELIMIT_FORMAT).unwrap();
+    let set = ratekeeper::limits::load_path(&path, Default::default()).unwrap();
+    let limits = set.namespace("envoy/route");
+    assert_eq!(limits.len(), RATELIMIT_GOLDEN.len());
+    let mut actual = Vec::new();
+    for (limit, (_, values, _)) in limits.iter().zip(RATELIMIT_GOLDEN) {
+        let key = CounterKey::new(limit.key, values);
+        let redis_key =
+            String::from_utf8(counter_key("ratekeeper", &limit.namespace, &key)).expect("UTF-8");
+        actual.push((limit.key, values, redis_key));
+    }
+    let actual_text: Vec<String> = actual
+        .iter()
+        .map(|(id, values, key)| format!("(0x{id:016x}, &{values:?}, {key:?}),"))
+        .collect();
+    let golden: Vec<(u64, &[&str], String)> = RATELIMIT_GOLDEN
+        .iter()
+        .map(|&(id, values, key)| (id, values, key.to_string()))
+        .collect();
+    assert_eq!(
+        actual,
+        golden,
+        "limit identities or Redis keys changed; if deliberate (see this file's doc comment):\n{}",
+        actual_text.join("\n")
+    );
+}

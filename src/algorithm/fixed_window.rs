@@ -1,6 +1,8 @@
 //! Fixed windows, Limitador's algorithm: a window opens at the first charge and lasts the
 //! limit's period; at its end the counter starts again from zero. A calendar window
-//! (`calendar:`) ends instead at the end of the calendar period it opened in.
+//! (`calendar:`) ends instead at the end of the calendar period it opened in, and an aligned
+//! window (envoyproxy/ratelimit's) is the multiple of the period since the Unix epoch that
+//! holds the first charge: a per-minute window resets at the top of the minute.
 
 use super::calendar::Calendar;
 use super::{MAX_COUNT, admits};
@@ -18,6 +20,8 @@ pub struct FixedWindow {
     pub max: u64,
     pub period_ms: u64,
     pub calendar: Option<Calendar>,
+    /// Windows are aligned to the clock (multiples of the period since the epoch).
+    pub aligned: bool,
 }
 
 impl FixedWindow {
@@ -26,23 +30,36 @@ impl FixedWindow {
             max,
             period_ms,
             calendar: None,
+            aligned: false,
         }
     }
 
     /// `max` per calendar period (`period_ms` is its nominal length, for display only).
     pub fn calendar(max: u64, calendar: Calendar) -> Self {
         Self {
-            max,
-            period_ms: calendar.period.nominal_seconds() * 1000,
             calendar: Some(calendar),
+            ..Self::new(max, calendar.period.nominal_seconds() * 1000)
         }
     }
 
-    /// How long a window opened at `now` lasts: the period, or the rest of the calendar
-    /// period in force (what the Redis script is given as the window's length).
+    /// A window aligned to the clock, as envoyproxy/ratelimit's.
+    pub fn aligned(max: u64, period_ms: u64) -> Self {
+        Self {
+            aligned: true,
+            ..Self::new(max, period_ms)
+        }
+    }
+
+    /// How long a window opened at `now` lasts: the period, the rest of the calendar period
+    /// in force, or the rest of the aligned period (what the Redis script is given as the
+    /// window's length).
     pub fn length_from_ms(&self, now_ms: u64) -> u64 {
         match self.calendar {
             Some(calendar) => calendar.period_end_ms(now_ms).saturating_sub(now_ms),
+            None if self.aligned => {
+                let period = self.period_ms.max(1);
+                period - now_ms % period
+            }
             None => self.period_ms,
         }
     }
@@ -131,6 +148,17 @@ mod tests {
         let next = limit.current(Some(w), 6_000);
         assert_eq!(next.used, 0, "the window ends at exactly its period");
         assert_eq!(next.expires_at_ms, 7_000);
+    }
+
+    #[test]
+    fn an_aligned_window_ends_at_the_next_multiple_of_its_period() {
+        let limit = FixedWindow::aligned(3, 60_000);
+        let w = limit.charge(limit.current(None, 125_000), 1);
+        assert_eq!(w.expires_at_ms, 180_000, "the top of the next minute");
+        assert_eq!(limit.reset_in_ms(w, 125_000), 55_000);
+        assert_eq!(limit.current(Some(w), 179_999).used, 1);
+        let next = limit.current(Some(w), 180_000);
+        assert_eq!((next.used, next.expires_at_ms), (0, 240_000));
     }
 
     #[test]

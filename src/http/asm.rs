@@ -113,6 +113,7 @@ fn request(state: &AppState, keys: &[String], cost: u64) -> Request {
                 entries: vec![("key".to_string(), key.clone())],
                 hits: Some(cost),
                 refund: false,
+                limit: None,
             })
             .collect(),
         hits: 0,

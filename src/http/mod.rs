@@ -245,6 +245,7 @@ fn values_request(
             entries: values.into_iter().collect(),
             hits: None,
             refund: false,
+            limit: None,
         }],
         hits,
     };

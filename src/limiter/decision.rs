@@ -23,6 +23,8 @@ pub struct DescriptorStatus {
     pub verdict: Verdict,
     /// The most restrictive limit that applied to it, if any did.
     pub limit: Option<LimitStatus>,
+    /// An `unlimited` rate limit applied (envoyproxy/ratelimit format): OK, nothing counted.
+    pub unlimited: bool,
 }
 
 pub struct Decision {
@@ -42,6 +44,9 @@ pub struct Decision {
     pub holds_full: bool,
     /// Commit: a live hold of the reservation was found and released.
     pub released: bool,
+    /// envoyproxy/ratelimit's `RESPONSE_DYNAMIC_METADATA`: what the answer's
+    /// `dynamic_metadata` carries.
+    pub dynamic_metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl Decision {
@@ -55,6 +60,7 @@ impl Decision {
         let status = DescriptorStatus {
             verdict,
             limit: None,
+            unlimited: false,
         };
         Self {
             call,
@@ -65,6 +71,7 @@ impl Decision {
             reservation_id: None,
             holds_full: false,
             released: false,
+            dynamic_metadata: None,
         }
     }
 
@@ -102,7 +109,7 @@ impl Decision {
 }
 
 /// Orders limit statuses most restrictive first: over before not over, then least remaining.
-fn most_restrictive_first(a: &LimitStatus, b: &LimitStatus) -> std::cmp::Ordering {
+pub(super) fn most_restrictive_first(a: &LimitStatus, b: &LimitStatus) -> std::cmp::Ordering {
     b.outcome
         .over
         .cmp(&a.outcome.over)
@@ -116,6 +123,9 @@ pub fn assemble(
     plan: Plan<'_>,
     outcomes: Vec<GroupOutcome>,
 ) -> Decision {
+    if plan.ratelimit.is_some() {
+        return super::ratelimit::assemble(call, descriptors, plan, outcomes);
+    }
     let mut decision = Decision::without_limits(call, Verdict::Admitted, plan.cost, descriptors);
     let groups = plan.batch.groups.iter().zip(plan.contexts);
     for ((group, context), outcome) in groups.zip(outcomes) {
@@ -134,6 +144,7 @@ pub fn assemble(
             decision.statuses[i] = DescriptorStatus {
                 verdict,
                 limit: statuses.first().cloned(),
+                unlimited: false,
             };
         }
         decision.limits.extend(statuses);

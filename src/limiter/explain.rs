@@ -64,10 +64,24 @@ pub fn explain(
     let input = Input::new(&request.descriptors);
     let mut values = KeyValues::new();
     let namespace = limits.namespace(&request.namespace);
+    // An envoyproxy/ratelimit-format domain: its tree, not expressions, decides; a limit
+    // applies when the check reached it.
+    let tree = (limits.namespace_entry(&request.namespace)).is_some_and(|n| n.tree().is_some());
+    let reached = |limit: &Limit| {
+        (decision.as_ref().ok()).is_some_and(|d| d.limits.iter().any(|s| s.limit.key == limit.key))
+    };
     let explained = namespace
         .iter()
         .map(|limit| {
             let applies = match limit.evaluate(&input, &mut values) {
+                _ if tree && !reached(limit) => Err(NotApplied {
+                    kind: "no_match",
+                    role: "descriptor",
+                    expression: String::new(),
+                    message: "no descriptor of the request reaches this limit in the \
+                              descriptor tree"
+                        .to_string(),
+                }),
                 Ok(()) => Ok(values.iter().map(|v| v.to_string()).collect()),
                 Err(mismatch) => Err(NotApplied::from(mismatch)),
             };

@@ -9,6 +9,7 @@
 mod decision;
 mod explain;
 mod plan;
+mod ratelimit;
 
 use std::collections::HashSet;
 use std::str::FromStr;

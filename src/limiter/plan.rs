@@ -28,6 +28,9 @@ pub struct Plan<'r> {
     pub namespace_has_limits: bool,
     /// What the call costs, summed over its contexts, saturating at [`MAX_COUNT`].
     pub cost: u64,
+    /// A domain of the envoyproxy/ratelimit format: how its answer is read
+    /// ([`super::ratelimit`]).
+    pub ratelimit: Option<super::ratelimit::Answer>,
 }
 
 /// One evaluation context: the descriptors it answers for and, for each counter of its group
@@ -35,6 +38,9 @@ pub struct Plan<'r> {
 pub struct PlannedContext {
     pub descriptors: Range<usize>,
     pub limits: SmallVec<[Arc<Limit>; 4]>,
+    /// envoyproxy/ratelimit format: for each counter, the descriptor it answers for (empty
+    /// for the Limitador format, where every counter answers for the whole context).
+    pub owners: SmallVec<[usize; 4]>,
 }
 
 /// Splits a request into contexts (DESIGN.md "Hits"): when no descriptor carries its own
@@ -65,6 +71,9 @@ fn contexts(request: &Request, call: Call) -> SmallVec<[(Range<usize>, Context);
 /// Plans `request` as `call` against `limits`.
 pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r> {
     let namespace = limits.namespace_entry(&request.namespace);
+    if let Some(tree) = namespace.and_then(|n| n.tree()) {
+        return super::ratelimit::plan(tree, request, call);
+    }
     let contexts = contexts(request, call);
     let mut plan = Plan {
         batch: Batch {
@@ -78,6 +87,7 @@ pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r>
         cost_failed: SmallVec::new(),
         namespace_has_limits: namespace.is_some(),
         cost: 0,
+        ratelimit: None,
     };
     // Within one group every limit has its own counter; only several groups (Envoy's
     // per-descriptor costs) can name the same counter twice, and then it is one counter.
@@ -159,6 +169,7 @@ pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r>
         plan.contexts.push(PlannedContext {
             descriptors,
             limits: applied,
+            owners: SmallVec::new(),
         });
     }
     plan

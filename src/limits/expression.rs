@@ -539,6 +539,7 @@ mod tests {
                     .collect(),
                 hits: None,
                 refund: false,
+                limit: None,
             })
             .collect()
     }

@@ -6,6 +6,8 @@ mod expression;
 mod file;
 mod index;
 mod native;
+mod ratelimit;
+mod source;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -22,6 +24,8 @@ use serde::Serialize;
 pub use asm::{AsmConfigError, RATE_LIMIT_CONFIG, parse_rate_limit_config};
 pub use expression::{EvalError, Expression, Input};
 pub use file::{LimitsError, digest, load_bytes, load_file, parse_limits};
+pub use ratelimit::{Domain, Found, RatelimitSettings, Rule, UNITS, tree_limit};
+pub use source::{Source, load_path, load_source, read_source};
 
 /// The values of a limit's variables for one request; most limits have one or two.
 pub type KeyValues<'a> = smallvec::SmallVec<[Cow<'a, str>; 4]>;
@@ -344,6 +348,8 @@ pub struct LimitSet {
     content_digest: Option<u64>,
     /// Limits from elsewhere than the file, kept when the file is reloaded.
     fixed: Option<Arc<FixedLimits>>,
+    /// The settings envoyproxy/ratelimit-format files were read with, kept across reloads.
+    ratelimit_settings: RatelimitSettings,
 }
 
 /// Limits that do not come from the limits file (ASM's `RATE_LIMIT_CONFIG`): they stay in
@@ -375,9 +381,17 @@ impl FixedLimits {
 pub struct Namespace {
     limits: Vec<Arc<Limit>>,
     index: LimitIndex,
+    /// An envoyproxy/ratelimit-format domain: its descriptor tree decides which limit applies
+    /// (the limits above are the tree's, and have no conditions).
+    tree: Option<Arc<Domain>>,
 }
 
 impl Namespace {
+    /// The descriptor tree, for a domain of the envoyproxy/ratelimit format.
+    pub fn tree(&self) -> Option<&Arc<Domain>> {
+        self.tree.as_ref()
+    }
+
     /// The limits that may apply to `descriptors` (the others certainly do not), in file
     /// order.
     pub fn candidates<'a>(
@@ -410,6 +424,28 @@ impl LimitSet {
         set
     }
 
+    /// Adds envoyproxy/ratelimit-format domains (each a namespace the Limitador-format limits
+    /// do not use; the loader checks that), read with `settings`.
+    pub fn with_domains(mut self, domains: Vec<Domain>, settings: RatelimitSettings) -> Self {
+        self.ratelimit_settings = settings;
+        for domain in domains {
+            let domain = Arc::new(domain);
+            let limits = domain.limits().to_vec();
+            for limit in &limits {
+                self.by_key.insert(limit.key, limit.clone());
+            }
+            let namespace = self.by_namespace.entry(domain.name.clone()).or_default();
+            namespace.limits.extend(limits);
+            namespace.tree = Some(domain);
+        }
+        self
+    }
+
+    /// The settings envoyproxy/ratelimit-format files are read with.
+    pub fn ratelimit_settings(&self) -> RatelimitSettings {
+        self.ratelimit_settings
+    }
+
     /// Records the digest of the file content these limits came from.
     pub fn from_content(mut self, digest: u64) -> Self {
         self.content_digest = Some(digest);
@@ -434,10 +470,24 @@ impl LimitSet {
                 fixed.namespace, fixed.source, fixed.source
             ));
         }
-        let limits: Vec<Arc<Limit>> = self.iter().chain(&fixed.limits).cloned().collect();
+        let limits: Vec<Arc<Limit>> = (self.by_namespace.values())
+            .filter(|n| n.tree.is_none())
+            .flat_map(|n| n.limits.iter())
+            .chain(&fixed.limits)
+            .cloned()
+            .collect();
         let mut set = Self::of(limits);
         set.content_digest = self.content_digest;
         set.fixed = Some(fixed);
+        set.ratelimit_settings = self.ratelimit_settings;
+        for (name, namespace) in self.by_namespace {
+            if namespace.tree.is_some() {
+                for limit in &namespace.limits {
+                    set.by_key.insert(limit.key, limit.clone());
+                }
+                set.by_namespace.insert(name, namespace);
+            }
+        }
         Ok(set)
     }
 

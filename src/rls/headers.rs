@@ -13,6 +13,9 @@ pub enum RateLimitHeaders {
     #[default]
     None,
     DraftVersion03,
+    /// envoyproxy/ratelimit's `LIMIT_RESPONSE_HEADERS_ENABLED`: RateLimit-Limit, -Remaining
+    /// and -Reset of the descriptor closest to its limit ([`envoy_ratelimit`]).
+    EnvoyRatelimit,
 }
 
 impl FromStr for RateLimitHeaders {
@@ -58,4 +61,30 @@ pub fn draft03(decision: &Decision, over_limit: bool) -> Vec<(&'static str, Stri
         headers.push((RETRY_AFTER, ms.div_ceil(1000).to_string()));
     }
     headers
+}
+
+pub const ENVOY_LIMIT: &str = "RateLimit-Limit";
+pub const ENVOY_REMAINING: &str = "RateLimit-Remaining";
+pub const ENVOY_RESET: &str = "RateLimit-Reset";
+
+/// envoyproxy/ratelimit's headers: of the descriptor that refused the call, else of the one
+/// with the least remaining; the limit, what remains, and the whole seconds until the window
+/// resets (rounded up). None when no limit applied.
+pub fn envoy_ratelimit(decision: &Decision) -> Vec<(&'static str, String)> {
+    let with_limit = decision.statuses.iter().filter_map(|s| {
+        let limit = s.limit.as_ref()?;
+        Some((s.verdict != crate::call::Verdict::Admitted, limit))
+    });
+    let chosen = with_limit.min_by_key(|(over, limit)| (!over, limit.outcome.remaining));
+    let Some((_, status)) = chosen else {
+        return Vec::new();
+    };
+    vec![
+        (ENVOY_LIMIT, status.limit.max_value.to_string()),
+        (ENVOY_REMAINING, status.outcome.remaining.to_string()),
+        (
+            ENVOY_RESET,
+            status.outcome.reset_in_ms.div_ceil(1000).to_string(),
+        ),
+    ]
 }

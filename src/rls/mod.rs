@@ -24,7 +24,7 @@ use crate::proto::envoy::service::ratelimit::v3::{
 };
 use crate::proto::kuadrant::service::ratelimit::v1 as kuadrant;
 use crate::request::RequestBounds;
-use crate::request::{Descriptor, Request};
+use crate::request::{Descriptor, LimitOverride, Request};
 use crate::storage::StorageError;
 use crate::throttle::{LOG_EVERY, Throttle};
 use headers::RateLimitHeaders;
@@ -280,6 +280,13 @@ fn to_request(request: RateLimitRequest, bounds: &RequestBounds) -> Result<Reque
                 entries: d.entries.into_iter().map(|e| (e.key, e.value)).collect(),
                 hits: d.hits_addend,
                 refund: d.is_negative_hits,
+                limit: d.limit.and_then(|l| {
+                    let seconds = unit_seconds(l.unit)?;
+                    Some(LimitOverride {
+                        max_value: u64::from(l.requests_per_unit),
+                        seconds,
+                    })
+                }),
             })
             .collect(),
         hits: u64::from(request.hits_addend),
@@ -309,6 +316,9 @@ pub fn to_response(decision: &Decision, answers: Answers) -> RateLimitResponse {
                 out.limit_remaining = saturate_u32(limit.outcome.remaining);
                 out.duration_until_reset = Some(duration(limit.outcome.reset_in_ms));
             }
+            if status.unlimited {
+                out.limit_remaining = u32::MAX;
+            }
             out
         })
         .collect();
@@ -316,6 +326,9 @@ pub fn to_response(decision: &Decision, answers: Answers) -> RateLimitResponse {
     let mut added = match answers.headers {
         RateLimitHeaders::DraftVersion03 if decision.call.has_headers() => {
             headers::draft03(decision, over_limit)
+        }
+        RateLimitHeaders::EnvoyRatelimit if decision.call.has_headers() => {
+            headers::envoy_ratelimit(decision)
         }
         _ => Vec::new(),
     };
@@ -344,6 +357,7 @@ pub fn to_response(decision: &Decision, answers: Answers) -> RateLimitResponse {
         statuses,
         response_headers_to_add,
         raw_body,
+        dynamic_metadata: decision.dynamic_metadata.as_ref().map(to_struct),
         ..Default::default()
     }
 }
@@ -358,7 +372,8 @@ fn response_code(code: Code) -> response::Code {
 }
 
 /// Envoy's unit for a window, when the window is exactly one unit (a calendar quota's period
-/// is its unit); UNKNOWN otherwise (Envoy then leaves `w=` out of the headers it builds).
+/// is its unit; a month of seconds is 30 days and a year 365, as in envoyproxy/ratelimit);
+/// UNKNOWN otherwise (Envoy then leaves `w=` out of the headers it builds).
 fn unit_of(limit: &crate::limits::Limit) -> response::rate_limit::Unit {
     use crate::algorithm::Period;
     use response::rate_limit::Unit;
@@ -374,7 +389,46 @@ fn unit_of(limit: &crate::limits::Limit) -> response::rate_limit::Unit {
         3_600 => Unit::Hour,
         86_400 => Unit::Day,
         604_800 => Unit::Week,
+        2_592_000 => Unit::Month,
+        31_536_000 => Unit::Year,
         _ => Unit::Unknown,
+    }
+}
+
+/// The length of a unit Envoy sends in a descriptor's own limit; `None` for UNKNOWN.
+fn unit_seconds(unit: i32) -> Option<u64> {
+    use response::rate_limit::Unit;
+    let seconds = match Unit::try_from(unit).ok()? {
+        Unit::Unknown => return None,
+        Unit::Second => 1,
+        Unit::Minute => 60,
+        Unit::Hour => 3_600,
+        Unit::Day => 86_400,
+        Unit::Week => 604_800,
+        Unit::Month => 2_592_000,
+        Unit::Year => 31_536_000,
+    };
+    Some(seconds)
+}
+
+/// JSON as a protobuf `Struct` (numbers as doubles, as protobuf has them).
+fn to_struct(map: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    fn value(json: &serde_json::Value) -> prost_types::Value {
+        use prost_types::value::Kind;
+        let kind = match json {
+            serde_json::Value::Null => Kind::NullValue(0),
+            serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+            serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+            serde_json::Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+                values: items.iter().map(value).collect(),
+            }),
+            serde_json::Value::Object(map) => Kind::StructValue(to_struct(map)),
+        };
+        prost_types::Value { kind: Some(kind) }
+    }
+    prost_types::Struct {
+        fields: map.iter().map(|(k, v)| (k.clone(), value(v))).collect(),
     }
 }
 

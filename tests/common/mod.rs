@@ -17,7 +17,8 @@ use std::sync::Arc;
 use ratekeeper::clock::ManualClock;
 use ratekeeper::limiter::{Decided, Limiter, Observer, Reservations};
 use ratekeeper::limits::{
-    EvalError, FixedLimits, Limit, RATE_LIMIT_CONFIG, load_file, parse_rate_limit_config,
+    EvalError, FixedLimits, Limit, RATE_LIMIT_CONFIG, RatelimitSettings, load_path,
+    parse_rate_limit_config,
 };
 use ratekeeper::metrics::Prometheus;
 use ratekeeper::proto::envoy::extensions::common::ratelimit::v3::{
@@ -117,6 +118,9 @@ pub struct Options {
     pub redis_url: Option<String>,
     /// How reservations work (`--max-reservation-*`, `--disable-reservations`).
     pub reservations: Reservations,
+    /// envoyproxy/ratelimit's settings (`SHADOW_MODE`, `QUOTA_MODE`, ...) for files of its
+    /// format.
+    pub ratelimit: RatelimitSettings,
 }
 
 impl Default for Options {
@@ -133,6 +137,7 @@ impl Default for Options {
             asm_rate_limit_config: None,
             redis_url: None,
             reservations: Reservations::default(),
+            ratelimit: RatelimitSettings::default(),
         }
     }
 }
@@ -157,7 +162,7 @@ impl TestServer {
             .unwrap()
             .write_all(limits_yaml.as_bytes())
             .unwrap();
-        let mut limits = load_file(&path).unwrap();
+        let mut limits = load_path(&path, options.ratelimit).unwrap();
         if let Some(json) = &options.asm_rate_limit_config {
             let rules = parse_rate_limit_config(json, "asm").unwrap();
             let fixed = FixedLimits::new(RATE_LIMIT_CONFIG, "asm", rules);
