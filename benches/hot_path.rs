@@ -5,6 +5,10 @@
 //! - `memory_contention/T_threads/K_users`: T threads deciding at once on one memory storage,
 //!   on one hot counter (K = 1) or spread over 1000; throughput is decisions per second, all
 //!   threads together.
+//! - `budgets/{seconds,calendar_month,weighted_cost}`: one limit counting per user, as a window
+//!   of `seconds`, as a calendar month in Europe/Paris, and as that month with a CEL `cost:`
+//!   (input + 4 × output tokens); memory storage (what a calendar window or a cost expression
+//!   adds to a decision).
 //! - `redis/*`: the decision script on a real `redis-server` started on a free loopback port
 //!   for the benchmark (skipped when `redis-server` is not installed): one call at a time
 //!   (a round trip), 64 in flight (pipelined on the multiplexed connection), and a bare PING
@@ -101,6 +105,48 @@ fn matching(c: &mut Criterion) {
                 })
             });
         }
+    }
+    group.finish();
+}
+
+fn budgets(c: &mut Criterion) {
+    let mut group = c.benchmark_group("budgets");
+    let base = "- {name: b, namespace: bench, max_value: 1000000000000, variables: [\"descriptors[0].user\"]";
+    let cost =
+        "cost: \"uint(descriptors[0].input_tokens) + 4u * uint(descriptors[0].output_tokens)\"";
+    let requests: Vec<Request> = (0..1000)
+        .map(|user| Request {
+            namespace: "bench".to_string(),
+            descriptors: vec![Descriptor::of(&[
+                ("user", &format!("user-{user}")),
+                ("input_tokens", "120"),
+                ("output_tokens", "480"),
+            ])],
+            hits: 1,
+        })
+        .collect();
+    for (label, fields) in [
+        ("seconds", "seconds: 3600".to_string()),
+        (
+            "calendar_month",
+            "calendar: month, timezone: Europe/Paris".to_string(),
+        ),
+        (
+            "weighted_cost",
+            format!("calendar: month, timezone: Europe/Paris, {cost}"),
+        ),
+    ] {
+        let yaml = format!("{base}, {fields}}}\n");
+        let limits = LimitSet::new(parse_limits("bench", &yaml).expect("valid bench limits"));
+        let limiter = limiter(limits, Arc::new(MemoryStorage::new(10_000_000)));
+        let mut next = 0;
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(label, |b| {
+            b.iter(|| {
+                next = (next + 1) % requests.len();
+                decide_ok(&limiter, &requests[next]);
+            })
+        });
     }
     group.finish();
 }
@@ -265,6 +311,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = matching, memory_contention, redis
+    targets = matching, budgets, memory_contention, redis
 }
 criterion_main!(benches);

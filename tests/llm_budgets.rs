@@ -162,6 +162,20 @@ async fn each_model_has_its_price(backend: Backend) {
         status(&response),
         (1_000_000 - 200, 23 * HOUR_MS, Unit::Day)
     );
+    // Limitador's HTTP /report: 10 × 3.
+    let body = serde_json::json!({
+        "namespace": "priced",
+        "values": {"team": "t", "model": "large", "output_tokens": "3"},
+        "delta": 1,
+    });
+    let response = http_client()
+        .post(format!("{}/report", server.http_base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{response:?}");
+    assert_eq!(used_by(&server, "priced").await, 230);
     assert_eq!(
         server
             .observed
