@@ -165,12 +165,20 @@ start_server() {
 }
 
 # Decisions per script call at CONCURRENCY in flight: SCRIPT_REQUESTS ShouldRateLimit calls
-# (one decision each) against the script calls Redis counted meanwhile (INFO commandstats).
-SCRIPT_REQUESTS=${SCRIPT_REQUESTS:-20000}
+# (one decision each) against the script calls Redis counted meanwhile (INFO commandstats), and
+# the CPU time the redis-server process(es) used for them (/proc, in clock ticks).
+SCRIPT_REQUESTS=${SCRIPT_REQUESTS:-40000}
 script_calls() {
-    local ports
-    if [ "${target#base-}" = redis ]; then ports=$REDIS_PORT; else
-        ports=$(echo "$CLUSTER_URL" | grep -o '[0-9]*' | tail -n 3); fi
+    local ports pids
+    if [ "${target#base-}" = redis ]; then ports=$REDIS_PORT pids=$REDIS_PID; else
+        ports=$(echo "$CLUSTER_URL" | grep -o ':[0-9]*' | tr -d :) pids=$CLUSTER_PIDS; fi
+    redis_ticks() {
+        local sum=0 p
+        for p in $pids; do
+            sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+        done
+        echo "$sum"
+    }
     evalsha_calls() {
         local sum=0 p n
         for p in $ports; do
@@ -180,14 +188,17 @@ script_calls() {
         done
         echo "$sum"
     }
-    local before after
+    local before after ticks_before ticks
     before=$(evalsha_calls)
+    ticks_before=$(redis_ticks)
     $LOAD run --target "http://127.0.0.1:$PORT" --call should --concurrency "$CONCURRENCY" \
         --connections "$CONNECTIONS" --users "$USERS" --requests "$SCRIPT_REQUESTS" \
         --warmup 0 --duration 600 >/dev/null || true
     after=$(evalsha_calls)
+    ticks=$(($(redis_ticks) - ticks_before))
     echo "$target: script calls: $((after - before)) for $SCRIPT_REQUESTS decisions at $CONCURRENCY in flight" \
-        "($(awk -v d="$SCRIPT_REQUESTS" -v c="$((after - before))" 'BEGIN {printf "%.1f", d / (c > 0 ? c : 1)}') decisions per call)" |
+        "($(awk -v d="$SCRIPT_REQUESTS" -v c="$((after - before))" 'BEGIN {printf "%.1f", d / (c > 0 ? c : 1)}') decisions per call);" \
+        "Redis CPU $(awk -v d="$SCRIPT_REQUESTS" -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f us per decision, %.0f decisions/s per Redis core", t * 1e6 / hz / d, d * hz / (t > 0 ? t : 1)}')" |
         tee -a "$OUT/script-calls.txt"
 }
 
