@@ -7,6 +7,9 @@
 #   redis   `ratekeeper bench/limits.yaml redis redis://127.0.0.1:<port>` on a redis-server of
 #           its own
 #   disk    `ratekeeper bench/limits.yaml disk <dir>` (not in the default TARGETS: add it)
+#   redis-cluster  the same on a Redis Cluster of 3 masters of its own (not in the defaults)
+#   base-memory, base-redis, base-redis-cluster  the same with $BASE_BIN/ratekeeper (another
+#           build, e.g. of the commit before a change: before/after in interleaved rounds)
 # and drives each with `ratekeeper-load run` (one client thread) for ShouldRateLimit and the
 # token pattern (CheckRateLimit then Report). With ROUNDS > 1 the three servers are measured
 # in turn ROUNDS times and the table shows medians, which evens out other load on the machine.
@@ -15,7 +18,7 @@
 #
 # Everything runs on 127.0.0.1, is bounded in time, and is stopped on exit.
 # Settings (environment): DURATION WARMUP CONCURRENCY CONNECTIONS USERS ROUNDS COUNTERS
-# TARGETS CALLS OUT SKIP_BUILD QUIET_WAIT; see the defaults below.
+# TARGETS CALLS OUT SKIP_BUILD QUIET_WAIT WORKERS BASE_BIN SCRIPT_REQUESTS; see the defaults below.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -31,6 +34,9 @@ CALLS=${CALLS:-should token}
 OUT=${OUT:-target/bench}
 SKIP_BUILD=${SKIP_BUILD:-0}
 QUIET_WAIT=${QUIET_WAIT:-30}    # seconds to wait for an idle machine before each server
+WORKERS=${WORKERS:-}            # ratekeeper's worker threads (TOKIO_WORKER_THREADS); empty: one per core
+RK_ENV=(env)
+if [ -n "$WORKERS" ]; then RK_ENV=(env "TOKIO_WORKER_THREADS=$WORKERS"); fi
 
 if [ "$SKIP_BUILD" != 1 ]; then
     cargo build --release --bin ratekeeper --bin ratekeeper-load
@@ -48,9 +54,10 @@ WORK=$(mktemp -d)
 
 SERVER_PID=
 REDIS_PID=
+CLUSTER_PIDS=
 SCRAPER_PID=
 cleanup() {
-    for pid in $SCRAPER_PID $SERVER_PID $REDIS_PID; do
+    for pid in $SCRAPER_PID $SERVER_PID $REDIS_PID $CLUSTER_PIDS; do
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
@@ -100,28 +107,59 @@ start_redis() {
     wait_port "$REDIS_PORT"
 }
 
+# A Redis Cluster of 3 masters (no replicas); sets CLUSTER_URL.
+start_cluster() {
+    local ports=() port
+    for i in 1 2 3; do
+        port=$($LOAD free-port)
+        mkdir -p "$WORK/node$i"
+        redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+            --cluster-enabled yes --cluster-config-file "$WORK/node$i/nodes.conf" \
+            --dir "$WORK/node$i" >>"$LOG" 2>&1 &
+        CLUSTER_PIDS="$CLUSTER_PIDS $!"
+        wait_port "$port"
+        ports+=("$port")
+    done
+    redis-cli --cluster create "${ports[@]/#/127.0.0.1:}" --cluster-replicas 0 --cluster-yes \
+        >>"$LOG" 2>&1
+    for _ in $(seq 200); do
+        if redis-cli -p "${ports[0]}" cluster info | grep -q cluster_state:ok; then break; fi
+        sleep 0.1
+    done
+    CLUSTER_URL="redis+cluster://$(IFS=,; echo "${ports[*]/#/127.0.0.1:}")"
+}
+
 # Starts one server; sets SERVER_PID, PORT and HTTP_PORT.
 start_server() {
-    local target=$1
+    local target=$1 BIN=$BIN
     PORT=$($LOAD free-port)
     HTTP_PORT=$($LOAD free-port)
+    case $target in base-*)
+        BIN=${BASE_BIN:?"BASE_BIN (a directory with another ratekeeper) is needed for $target"}
+        target=${target#base-} ;;
+    esac
     case $target in
     floor)
         $LOAD serve-noop --port "$PORT" >>"$LOG" 2>&1 &
         ;;
     memory)
-        $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" "$LIMITS" \
+        "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" "$LIMITS" \
             memory --cache $((COUNTERS * 2 + 100000)) >>"$LOG" 2>&1 &
         ;;
     redis)
         [ -n "$REDIS_PID" ] || start_redis
-        $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" "$LIMITS" \
+        "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" "$LIMITS" \
             redis "redis://127.0.0.1:$REDIS_PORT" >>"$LOG" 2>&1 &
         ;;
     disk)
         rm -rf "$OUT/disk-store"
-        $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" "$LIMITS" \
+        "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" "$LIMITS" \
             disk --cache $((COUNTERS * 2 + 100000)) "$OUT/disk-store" >>"$LOG" 2>&1 &
+        ;;
+    redis-cluster)
+        [ -n "$CLUSTER_PIDS" ] || start_cluster
+        "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" "$LIMITS" \
+            redis "$CLUSTER_URL" >>"$LOG" 2>&1 &
         ;;
     *)
         echo "unknown target $target" >&2
@@ -130,6 +168,44 @@ start_server() {
     esac
     SERVER_PID=$!
     wait_port "$PORT"
+}
+
+# Decisions per script call at CONCURRENCY in flight: SCRIPT_REQUESTS ShouldRateLimit calls
+# (one decision each) against the script calls Redis counted meanwhile (INFO commandstats), and
+# the CPU time the redis-server process(es) used for them (/proc, in clock ticks).
+SCRIPT_REQUESTS=${SCRIPT_REQUESTS:-40000}
+script_calls() {
+    local ports pids
+    if [ "${target#base-}" = redis ]; then ports=$REDIS_PORT pids=$REDIS_PID; else
+        ports=$(echo "$CLUSTER_URL" | grep -o ':[0-9]*' | tr -d :) pids=$CLUSTER_PIDS; fi
+    redis_ticks() {
+        local sum=0 p
+        for p in $pids; do
+            sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+        done
+        echo "$sum"
+    }
+    evalsha_calls() {
+        local sum=0 p n
+        for p in $ports; do
+            n=$(redis-cli -p "$p" info commandstats | tr -d '\r' |
+                sed -n 's/^cmdstat_evalsha:calls=\([0-9]*\),.*/\1/p')
+            sum=$((sum + ${n:-0}))
+        done
+        echo "$sum"
+    }
+    local before after ticks_before ticks
+    before=$(evalsha_calls)
+    ticks_before=$(redis_ticks)
+    $LOAD run --target "http://127.0.0.1:$PORT" --call should --concurrency "$CONCURRENCY" \
+        --connections "$CONNECTIONS" --users "$USERS" --requests "$SCRIPT_REQUESTS" \
+        --warmup 0 --duration 600 >/dev/null || true
+    after=$(evalsha_calls)
+    ticks=$(($(redis_ticks) - ticks_before))
+    echo "$target: script calls: $((after - before)) for $SCRIPT_REQUESTS decisions at $CONCURRENCY in flight" \
+        "($(awk -v d="$SCRIPT_REQUESTS" -v c="$((after - before))" 'BEGIN {printf "%.1f", d / (c > 0 ? c : 1)}') decisions per call);" \
+        "Redis CPU $(awk -v d="$SCRIPT_REQUESTS" -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f us per decision, %.0f decisions/s per Redis core", t * 1e6 / hz / d, d * hz / (t > 0 ? t : 1)}')" |
+        tee -a "$OUT/script-calls.txt"
 }
 
 stop_server() {
@@ -156,8 +232,10 @@ for round in $(seq "$ROUNDS"); do
         start_server "$target"
         for call in $CALLS; do
             echo "-- round $round: $target, $call"
-            load --call "$call" --label "$target" --json | tee -a "$RESULTS"
+            # (A run with failed calls still counts: the table shows its errors.)
+            load --call "$call" --label "$target" --json | tee -a "$RESULTS" || true
         done
+        case $target in redis* | base-redis*) script_calls ;; esac
         stop_server
     done
 done

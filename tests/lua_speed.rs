@@ -6,6 +6,9 @@
 //! `LUA_SPEED_SCRIPTS` (comma-separated): rounds alternate between them on one redis-server.
 //! `LUA_SPEED_SHAPES=window` measures only the shapes whose name contains `window`.
 //! Redis measures the script alone, so a debug build measures the same as a release one.
+//! `LUA_SPEED_BATCH=N` sends N decisions per script call to scripts that take batches (those
+//! with `BATCH`), as `RedisStorage` does when calls wait at the same moment; the figures are then
+//! µs per decision.
 //!
 //! Run: `cargo test --test lua_speed -- --ignored --nocapture`
 //! e.g. `git show 2ceb609:src/storage/decide.lua > /tmp/old.lua;
@@ -95,15 +98,26 @@ fn evalsha_usec(port: u16) -> f64 {
 async fn decide_lua_usec_per_call() {
     let paths = std::env::var("LUA_SPEED_SCRIPTS")
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/src/storage/decide.lua").into());
-    let scripts: Vec<(String, redis::Script, bool, bool)> = paths
+    let scripts: Vec<(String, redis::Script, bool, bool, bool)> = paths
         .split(',')
         .map(|path| {
             let text = std::fs::read_to_string(path).unwrap();
             let deadline = text.contains("deadline_ms");
             let holds = text.contains("hold_expires");
-            (path.to_string(), redis::Script::new(&text), deadline, holds)
+            let batches = text.contains("BATCH");
+            (
+                path.to_string(),
+                redis::Script::new(&text),
+                deadline,
+                holds,
+                batches,
+            )
         })
         .collect();
+    let per_call: usize = std::env::var("LUA_SPEED_BATCH")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
     let redis = RedisProcess::start();
     let client = redis::Client::open(redis.url()).unwrap();
     // No response timeout: a busy machine may stall a call for a while.
@@ -128,25 +142,49 @@ async fn decide_lua_usec_per_call() {
     for (name, counters) in shapes.iter().filter(|(name, _)| name.contains(&only)) {
         let mut figures = vec![Vec::new(); scripts.len()];
         for _ in 0..ROUNDS {
-            for ((_, script, deadline, holds), figures) in scripts.iter().zip(&mut figures) {
+            for ((_, script, deadline, holds, batches), figures) in scripts.iter().zip(&mut figures)
+            {
                 cli(redis.port, &["FLUSHALL"]).unwrap();
                 cli(redis.port, &["CONFIG", "RESETSTAT"]).unwrap();
-                for i in 0..CALLS {
-                    let (keys, args) = call(counters, i % 100, NOW + i as u64, *deadline, *holds);
+                let per_call = if *batches { per_call } else { 1 };
+                for first in (0..CALLS).step_by(per_call) {
+                    let mut all_keys = Vec::new();
+                    let mut all_args = Vec::new();
+                    let mut shape = vec![0u64];
+                    for i in first..(first + per_call).min(CALLS) {
+                        let (keys, args) =
+                            call(counters, i % 100, NOW + i as u64, *deadline, *holds);
+                        shape[0] += 1;
+                        shape.extend([keys.len() as u64, args.len() as u64]);
+                        all_keys.extend(keys);
+                        all_args.extend(args);
+                    }
                     let mut invocation = script.prepare_invoke();
-                    keys.iter().for_each(|k| {
+                    all_keys.iter().for_each(|k| {
                         invocation.key(k);
                     });
-                    args.iter().for_each(|a| {
+                    if per_call > 1 {
+                        let format = format!("<{}", "d".repeat(shape.len()));
+                        let packed: Vec<u8> = shape
+                            .iter()
+                            .flat_map(|&x| (x as f64).to_le_bytes())
+                            .collect();
+                        invocation.arg("batch").arg(format).arg(packed);
+                    }
+                    all_args.iter().for_each(|a| {
                         invocation.arg(a);
                     });
-                    let reply: Vec<u8> = invocation.invoke_async(&mut connection).await.unwrap();
-                    assert!(!reply.is_empty());
+                    let reply: redis::Value =
+                        invocation.invoke_async(&mut connection).await.unwrap();
+                    assert!(matches!(
+                        reply,
+                        redis::Value::BulkString(_) | redis::Value::Array(_)
+                    ));
                 }
-                figures.push(evalsha_usec(redis.port));
+                figures.push(evalsha_usec(redis.port) / per_call as f64);
             }
         }
-        for ((path, _, _, _), figures) in scripts.iter().zip(&mut figures) {
+        for ((path, _, _, _, _), figures) in scripts.iter().zip(&mut figures) {
             figures.sort_by(f64::total_cmp);
             println!(
                 "{name:32} {path}: evalsha usec_per_call median {:.2} (rounds of {CALLS}: {figures:?})",

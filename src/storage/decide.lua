@@ -1,6 +1,6 @@
--- One request's decision, atomically, in one round trip: the Lua twin of src/algorithm/
--- (`evaluate` and the three algorithms), with the same rules, in the same order, giving the same
--- answers. All quantities are integers below 2^53, exact in Lua's doubles.
+-- One request's decision (or a batch of them: see BATCH at the end), atomically, in one round
+-- trip: the Lua twin of src/algorithm/ (`evaluate` and the three algorithms), with the same
+-- rules, in the same order, giving the same answers. All quantities are integers below 2^53, exact in Lua's doubles.
 --
 -- KEYS     n counters, then their n hold keys.
 -- KEYS[i]  counter i. Its value, packed by `struct` as little-endian doubles after a tag byte:
@@ -40,12 +40,19 @@
 -- src/storage/redis.rs compares them).
 local ALL_OR_NOTHING, CHECK_ONLY, CHARGE, REFUND, RESERVE, COMMIT = 0, 1, 2, 3, 4, 5
 local FIXED_WINDOW, TOKEN_BUCKET, SLIDING_WINDOW, CONCURRENCY = 0, 1, 2, 3
-local TOO_LATE, DECIDED = 0, 1
+local TOO_LATE, DECIDED, FAILED = 0, 1, 2
 local MAX_HOLDS = 1000 -- holds per counter (Rust's MAX_HOLDS)
 
 local MAX_COUNT = 9007199254740991
 local unpack, pack, floor, min, max = struct.unpack, struct.pack, math.floor, math.min, math.max
 
+-- What the decisions of one call share: the clock of the decision being made (each sets it
+-- first), the exact divisions and each algorithm's rules, made once per call, by the first
+-- decision that needs them (making functions and tables is what costs most time here).
+local now, idiv, cdiv, window, bucket, sliding, slots
+
+-- One decision: KEYS and ARGV as above, and Redis's clock (TIME) in ms.
+local function decide(KEYS, ARGV, redis_ms)
 local num = {unpack(ARGV[1], ARGV[2])}
 num[#num] = nil -- (unpack's last result is the position after the data)
 for c = 3, #ARGV - 1, 2 do -- further chunks, for batches too large for one unpack
@@ -53,14 +60,12 @@ for c = 3, #ARGV - 1, 2 do -- further chunks, for batches too large for one unpa
   for j = 1, #more - 1 do num[m + j] = more[j] end
 end
 local last = #num
-local now = num[1]
+now = num[1]
 local id = ARGV[#ARGV]
 local n = #KEYS / 2
 
 -- A call its caller answered as failed must never take effect later: Redis's own clock says
 -- whether it is too late, against a deadline ratekeeper has put on Redis's clock.
-local time = redis.call('TIME')
-local redis_ms = time[1] * 1000 + floor(time[2] / 1000)
 if num[2] > 0 and redis_ms > num[2] then return pack('<Bd', TOO_LATE, redis_ms) end
 local head = pack('<Bd', DECIDED, redis_ms)
 
@@ -108,8 +113,8 @@ local hold_expires = num[a]
 for i = 1, n do counters[i].hold_amount = num[a + i] end
 a = a + 1 + n
 
-local idiv, cdiv -- exact integer division (the bucket and the sliding window use them)
-if buckets or slidings then
+-- idiv, cdiv: exact integer division (the bucket and the sliding window use them)
+if (buckets or slidings) and not idiv then
   function idiv(x, y) -- floor(x / y), exact
     if y < 1 then y = 1 end
     local q = floor(x / y)
@@ -139,8 +144,8 @@ end
 -- Made only when a counter uses the algorithm (making functions and tables is what costs most
 -- time here): most calls use one.
 
-local window -- parameters max, period; state used, ends
-if windows then
+-- window: parameters max, period; state used, ends
+if windows and not window then
   window = {
     load = function(c, stored)
       local used, ends = fields(stored, 1, '<Bdd', 17)
@@ -169,8 +174,8 @@ if windows then
   }
 end
 
-local bucket -- parameters capacity, scale, quantum, step; state units, refilled
-if buckets then
+-- bucket: parameters capacity, scale, quantum, step; state units, refilled
+if buckets and not bucket then
   -- Time until the level reaches `target` units.
   local function time_to(c, target)
     local deficit = target - c.units
@@ -219,8 +224,8 @@ if buckets then
   }
 end
 
-local sliding -- parameters max, period; state start, current, previous
-if slidings then
+-- sliding: parameters max, period; state start, current, previous
+if slidings and not sliding then
   -- The estimate in token*ms.
   local function used(c)
     local elapsed = min(now - c.start, c.period)
@@ -291,10 +296,10 @@ if slidings then
   }
 end
 
-local slots -- parameters max, lifetime; no state of its own: `ids` maps each live slot (hold)
+-- slots: parameters max, lifetime; no state of its own: `ids` maps each live slot (hold)
 -- to its end. `charge` takes a slot for an admission (false: the counter is at MAX_HOLDS),
 -- `refund` frees the oldest slot an admission took; neither writes a counter value.
-if concurrent then
+if concurrent and not slots then
   slots = {
     load = function(c, stored) c.ids = {} end, -- (filled with the holds, below)
     admits = function(c, cost) return c.held + 1 <= c.max end,
@@ -511,3 +516,43 @@ end
 if o == 0 then return head end
 if o == 1 then return head .. out end
 return head .. table.concat(out)
+end
+
+-- BATCH: one call makes one decision, KEYS and ARGV as above; or, when ARGV[1] is 'batch',
+-- several, in order: ARGV[2] is a `struct` format ('<' and one 'd' per number) and ARGV[3]
+-- packs the number of decisions, then for each its number of KEYS and of ARGV; the decisions'
+-- KEYS and ARGV (each as above) follow one after the other. A batch returns an array of the
+-- decisions' answers, in order, where a decision that raised an error answers '<Bd' FAILED,
+-- Redis's clock, and the error's text (it stops only that decision: what it wrote before stays,
+-- as when it was alone; the others are made as usual). Redis's clock is read once: every
+-- deadline is checked against the time the call started.
+local time = redis.call('TIME')
+local redis_ms = time[1] * 1000 + floor(time[2] / 1000)
+if ARGV[1] ~= 'batch' then return decide(KEYS, ARGV, redis_ms) end
+local shape = {unpack(ARGV[2], ARGV[3])}
+local count = shape[1]
+local replies, done, k, v = {}, 0, 0, 3
+-- The decisions after `done`, in order (`done` counts those made).
+local function run()
+  while done < count do
+    local d = done + 1
+    local key_count, arg_count = shape[2 * d], shape[2 * d + 1]
+    local keys, args = {}, {}
+    for j = 1, key_count do keys[j] = KEYS[k + j] end
+    for j = 1, arg_count do args[j] = ARGV[v + j] end
+    k, v = k + key_count, v + arg_count
+    replies[d] = decide(keys, args, redis_ms)
+    done = d
+  end
+end
+-- One pcall for the whole batch (a pcall per decision costs a tenth of a decision): after an
+-- error, the decision that raised it is answered FAILED and the rest go on.
+while done < count do
+  local ok, err = pcall(run)
+  if not ok then
+    if type(err) == 'table' then err = err.err end
+    done = done + 1
+    replies[done] = pack('<Bd', FAILED, redis_ms) .. tostring(err)
+  end
+end
+return replies

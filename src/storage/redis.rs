@@ -1,8 +1,9 @@
 //! Counters in Redis or Redis Cluster, shared by every ratekeeper replica.
 //!
-//! One request is one `EVALSHA` of `decide.lua` (the Lua twin of [`crate::algorithm::evaluate`]):
+//! One request is one decision of `decide.lua` (the Lua twin of [`crate::algorithm::evaluate`]):
 //! it reads, decides and writes all the request's counters atomically, in one round trip.
-//! Connections are multiplexed, so concurrent requests pipeline instead of queueing.
+//! The decisions waiting at the same moment share one `EVALSHA` (see [`batch`]), and
+//! connections are multiplexed, so concurrent requests pipeline instead of queueing.
 //!
 //! A call answered as failed never takes effect later: each call carries a deadline on Redis's
 //! clock, half the timeout after it was sent, and the script does nothing when it runs later
@@ -36,7 +37,6 @@
 //! `<SCAN cursor>.<keys of that SCAN's answer already listed>`.
 
 use std::borrow::Cow;
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,8 +47,11 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{Cmd, ErrorKind, RedisWrite, Script, ServerErrorKind, ToRedisArgs, Value};
-use tokio::sync::OnceCell;
+use redis::{Cmd, ErrorKind, Script, ServerErrorKind, Value};
+use tokio::sync::{OnceCell, oneshot};
+
+#[path = "redis_batch.rs"]
+mod batch;
 
 use super::{
     Batch, CounterKey, CounterSnapshot, LimitId, ListError, Page, PageRequest, Storage,
@@ -71,7 +74,9 @@ const SCAN_COUNT: usize = 1000;
 const LIST_BUDGET: Duration = Duration::from_secs(1);
 
 pub struct RedisStorage {
-    connection: Connection,
+    connection: Arc<Connection>,
+    /// Where `apply` sends its decisions, to share script calls.
+    batches: batch::Coalescer,
     decide: Script,
     ping: Script,
     /// `<` and `CHUNK` `d`s: the `struct` formats of decide.lua's arguments are its prefixes.
@@ -181,7 +186,8 @@ impl RedisStorage {
             }))
         };
         Ok(Self {
-            connection,
+            connection: Arc::new(connection),
+            batches: batch::Coalescer::default(),
             decide: Script::new(include_str!("decide.lua")),
             // A write, so a node that became a read-only replica is not taken for healthy.
             ping: Script::new(
@@ -238,21 +244,8 @@ impl RedisStorage {
     /// that does not know the script yet (`NOSCRIPT`: new, restarted, failed over) is given it,
     /// and the command is sent again.
     async fn run(&self, cmd: &Cmd, script: &Script) -> Result<Value, StorageError> {
-        self.bounded(async {
-            match &self.connection {
-                Connection::Standalone(standalone) => {
-                    evalsha(&mut standalone.manager(), cmd, script).await
-                }
-                Connection::Cluster(cluster) => {
-                    let (client, connection) = cluster.as_ref();
-                    let connection = connection
-                        .get_or_try_init(|| client.get_async_connection())
-                        .await?;
-                    evalsha(&mut connection.clone(), cmd, script).await
-                }
-            }
-        })
-        .await
+        self.bounded(script_call(&self.connection, cmd, script))
+            .await
     }
 
     /// Waits for `call` at most the timeout; an error is the storage's, and READONLY (the node
@@ -263,24 +256,47 @@ impl RedisStorage {
     ) -> Result<T, StorageError> {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => {
-                if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
-                    && let Connection::Standalone(standalone) = &self.connection
-                {
-                    standalone.reconnect(&self.display_url);
-                }
-                Err(StorageError::Unavailable(format!(
-                    "{}: {}",
-                    self.display_url,
-                    redact(&e.to_string())
-                )))
-            }
+            Ok(Err(e)) => Err(storage_error(&self.connection, &e, &self.display_url)),
             Err(_) => Err(StorageError::Unavailable(format!(
                 "{}: no answer within {:?}",
                 self.display_url, self.timeout
             ))),
         }
     }
+}
+
+/// `EVALSHA` of `script` (`cmd`) on the connection. A server that does not know the script yet
+/// (`NOSCRIPT`: new, restarted, failed over) is given it, and the command is sent again.
+async fn script_call(
+    connection: &Connection,
+    cmd: &Cmd,
+    script: &Script,
+) -> redis::RedisResult<Value> {
+    match connection {
+        Connection::Standalone(standalone) => evalsha(&mut standalone.manager(), cmd, script).await,
+        Connection::Cluster(cluster) => {
+            let (client, connection) = cluster.as_ref();
+            let connection = connection
+                .get_or_try_init(|| client.get_async_connection())
+                .await?;
+            evalsha(&mut connection.clone(), cmd, script).await
+        }
+    }
+}
+
+/// The storage's error for a failed Redis call; READONLY (the node is a replica now) replaces a
+/// standalone connection.
+fn storage_error(
+    connection: &Connection,
+    e: &redis::RedisError,
+    display_url: &str,
+) -> StorageError {
+    if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+        && let Connection::Standalone(standalone) = connection
+    {
+        standalone.reconnect(display_url);
+    }
+    StorageError::Unavailable(format!("{display_url}: {}", redact(&e.to_string())))
 }
 
 impl RedisStorage {
@@ -303,7 +319,7 @@ impl RedisStorage {
         }
         let replies = self
             .bounded(async {
-                match &self.connection {
+                match &*self.connection {
                     Connection::Standalone(standalone) => {
                         standalone
                             .manager()
@@ -338,7 +354,7 @@ impl RedisStorage {
     /// the timeout.
     async fn list_call(&self, slot_key: &str, cmd: Cmd) -> Result<Value, StorageError> {
         let call = async {
-            match &self.connection {
+            match &*self.connection {
                 Connection::Standalone(standalone) => standalone
                     .manager()
                     .req_packed_command(&cmd)
@@ -497,33 +513,62 @@ impl Storage for RedisStorage {
             }
         }
 
+        // The decision's keys and arguments, one after the other in one buffer (see batch::Job).
         let key_bytes = batch.counters.len() * (self.prefix.len() + batch.namespace.len() + 64);
-        let mut cmd = evalsha_cmd(
-            &self.decide,
-            2 * batch.counters.len(),
-            64 + 2 * key_bytes + numbers.len() * 9 / 8,
-        );
+        let mut bytes = Vec::with_capacity(2 * key_bytes + numbers.len() * 9 / 8 + 64);
+        let mut ends = Vec::with_capacity(2 * batch.counters.len() + 3);
         let tag = namespace_tag(batch.namespace);
         for holds in [false, true] {
             for counter in &batch.counters {
-                cmd.arg(CounterKeyArg {
-                    prefix: &self.prefix,
-                    tag: &tag,
-                    key: &counter.key,
-                    holds,
-                });
+                write_key(&mut bytes, &self.prefix, &tag, &counter.key, holds);
+                ends.push(bytes.len());
             }
         }
         for chunk in numbers.chunks(8 * CHUNK) {
-            cmd.arg(&self.format[..1 + chunk.len() / 8]).arg(chunk);
+            bytes.extend_from_slice(&self.format.as_bytes()[..1 + chunk.len() / 8]);
+            ends.push(bytes.len());
+            bytes.extend_from_slice(chunk);
+            ends.push(bytes.len());
         }
-        cmd.arg(hold.map_or("", |h| h.id.as_str()));
-        let reply = self.run(&cmd, &self.decide).await?;
+        bytes.extend_from_slice(hold.map_or("", |h| h.id.as_str()).as_bytes());
+        ends.push(bytes.len());
+        let (answer, answered) = oneshot::channel();
+        let job = batch::Job {
+            bytes,
+            ends,
+            keys: 2 * batch.counters.len(),
+            answer,
+        };
+        self.batches.submit(job, || batch::Link {
+            connection: Arc::clone(&self.connection),
+            script: self.decide.clone(),
+            display_url: self.display_url.clone(),
+            timeout: self.timeout,
+        })?;
+        let reply = match tokio::time::timeout(self.timeout, answered).await {
+            Ok(Ok(reply)) => reply?,
+            Ok(Err(_)) => {
+                return Err(StorageError::Unavailable(
+                    "the Redis dispatcher has stopped".into(),
+                ));
+            }
+            Err(_) => {
+                return Err(StorageError::Unavailable(format!(
+                    "{}: no answer within {:?}",
+                    self.display_url, self.timeout
+                )));
+            }
+        };
         let unexpected = || StorageError::Unavailable("unexpected reply from Redis".to_string());
         let (status, redis_ms, records) = parse_head(&reply).ok_or_else(unexpected)?;
         self.observe_redis_time(redis_ms);
         match status {
             DECIDED => parse_outcomes(records, batch).ok_or_else(unexpected),
+            FAILED => Err(StorageError::Unavailable(format!(
+                "{}: {}",
+                self.display_url,
+                String::from_utf8_lossy(records)
+            ))),
             TOO_LATE => Err(StorageError::Unavailable(format!(
                 "{}: Redis ran the call after its deadline (half of {:?} after it was sent); \
                  nothing was changed",
@@ -643,7 +688,7 @@ impl Storage for RedisStorage {
             cmd.arg("GET").arg(name);
             let reply = self
                 .bounded(async {
-                    match &self.connection {
+                    match &*self.connection {
                         Connection::Standalone(standalone) => {
                             standalone.manager().req_packed_command(&cmd).await
                         }
@@ -690,6 +735,7 @@ impl Storage for RedisStorage {
 /// The first byte of decide.lua's reply (its `DECIDED`, `TOO_LATE`; a test compares them).
 const TOO_LATE: u8 = 0;
 const DECIDED: u8 = 1;
+const FAILED: u8 = 2;
 
 /// Lower bounds of (Redis's clock − ratekeeper's monotonic clock): the largest of the current
 /// period and of the one before, so that a low sample (a reply read late) changes nothing and a
@@ -724,10 +770,7 @@ impl ClockOffset {
 }
 
 /// decide.lua's reply head: its status, Redis's clock in ms, and the records that follow.
-fn parse_head(reply: &Value) -> Option<(u8, i64, &[u8])> {
-    let Value::BulkString(bytes) = reply else {
-        return None;
-    };
+fn parse_head(bytes: &[u8]) -> Option<(u8, i64, &[u8])> {
     let (&status, rest) = bytes.split_first()?;
     let time = f64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
     // Milliseconds since 1970, as the script computes them: an integer well below 2^53.
@@ -874,49 +917,30 @@ pub fn namespace_tag(namespace: &str) -> Cow<'_, str> {
 /// The Redis key of `key`, a counter of `namespace`, under `prefix`: the exact bytes `apply`
 /// sends.
 pub fn counter_key(prefix: &str, namespace: &str, key: &CounterKey) -> Vec<u8> {
-    let mut cmd = Cmd::new();
-    cmd.arg(CounterKeyArg {
-        prefix,
-        tag: &namespace_tag(namespace),
-        key,
-        holds: false,
-    });
-    match cmd.args_iter().next() {
-        Some(redis::Arg::Simple(bytes)) => bytes.to_vec(),
-        _ => Vec::new(),
+    let mut out = Vec::new();
+    write_key(&mut out, prefix, &namespace_tag(namespace), key, false);
+    out
+}
+
+/// Appends a counter's Redis key (or, with `holds`, the key of its holds: the counter's key and
+/// `:h`, which no counter key ends with) to `out`; `tag` is [`namespace_tag`] of the counter's
+/// namespace.
+fn write_key(out: &mut Vec<u8>, prefix: &str, tag: &str, key: &CounterKey, holds: bool) {
+    let mut hex = [0u8; 16];
+    for (i, digit) in hex.iter_mut().enumerate() {
+        *digit = b"0123456789abcdef"[(key.limit >> (60 - 4 * i)) as usize & 0xf];
     }
-}
-
-/// A counter's Redis key (or, with `holds`, the key of its holds: the counter's key and
-/// `:h`, which no counter key ends with), written straight into the command.
-struct CounterKeyArg<'a> {
-    prefix: &'a str,
-    /// [`namespace_tag`] of the counter's namespace.
-    tag: &'a str,
-    key: &'a CounterKey,
-    holds: bool,
-}
-
-impl ToRedisArgs for CounterKeyArg<'_> {
-    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
-        let mut hex = [0u8; 16];
-        for (i, digit) in hex.iter_mut().enumerate() {
-            *digit = b"0123456789abcdef"[(self.key.limit >> (60 - 4 * i)) as usize & 0xf];
-        }
-        let mut writer = out.writer_for_next_arg();
-        for part in [
-            self.prefix.as_bytes(),
-            b":{",
-            self.tag.as_bytes(),
-            b"}:",
-            &hex,
-            b":",
-            self.key.encoded().as_bytes(),
-            if self.holds { b":h" } else { b"" },
-        ] {
-            // Writing into memory cannot fail.
-            let _ = writer.write_all(part);
-        }
+    for part in [
+        prefix.as_bytes(),
+        b":{",
+        tag.as_bytes(),
+        b"}:",
+        &hex,
+        b":",
+        key.encoded().as_bytes(),
+        if holds { b":h" } else { b"" },
+    ] {
+        out.extend_from_slice(part);
     }
 }
 
@@ -1118,7 +1142,10 @@ mod tests {
             constants("FIXED_WINDOW, TOKEN_BUCKET, SLIDING_WINDOW, CONCURRENCY"),
             algorithms.map(|a| a.wire())
         );
-        assert_eq!(constants("TOO_LATE, DECIDED"), [TOO_LATE, DECIDED]);
+        assert_eq!(
+            constants("TOO_LATE, DECIDED, FAILED"),
+            [TOO_LATE, DECIDED, FAILED]
+        );
     }
 
     #[test]

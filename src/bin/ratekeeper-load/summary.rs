@@ -144,6 +144,8 @@ struct Row {
     p99: f64,
     p999: f64,
     server_cpu_us_per_op: Option<f64>,
+    /// Calls that failed, in all the runs together (by code).
+    errors: BTreeMap<String, u64>,
 }
 
 impl Row {
@@ -160,6 +162,12 @@ impl Row {
             p99: m(&|r| r.latency_us.p99),
             p999: m(&|r| r.latency_us.p999),
             server_cpu_us_per_op: (!cpu.is_empty()).then(|| median(cpu)),
+            errors: runs.iter().fold(BTreeMap::new(), |mut all, r| {
+                for (code, count) in &r.errors {
+                    *all.entry(code.clone()).or_default() += count;
+                }
+                all
+            }),
         }
     }
 }
@@ -213,6 +221,7 @@ pub fn table(options: TableOptions) -> Result<(), String> {
         "ops/s vs floor",
         "p99 vs floor",
         "server CPU us/op",
+        "errors (all runs)",
     ];
     let cells: Vec<Vec<String>> = rows
         .iter()
@@ -237,6 +246,15 @@ pub fn table(options: TableOptions) -> Result<(), String> {
                 ratio(r.p99, floor.map(|f| f.p99)),
                 r.server_cpu_us_per_op
                     .map_or("-".to_string(), |c| format!("{c:.1}")),
+                if r.errors.is_empty() {
+                    "0".to_string()
+                } else {
+                    r.errors
+                        .iter()
+                        .map(|(code, count)| format!("{count} {code}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
             ]
         })
         .collect();
