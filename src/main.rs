@@ -12,7 +12,7 @@ use ratekeeper::limiter::{Limiter, Reservations};
 use ratekeeper::limits::{
     FixedLimits, LimitSet, RATE_LIMIT_CONFIG, load_file, parse_rate_limit_config,
 };
-use ratekeeper::metrics::{self, Prometheus};
+use ratekeeper::metrics::{self, MetricLabels, Prometheus};
 use ratekeeper::server::{self, Settings, Tls};
 use ratekeeper::status::ServerStatus;
 use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage};
@@ -114,15 +114,6 @@ fn warn_about_limitador_options(cli: &Cli) {
             "--tracing-endpoint is accepted but ratekeeper exports no traces yet"
         );
     }
-    if let Some(expression) = &cli.metric_labels_default {
-        tracing::warn!(
-            expression,
-            "--metric-labels-default is accepted but not applied yet: metrics keep Limitador's default labels"
-        );
-    }
-    if let Some(file) = &cli.custom_metric_labels {
-        tracing::warn!(file = %file.display(), "--custom-metric-labels is accepted but not applied yet: metrics keep Limitador's default labels");
-    }
 }
 
 /// Why the limits could not be loaded, and how many problems that is (for `--validate`).
@@ -156,9 +147,12 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
     tracing::info!(limits = limits.len(), file = ?cli.limits_file, asm_rules = limits.fixed().is_some(), "limits loaded");
     metrics::install().map_err(|e| anyhow::anyhow!("cannot set up metrics: {e}"))?;
     metrics::limits_applied(0, limits.len());
+    let labels = metric_labels(&cli).map_err(anyhow::Error::msg)?;
     let status = ServerStatus::default().refusing_evicting_storage(cli.refuse_evicting_storage);
     let observer = Arc::new(
-        Prometheus::new(cli.limit_name_in_labels).recording_refusals(status.refusals().clone()),
+        Prometheus::new(cli.limit_name_in_labels)
+            .recording_refusals(status.refusals().clone())
+            .with_labels(labels),
     );
     let limiter = Arc::new(
         Limiter::new(limits, storage, Arc::new(SystemClock))
@@ -200,6 +194,15 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The custom metric labels of `-L` and `--metric-labels-default`, if any.
+fn metric_labels(cli: &Cli) -> Result<Option<MetricLabels>, String> {
+    let named = match &cli.custom_metric_labels {
+        Some(path) => metrics::parse_labels_file(path)?,
+        None => Vec::new(),
+    };
+    MetricLabels::new(cli.metric_labels_default.as_deref(), named)
 }
 
 /// The HTTP API's token, from `--http-auth-token` or the file `--http-auth-token-file` names.

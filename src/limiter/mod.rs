@@ -61,6 +61,8 @@ pub struct Decided<'a> {
     /// Whether the namespace has limits (observers may pool the others).
     pub namespace_has_limits: bool,
     pub decision: &'a Decision,
+    /// The request's descriptors (for labels taken from them).
+    pub descriptors: &'a [Descriptor],
 }
 
 /// What the engine reports as it works. Every method defaults to doing nothing.
@@ -319,6 +321,7 @@ impl Limiter {
             namespace: &request.namespace,
             namespace_has_limits,
             decision: &decision,
+            descriptors: &request.descriptors,
         });
         Ok(decision)
     }
