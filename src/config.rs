@@ -56,9 +56,9 @@ pub struct Cli {
     #[arg(short = 'l', long, env = "LIMIT_NAME_IN_PROMETHEUS_LABELS", value_parser = clap::builder::FalseyValueParser::new())]
     pub limit_name_in_labels: bool,
 
-    /// Limitador's OpenTelemetry endpoint. Accepted so Limitador's command lines (e.g. from
-    /// limitador-operator) start, but ratekeeper exports no traces yet: a non-empty value is
-    /// warned about at start.
+    /// Export a span per gRPC call (namespace, decision, refusing limit; a child span for the
+    /// storage call) over OTLP/gRPC to this collector (`http://host:4317`), parented by the
+    /// caller's W3C `traceparent`. Empty: no tracing (Limitador's flag).
     #[arg(long, env = "TRACING_ENDPOINT", value_name = "URL", default_value = "")]
     pub tracing_endpoint: String,
 

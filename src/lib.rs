@@ -46,4 +46,5 @@ pub mod rls;
 pub mod server;
 pub mod status;
 pub mod storage;
+pub mod telemetry;
 pub mod throttle;

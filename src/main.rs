@@ -16,6 +16,7 @@ use ratekeeper::metrics::{self, MetricLabels, Prometheus};
 use ratekeeper::server::{self, Settings, Tls};
 use ratekeeper::status::ServerStatus;
 use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage};
+use ratekeeper::telemetry::Tracer;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -56,7 +57,6 @@ fn main() -> ExitCode {
     if limits.is_empty() {
         tracing::warn!("no limits loaded: every request will be allowed");
     }
-    warn_about_limitador_options(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -103,17 +103,6 @@ fn load_limits(cli: &Cli) -> Result<LimitSet, LoadError> {
             message,
             problems: 1,
         })
-}
-
-/// Limitador options that are accepted (so Limitador's command lines, e.g. limitador-operator's,
-/// start) but do nothing yet: each one set is said once at start.
-fn warn_about_limitador_options(cli: &Cli) {
-    if !cli.tracing_endpoint.is_empty() {
-        tracing::warn!(
-            endpoint = cli.tracing_endpoint,
-            "--tracing-endpoint is accepted but ratekeeper exports no traces yet"
-        );
-    }
 }
 
 /// Why the limits could not be loaded, and how many problems that is (for `--validate`).
@@ -169,6 +158,15 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
         Some(files) => Some(Arc::new(Tls::load(files).map_err(anyhow::Error::msg)?)),
         None => None,
     };
+    // An empty endpoint (kuadrant-operator passes one) is no tracing, as in Limitador.
+    let tracer = match cli.tracing_endpoint.as_str() {
+        "" => None,
+        endpoint => {
+            let tracer = Tracer::start(endpoint).map_err(anyhow::Error::msg)?;
+            tracing::info!(endpoint, "exporting traces (OTLP/gRPC)");
+            Some(tracer)
+        }
+    };
     let settings = Settings {
         rls_addr: SocketAddr::new(cli.rls_ip, cli.rls_port),
         http_addr: SocketAddr::new(cli.http_ip, cli.http_port),
@@ -181,6 +179,7 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
         connections: cli.connections.into(),
         http_auth_token,
         tls,
+        tracer,
     };
     let running = server::start(settings, limiter, Arc::new(status))
         .await

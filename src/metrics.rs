@@ -523,7 +523,7 @@ impl Outcome {
         Outcome::Error,
     ];
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
             Outcome::OverLimit => "over_limit",

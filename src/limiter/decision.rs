@@ -2,6 +2,7 @@
 //! one status per request descriptor and the list of limits the call touched.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use smallvec::SmallVec;
 
@@ -42,6 +43,15 @@ pub struct Decision {
     pub holds_full: bool,
     /// Commit: a live hold of the reservation was found and released.
     pub released: bool,
+    /// When the storage was asked and how long it took (none when it was not asked).
+    pub storage_time: Option<StorageTime>,
+}
+
+/// One storage call's timing, for a trace's storage span.
+#[derive(Debug, Clone, Copy)]
+pub struct StorageTime {
+    pub started: Instant,
+    pub elapsed: Duration,
 }
 
 impl Decision {
@@ -65,6 +75,7 @@ impl Decision {
             reservation_id: None,
             holds_full: false,
             released: false,
+            storage_time: None,
         }
     }
 

@@ -24,7 +24,7 @@ use crate::limits::{EvalError, Limit, LimitId, LimitSet};
 pub use crate::request::{Descriptor, Request};
 use crate::storage::{CounterSnapshot, ListError, Page, PageRequest, Storage, StorageError};
 use crate::throttle::{LOG_EVERY, Throttle};
-pub use decision::{Decision, DescriptorStatus, LimitStatus};
+pub use decision::{Decision, DescriptorStatus, LimitStatus, StorageTime};
 pub use explain::{Explanation, LimitExplanation, NotApplied};
 use plan::{Plan, plan};
 
@@ -293,8 +293,8 @@ impl Limiter {
             }
         };
 
-        let outcomes = match self.outcomes(&plan, now_ms).await {
-            Ok(outcomes) => outcomes,
+        let (outcomes, storage_time) = match self.outcomes(&plan, now_ms).await {
+            Ok(answer) => answer,
             Err(error) => {
                 // (`--on-storage-error allow`: a reservation admitted without holds.)
                 let mut decision = self.storage_failed(call, plan.cost, descriptors, error)?;
@@ -313,6 +313,7 @@ impl Limiter {
             }
         }
         let mut decision = decision::assemble(call, descriptors, plan, outcomes);
+        decision.storage_time = storage_time;
         if decision.verdict == Verdict::Admitted {
             decision.reservation_id = reservation_id;
         }
@@ -335,7 +336,7 @@ impl Limiter {
         let plan = plan(&limits, request, call);
         let descriptors = request.descriptors.len();
         let decision = match self.outcomes(&plan, self.clock.now_ms()).await {
-            Ok(outcomes) => Ok(decision::assemble(call, descriptors, plan, outcomes)),
+            Ok((outcomes, _)) => Ok(decision::assemble(call, descriptors, plan, outcomes)),
             Err(error) => Err(error),
         };
         explain::explain(&limits, request, decision)
@@ -347,7 +348,7 @@ impl Limiter {
         &self,
         plan: &Plan<'_>,
         now_ms: u64,
-    ) -> Result<Vec<GroupOutcome>, StorageError> {
+    ) -> Result<(Vec<GroupOutcome>, Option<StorageTime>), StorageError> {
         if plan.batch.counters.is_empty() {
             // Nothing applies: every group is admitted without asking the storage (a commit
             // finds no hold to release).
@@ -356,12 +357,13 @@ impl Limiter {
                 counters: Vec::new(),
                 holds_full: false,
             });
-            return Ok(outcomes.collect());
+            return Ok((outcomes.collect(), None));
         }
         let started = Instant::now();
         let result = self.storage.apply(&plan.batch, now_ms).await;
-        self.observer.storage_called(started.elapsed());
-        result
+        let elapsed = started.elapsed();
+        self.observer.storage_called(elapsed);
+        result.map(|outcomes| (outcomes, Some(StorageTime { started, elapsed })))
     }
 
     /// Applies `--on-storage-error`: the error itself, or a fixed answer without limits.

@@ -184,6 +184,7 @@ impl TestServer {
             connections: Default::default(),
             http_auth_token: None,
             tls: None,
+            tracer: None,
         };
         let running = server::start(settings, limiter.clone(), status.clone())
             .await
