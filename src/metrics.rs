@@ -32,7 +32,7 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
-const DESCRIPTIONS: [(&str, &str); 24] = [
+const DESCRIPTIONS: [(&str, &str); 25] = [
     ("limitador_up", "Limitador is running"),
     (
         "datastore_partitioned",
@@ -106,6 +106,10 @@ const DESCRIPTIONS: [(&str, &str); 24] = [
     (
         "ratekeeper_tokens_held",
         "Tokens on hold by reservations placed through this process, summed over counters, until committed or seen expired (sum over replicas)",
+    ),
+    (
+        "ratekeeper_trace_spans_dropped",
+        "Trace spans dropped because the export queue was full (--tracing-endpoint)",
     ),
     (
         "ratekeeper_cel_errors",
