@@ -14,7 +14,7 @@
 #
 # Everything runs on 127.0.0.1, is bounded in time, and is stopped on exit.
 # Settings (environment): DURATION WARMUP CONCURRENCY CONNECTIONS USERS ROUNDS COUNTERS
-# TARGETS CALLS OUT SKIP_BUILD QUIET_WAIT; see the defaults below.
+# TARGETS CALLS OUT SKIP_BUILD QUIET_WAIT SERVER_ARGS; see the defaults below.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -30,6 +30,7 @@ CALLS=${CALLS:-should token}
 OUT=${OUT:-target/bench}
 SKIP_BUILD=${SKIP_BUILD:-0}
 QUIET_WAIT=${QUIET_WAIT:-30}    # seconds to wait for an idle machine before each server
+SERVER_ARGS=${SERVER_ARGS:-}     # extra ratekeeper options (e.g. "--tracing-endpoint http://…")
 
 if [ "$SKIP_BUILD" != 1 ]; then
     cargo build --release --bin ratekeeper --bin ratekeeper-load
@@ -109,12 +110,14 @@ start_server() {
         $LOAD serve-noop --port "$PORT" >>"$LOG" 2>&1 &
         ;;
     memory)
-        $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" "$LIMITS" \
+        # shellcheck disable=SC2086 # SERVER_ARGS is a list of words
+        $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" $SERVER_ARGS "$LIMITS" \
             memory --cache $((COUNTERS * 2 + 100000)) >>"$LOG" 2>&1 &
         ;;
     redis)
         [ -n "$REDIS_PID" ] || start_redis
-        $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" "$LIMITS" \
+        # shellcheck disable=SC2086
+        $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" $SERVER_ARGS "$LIMITS" \
             redis "redis://127.0.0.1:$REDIS_PORT" >>"$LOG" 2>&1 &
         ;;
     *)

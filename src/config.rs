@@ -71,7 +71,7 @@ pub struct Cli {
 
     /// A YAML file of custom labels for authorized_calls, authorized_hits and limited_calls:
     /// `label_name: <CEL expression over descriptors>` per line (Limitador's format). Each
-    /// label takes at most 100 values (later ones are `other`); read at start.
+    /// label takes at most 100 values (later ones are `other`); reloaded when it changes.
     #[arg(short = 'L', long, value_name = "FILE")]
     pub custom_metric_labels: Option<PathBuf>,
 

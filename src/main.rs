@@ -195,13 +195,18 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The custom metric labels of `-L` and `--metric-labels-default`, if any.
-fn metric_labels(cli: &Cli) -> Result<Option<MetricLabels>, String> {
+/// The custom metric labels of `-L` and `--metric-labels-default`, if any; the `-L` file is
+/// watched for changes.
+fn metric_labels(cli: &Cli) -> Result<Option<Arc<MetricLabels>>, String> {
     let named = match &cli.custom_metric_labels {
-        Some(path) => metrics::parse_labels_file(path)?,
-        None => Vec::new(),
+        Some(path) => Some(metrics::parse_labels_file(path)?),
+        None => None,
     };
-    MetricLabels::new(cli.metric_labels_default.as_deref(), named)
+    let labels = MetricLabels::new(cli.metric_labels_default.as_deref(), named)?.map(Arc::new);
+    if let (Some(labels), Some(path)) = (&labels, &cli.custom_metric_labels) {
+        tokio::spawn(metrics::watch_labels_file(path.clone(), labels.clone()));
+    }
+    Ok(labels)
 }
 
 /// The HTTP API's token, from `--http-auth-token` or the file `--http-auth-token-file` names.

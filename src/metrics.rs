@@ -14,8 +14,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 mod labels;
 
 pub use labels::{
-    MAX_DEFAULT_LABELS, MAX_VALUES_PER_LABEL, MetricLabels, OTHER_VALUE, parse_labels,
-    parse_labels_file,
+    LABELS_POLL, MAX_DEFAULT_LABELS, MAX_VALUES_PER_LABEL, MetricLabels, OTHER_VALUE, parse_labels,
+    parse_labels_file, watch_labels_file,
 };
 
 use crate::call::Call;
@@ -152,7 +152,7 @@ pub struct Prometheus {
     /// Refusals per limit over the last minutes, for `/ui`.
     recent: Option<Arc<RecentRefusals>>,
     /// Custom labels on `authorized_calls`, `authorized_hits` and `limited_calls`.
-    labels: Option<MetricLabels>,
+    labels: Option<Arc<MetricLabels>>,
 }
 
 /// How many namespaces without limits get a series (and a warning) of their own.
@@ -231,7 +231,7 @@ impl Prometheus {
 
     /// Adds the custom labels of `-L`/`--metric-labels-default` to Limitador's three call
     /// metrics.
-    pub fn with_labels(mut self, labels: Option<MetricLabels>) -> Self {
+    pub fn with_labels(mut self, labels: Option<Arc<MetricLabels>>) -> Self {
         self.labels = labels;
         self
     }

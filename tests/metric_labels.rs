@@ -189,3 +189,46 @@ async fn a_bad_labels_file_or_expression_stops_the_start_with_a_clear_error() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn a_changed_labels_file_is_applied_and_a_broken_one_is_not() {
+    let limits = file(LIMITS);
+    let labels = file("user: descriptors[0].user\n");
+    let labels_path = labels.path().to_str().unwrap();
+    let server =
+        Server::start_on_loopback(&["-L", labels_path, limits.path().to_str().unwrap()]).await;
+    let ns = ("limitador_namespace", "ml");
+
+    std::fs::write(labels.path(), "who: descriptors[0].user\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut i = 0;
+    loop {
+        i += 1;
+        let user = format!("a{i}");
+        assert_eq!(call(&server, &user, &[]).await, Code::Ok);
+        if series(&server, "authorized_calls", &[ns, ("who", &user)]).await == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never reloaded: {}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    std::fs::write(labels.path(), "\"bad-name\": descriptors[0].user\n").unwrap();
+    let log = server
+        .log_when(|log| log.contains("could not be applied"))
+        .await;
+    assert!(
+        log.contains("metric labels file could not be applied"),
+        "{log}"
+    );
+    assert_eq!(call(&server, "after", &[]).await, Code::Ok);
+    assert_eq!(
+        series(&server, "authorized_calls", &[ns, ("who", "after")]).await,
+        Some(1.0),
+        "the labels in force are kept"
+    );
+}

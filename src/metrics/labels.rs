@@ -6,10 +6,16 @@
 //! Cardinality is bounded: each label takes at most [`MAX_VALUES_PER_LABEL`] distinct values
 //! (in the order first seen), later values are [`OTHER_VALUE`]; the default expression adds at
 //! most [`MAX_DEFAULT_LABELS`] distinct label names, later names are left out.
+//!
+//! The file is reloaded when its content changes ([`watch_labels_file`], as Limitador does); a
+//! new version that does not parse is logged and the labels in force are kept.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use crate::limits::{Expression, Input};
 use crate::request::Descriptor;
@@ -26,7 +32,7 @@ const RESERVED: [&str; 2] = [super::NAMESPACE, super::LIMIT_NAME];
 /// The configured labels and the values seen so far.
 pub struct MetricLabels {
     /// `-L`: label name → expression, by name.
-    named: Vec<(String, Expression)>,
+    named: ArcSwap<Vec<(String, Expression)>>,
     /// `--metric-labels-default`.
     default: Option<Expression>,
     /// Label name → the values admitted so far (at most [`MAX_VALUES_PER_LABEL`] each; at most
@@ -40,7 +46,7 @@ impl MetricLabels {
     /// takes the file's value.
     pub fn new(
         default: Option<&str>,
-        named: Vec<(String, Expression)>,
+        named: Option<Vec<(String, Expression)>>,
     ) -> Result<Option<Self>, String> {
         let default = match default {
             Some(source) => {
@@ -48,11 +54,11 @@ impl MetricLabels {
             }
             None => None,
         };
-        if default.is_none() && named.is_empty() {
+        if default.is_none() && named.is_none() {
             return Ok(None);
         }
         Ok(Some(Self {
-            named,
+            named: ArcSwap::from_pointee(named.unwrap_or_default()),
             default,
             seen: Mutex::new(HashMap::new()),
         }))
@@ -73,7 +79,8 @@ impl MetricLabels {
                     .filter(|(name, _)| is_label_name(name) && !RESERVED.contains(&name.as_str())),
             );
         }
-        for (name, expression) in &self.named {
+        let named = self.named.load();
+        for (name, expression) in named.iter() {
             if let Ok(value) = expression.to_key_part(&input, None) {
                 labels.insert(name.clone(), value.into_owned());
             }
@@ -87,8 +94,9 @@ impl MetricLabels {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut bounded = Vec::with_capacity(labels.len());
         for (name, value) in labels {
-            if !seen.contains_key(&name) && !self.is_named(&name) {
-                let default_names = seen.keys().filter(|n| !self.is_named(n)).count();
+            let is_named = |name: &str| named.iter().any(|(n, _)| n == name);
+            if !seen.contains_key(&name) && !is_named(&name) {
+                let default_names = seen.keys().filter(|n| !is_named(n)).count();
                 if default_names >= MAX_DEFAULT_LABELS {
                     continue;
                 }
@@ -109,8 +117,54 @@ impl MetricLabels {
 }
 
 impl MetricLabels {
-    fn is_named(&self, name: &str) -> bool {
-        self.named.iter().any(|(n, _)| n == name)
+    /// Puts a new version of the file's labels in force. Values are counted afresh (each
+    /// reload may admit up to [`MAX_VALUES_PER_LABEL`] new values per label).
+    pub fn replace_named(&self, named: Vec<(String, Expression)>) {
+        self.named.store(Arc::new(named));
+        self.seen
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clear();
+    }
+}
+
+/// How often the labels file is read for changes.
+pub const LABELS_POLL: Duration = Duration::from_secs(1);
+
+/// Reads `path` every [`LABELS_POLL`] and puts each new content in force once it has stayed
+/// the same for one more read (so a file caught half-written is not applied); content that
+/// does not parse is logged once and the labels in force are kept. Runs until the runtime ends.
+pub async fn watch_labels_file(path: PathBuf, labels: Arc<MetricLabels>) {
+    let mut applied = std::fs::read(&path).ok();
+    let mut last_read = applied.clone();
+    let mut interval = tokio::time::interval(LABELS_POLL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let read = std::fs::read(&path).ok();
+        let settled = read == last_read;
+        last_read = read.clone();
+        let Some(content) = read.filter(|_| settled) else {
+            continue;
+        };
+        if applied.as_ref() == Some(&content) {
+            continue;
+        }
+        applied = Some(content.clone());
+        let parsed = std::str::from_utf8(&content)
+            .map_err(|e| e.to_string())
+            .and_then(parse_labels);
+        match parsed {
+            Ok(named) => {
+                tracing::info!(file = %path.display(), labels = named.len(), "metric labels reloaded");
+                labels.replace_named(named);
+            }
+            Err(error) => tracing::error!(
+                file = %path.display(),
+                %error,
+                "the metric labels file could not be applied; the labels in force are kept"
+            ),
+        }
     }
 }
 
@@ -195,9 +249,12 @@ mod tests {
     #[test]
     fn labels_come_from_the_file_and_the_default_map() {
         let named = parse_labels("user: descriptors[0].user\nn: descriptors[0].n\n").unwrap();
-        let labels = MetricLabels::new(Some("{'tier': descriptors[1].tier, 'user': 'x'}"), named)
-            .unwrap()
-            .unwrap();
+        let labels = MetricLabels::new(
+            Some("{'tier': descriptors[1].tier, 'user': 'x'}"),
+            Some(named),
+        )
+        .unwrap()
+        .unwrap();
         let got = labels.of(&request(&[&[("user", "alice")], &[("tier", "gold")]]));
         assert_eq!(
             got,
@@ -213,7 +270,7 @@ mod tests {
     #[test]
     fn each_label_takes_a_bounded_number_of_values() {
         let named = parse_labels("user: descriptors[0].user\n").unwrap();
-        let labels = MetricLabels::new(None, named).unwrap().unwrap();
+        let labels = MetricLabels::new(None, Some(named)).unwrap().unwrap();
         for i in 0..MAX_VALUES_PER_LABEL {
             let user = format!("u{i}");
             assert_eq!(labels.of(&request(&[&[("user", &user)]]))[0].1, user);
@@ -227,7 +284,7 @@ mod tests {
 
     #[test]
     fn the_default_map_adds_a_bounded_number_of_names() {
-        let labels = MetricLabels::new(Some("descriptors[0]"), Vec::new())
+        let labels = MetricLabels::new(Some("descriptors[0]"), None)
             .unwrap()
             .unwrap();
         for i in 0..MAX_DEFAULT_LABELS {
