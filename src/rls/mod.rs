@@ -126,7 +126,8 @@ impl RateLimitServer {
             }
         })?;
         if let Some(span) = span {
-            span.request(&request.namespace, request.hits);
+            // (0 means 1, as the request says.)
+            span.request(&request.namespace, request.hits.max(1));
         }
         let decision = self.limiter.decide(&request, call).await.map_err(|error| {
             if let Some(skipped) = STORAGE_FAILED.admit() {
