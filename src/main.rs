@@ -181,10 +181,11 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
         tls,
         tracer,
     };
+    let signalled = shutdown_signal();
     let running = server::start(settings, limiter, Arc::new(status))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen: {e}"))?;
-    shutdown_signal().await;
+    signalled.await;
     let grace = Duration::from_secs(cli.shutdown_timeout);
     tracing::info!(?grace, "shutting down: finishing in-flight calls");
     match tokio::time::timeout(grace, running.shutdown()).await {
@@ -238,25 +239,33 @@ fn plural(count: usize, noun: &str) -> String {
     }
 }
 
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Registers for SIGTERM and SIGINT now, and returns what waits for one. Called before the
+/// listeners open: a signal that arrives as soon as the server answers is then a graceful
+/// shutdown, not the default action (killed).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = terminate.recv() => {}
+        let terminate = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (terminate, interrupt) {
+                (Ok(mut terminate), Ok(mut interrupt)) => {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = interrupt.await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
-    let _ = interrupt.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Logs go to stderr through a background thread: a call that logs only queues the line, and
