@@ -18,7 +18,8 @@
 #
 # Everything runs on 127.0.0.1, is bounded in time, and is stopped on exit.
 # Settings (environment): DURATION WARMUP CONCURRENCY CONNECTIONS USERS ROUNDS COUNTERS
-# TARGETS CALLS OUT SKIP_BUILD QUIET_WAIT WORKERS BASE_BIN SCRIPT_REQUESTS; see the defaults below.
+# TARGETS CALLS OUT SKIP_BUILD QUIET_WAIT WORKERS BASE_BIN SCRIPT_REQUESTS SERVER_ARGS; see the
+# defaults below.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -37,6 +38,7 @@ QUIET_WAIT=${QUIET_WAIT:-30}    # seconds to wait for an idle machine before eac
 WORKERS=${WORKERS:-}            # ratekeeper's worker threads (TOKIO_WORKER_THREADS); empty: one per core
 RK_ENV=(env)
 if [ -n "$WORKERS" ]; then RK_ENV=(env "TOKIO_WORKER_THREADS=$WORKERS"); fi
+SERVER_ARGS=${SERVER_ARGS:-}     # extra ratekeeper options (e.g. "--tracing-endpoint http://…")
 
 if [ "$SKIP_BUILD" != 1 ]; then
     cargo build --release --bin ratekeeper --bin ratekeeper-load
@@ -143,22 +145,26 @@ start_server() {
         $LOAD serve-noop --port "$PORT" >>"$LOG" 2>&1 &
         ;;
     memory)
-        "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" "$LIMITS" \
+        # shellcheck disable=SC2086 # SERVER_ARGS is a list of words
+        "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" $SERVER_ARGS "$LIMITS" \
             memory --cache $((COUNTERS * 2 + 100000)) >>"$LOG" 2>&1 &
         ;;
     redis)
         [ -n "$REDIS_PID" ] || start_redis
-        "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" "$LIMITS" \
+        # shellcheck disable=SC2086 # SERVER_ARGS is a list of words
+        "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" $SERVER_ARGS "$LIMITS" \
             redis "redis://127.0.0.1:$REDIS_PORT" >>"$LOG" 2>&1 &
         ;;
     disk)
         rm -rf "$OUT/disk-store"
-        "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" "$LIMITS" \
+        # shellcheck disable=SC2086
+        "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" $SERVER_ARGS "$LIMITS" \
             disk --cache $((COUNTERS * 2 + 100000)) "$OUT/disk-store" >>"$LOG" 2>&1 &
         ;;
     redis-cluster)
         [ -n "$CLUSTER_PIDS" ] || start_cluster
-        "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" "$LIMITS" \
+        # shellcheck disable=SC2086
+        "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" $SERVER_ARGS "$LIMITS" \
             redis "$CLUSTER_URL" >>"$LOG" 2>&1 &
         ;;
     *)

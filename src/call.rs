@@ -93,6 +93,15 @@ impl Call {
         }
     }
 
+    /// The gRPC service (full name) and method that carry it.
+    pub fn grpc_method(self) -> (&'static str, &'static str) {
+        let service = match self {
+            Call::ShouldRateLimit => "envoy.service.ratelimit.v3.RateLimitService",
+            _ => "kuadrant.service.ratelimit.v1.RateLimitService",
+        };
+        (service, self.name())
+    }
+
     /// Whether the whole request is one context whatever its descriptors carry (a reservation
     /// is all or nothing across every counter its limits select).
     pub fn whole_request(self) -> bool {

@@ -64,20 +64,22 @@ pub struct Cli {
     #[arg(short = 'l', long, env = "LIMIT_NAME_IN_PROMETHEUS_LABELS", value_parser = clap::builder::FalseyValueParser::new())]
     pub limit_name_in_labels: bool,
 
-    /// Limitador's OpenTelemetry endpoint. Accepted so Limitador's command lines (e.g. from
-    /// limitador-operator) start, but ratekeeper exports no traces yet: a non-empty value is
-    /// warned about at start.
+    /// Export a span per gRPC call (namespace, decision, refusing limit; a child span for the
+    /// storage call) over OTLP/gRPC to this collector (`http://host:4317`), parented by the
+    /// caller's W3C `traceparent`. Empty: no tracing (Limitador's flag).
     #[arg(long, env = "TRACING_ENDPOINT", value_name = "URL", default_value = "")]
     pub tracing_endpoint: String,
 
-    /// Limitador's CEL expression of extra metric labels (e.g. `descriptors[1]`, as
-    /// kuadrant-operator sets it). Accepted so Limitador's command lines start, but not applied
-    /// yet: warned about at start.
+    /// A CEL expression over `descriptors` giving a map of extra labels (name → value) for
+    /// authorized_calls, authorized_hits and limited_calls (Limitador's; e.g.
+    /// `descriptors[1]`). Each label takes at most 100 values (later ones are `other`), and
+    /// at most 16 label names come from it. See docs/operations.md.
     #[arg(long, value_name = "CEL")]
     pub metric_labels_default: Option<String>,
 
-    /// Limitador's file of custom metric labels. Accepted so Limitador's command lines start,
-    /// but not applied yet: warned about at start.
+    /// A YAML file of custom labels for authorized_calls, authorized_hits and limited_calls:
+    /// `label_name: <CEL expression over descriptors>` per line (Limitador's format). Each
+    /// label takes at most 100 values (later ones are `other`); reloaded when it changes.
     #[arg(short = 'L', long, value_name = "FILE")]
     pub custom_metric_labels: Option<PathBuf>,
 

@@ -22,7 +22,8 @@
 //! - [`request`] — what a client asks (namespace, descriptors, costs) and its bounds;
 //!   [`clock`] — time behind a trait tests can drive.
 //! - [`metrics`] — the Prometheus observer and the adapters' per-RPC series; [`status`] feeds
-//!   `/status`; [`proto`] is the generated gRPC code.
+//!   `/status`; [`proto`] is the generated gRPC code; [`telemetry`] is the OpenTelemetry
+//!   spans of the gRPC calls (`--tracing-endpoint`), which [`rls`] fills in.
 //! - [`server`] binds and runs the listeners (plain or TLS); [`reload`] is hot reload; [`config`] is the CLI,
 //!   imported only by the binary (`main.rs`), which parses it into the types above.
 //!
@@ -46,4 +47,5 @@ pub mod rls;
 pub mod server;
 pub mod status;
 pub mod storage;
+pub mod telemetry;
 pub mod throttle;

@@ -11,10 +11,11 @@ use ratekeeper::limiter::{Limiter, Reservations};
 use ratekeeper::limits::{
     FixedLimits, LimitSet, RATE_LIMIT_CONFIG, RatelimitSettings, load_path, parse_rate_limit_config,
 };
-use ratekeeper::metrics::{self, Prometheus};
+use ratekeeper::metrics::{self, MetricLabels, Prometheus};
 use ratekeeper::server::{self, Settings, Tls};
 use ratekeeper::status::ServerStatus;
 use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage, open_disk};
+use ratekeeper::telemetry::Tracer;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -58,7 +59,6 @@ fn main() -> ExitCode {
     if limits.is_empty() {
         tracing::warn!("no limits loaded: every request will be allowed");
     }
-    warn_about_limitador_options(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -112,26 +112,6 @@ fn load_limits(cli: &Cli, settings: RatelimitSettings) -> Result<LimitSet, LoadE
         })
 }
 
-/// Limitador options that are accepted (so Limitador's command lines, e.g. limitador-operator's,
-/// start) but do nothing yet: each one set is said once at start.
-fn warn_about_limitador_options(cli: &Cli) {
-    if !cli.tracing_endpoint.is_empty() {
-        tracing::warn!(
-            endpoint = cli.tracing_endpoint,
-            "--tracing-endpoint is accepted but ratekeeper exports no traces yet"
-        );
-    }
-    if let Some(expression) = &cli.metric_labels_default {
-        tracing::warn!(
-            expression,
-            "--metric-labels-default is accepted but not applied yet: metrics keep Limitador's default labels"
-        );
-    }
-    if let Some(file) = &cli.custom_metric_labels {
-        tracing::warn!(file = %file.display(), "--custom-metric-labels is accepted but not applied yet: metrics keep Limitador's default labels");
-    }
-}
-
 /// Why the limits could not be loaded, and how many problems that is (for `--validate`).
 struct LoadError {
     message: String,
@@ -169,9 +149,12 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
     tracing::info!(limits = limits.len(), path = ?cli.limits_path(), asm_rules = limits.fixed().is_some(), "limits loaded");
     metrics::install().map_err(|e| anyhow::anyhow!("cannot set up metrics: {e}"))?;
     metrics::limits_applied(0, limits.len());
+    let labels = metric_labels(&cli).map_err(anyhow::Error::msg)?;
     let status = ServerStatus::default().refusing_evicting_storage(cli.refuse_evicting_storage);
     let observer = Arc::new(
-        Prometheus::new(cli.limit_name_in_labels).recording_refusals(status.refusals().clone()),
+        Prometheus::new(cli.limit_name_in_labels)
+            .recording_refusals(status.refusals().clone())
+            .with_labels(labels),
     );
     let limiter = Arc::new(
         Limiter::new(limits, storage, Arc::new(SystemClock))
@@ -188,6 +171,15 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
         Some(files) => Some(Arc::new(Tls::load(files).map_err(anyhow::Error::msg)?)),
         None => None,
     };
+    // An empty endpoint (kuadrant-operator passes one) is no tracing, as in Limitador.
+    let tracer = match cli.tracing_endpoint.as_str() {
+        "" => None,
+        endpoint => {
+            let tracer = Tracer::start(endpoint).map_err(anyhow::Error::msg)?;
+            tracing::info!(endpoint, "exporting traces (OTLP/gRPC)");
+            Some(tracer)
+        }
+    };
     let settings = Settings {
         rls_addr: SocketAddr::new(cli.rls_ip, cli.rls_port),
         http_addr: SocketAddr::new(cli.http_ip, cli.http_port),
@@ -200,11 +192,13 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
         connections: cli.connections.into(),
         http_auth_token,
         tls,
+        tracer,
     };
+    let signalled = shutdown_signal();
     let running = server::start(settings, limiter, Arc::new(status))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen: {e}"))?;
-    shutdown_signal().await;
+    signalled.await;
     let grace = Duration::from_secs(cli.shutdown_timeout);
     tracing::info!(?grace, "shutting down: finishing in-flight calls");
     match tokio::time::timeout(grace, running.shutdown()).await {
@@ -213,6 +207,20 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The custom metric labels of `-L` and `--metric-labels-default`, if any; the `-L` file is
+/// watched for changes.
+fn metric_labels(cli: &Cli) -> Result<Option<Arc<MetricLabels>>, String> {
+    let named = match &cli.custom_metric_labels {
+        Some(path) => Some(metrics::parse_labels_file(path)?),
+        None => None,
+    };
+    let labels = MetricLabels::new(cli.metric_labels_default.as_deref(), named)?.map(Arc::new);
+    if let (Some(labels), Some(path)) = (&labels, &cli.custom_metric_labels) {
+        tokio::spawn(metrics::watch_labels_file(path.clone(), labels.clone()));
+    }
+    Ok(labels)
 }
 
 /// The HTTP API's token, from `--http-auth-token` or the file `--http-auth-token-file` names.
@@ -244,25 +252,33 @@ fn plural(count: usize, noun: &str) -> String {
     }
 }
 
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Registers for SIGTERM and SIGINT now, and returns what waits for one. Called before the
+/// listeners open: a signal that arrives as soon as the server answers is then a graceful
+/// shutdown, not the default action (killed).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = terminate.recv() => {}
+        let terminate = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (terminate, interrupt) {
+                (Ok(mut terminate), Ok(mut interrupt)) => {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = interrupt.await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
-    let _ = interrupt.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Logs go to stderr through a background thread: a call that logs only queues the line, and

@@ -11,6 +11,13 @@ use arc_swap::ArcSwap;
 use metrics::{Counter, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+mod labels;
+
+pub use labels::{
+    LABELS_POLL, MAX_DEFAULT_LABELS, MAX_VALUES_PER_LABEL, MetricLabels, OTHER_VALUE, parse_labels,
+    parse_labels_file, watch_labels_file,
+};
+
 use crate::call::Call;
 use crate::limiter::{Decided, Observer};
 use crate::limits::{EvalError, Limit};
@@ -25,7 +32,7 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
-const DESCRIPTIONS: [(&str, &str); 25] = [
+const DESCRIPTIONS: [(&str, &str); 26] = [
     ("limitador_up", "Limitador is running"),
     (
         "datastore_partitioned",
@@ -101,6 +108,10 @@ const DESCRIPTIONS: [(&str, &str); 25] = [
         "Tokens on hold by reservations placed through this process, summed over counters, until committed or seen expired (sum over replicas)",
     ),
     (
+        "ratekeeper_trace_spans_dropped",
+        "Trace spans dropped because the export queue was full (--tracing-endpoint)",
+    ),
+    (
         "ratekeeper_cel_errors",
         "Limit expressions that failed on a request (the limit was skipped)",
     ),
@@ -144,6 +155,8 @@ pub struct Prometheus {
     unknown: UnknownNamespaces,
     /// Refusals per limit over the last minutes, for `/ui`.
     recent: Option<Arc<RecentRefusals>>,
+    /// Custom labels on `authorized_calls`, `authorized_hits` and `limited_calls`.
+    labels: Option<Arc<MetricLabels>>,
 }
 
 /// How many namespaces without limits get a series (and a warning) of their own.
@@ -216,7 +229,15 @@ impl Prometheus {
             namespaces: SeriesCache::default(),
             unknown: UnknownNamespaces::default(),
             recent: None,
+            labels: None,
         }
+    }
+
+    /// Adds the custom labels of `-L`/`--metric-labels-default` to Limitador's three call
+    /// metrics.
+    pub fn with_labels(mut self, labels: Option<Arc<MetricLabels>>) -> Self {
+        self.labels = labels;
+        self
     }
 
     /// Also records refusals per limit into `recent` (what `/ui` shows).
@@ -295,6 +316,32 @@ impl NamespaceSeries {
             authorized_hits: counter!("authorized_hits", &labels),
             limited_calls: counter!("limited_calls", &labels),
             limits: SeriesCache::default(),
+        }
+    }
+
+    fn of(&self, which: CallSeries) -> &Counter {
+        match which {
+            CallSeries::AuthorizedCalls => &self.authorized_calls,
+            CallSeries::AuthorizedHits => &self.authorized_hits,
+            CallSeries::LimitedCalls => &self.limited_calls,
+        }
+    }
+}
+
+/// Limitador's three per-namespace call metrics.
+#[derive(Debug, Clone, Copy)]
+enum CallSeries {
+    AuthorizedCalls,
+    AuthorizedHits,
+    LimitedCalls,
+}
+
+impl CallSeries {
+    fn name(self) -> &'static str {
+        match self {
+            CallSeries::AuthorizedCalls => "authorized_calls",
+            CallSeries::AuthorizedHits => "authorized_hits",
+            CallSeries::LimitedCalls => "limited_calls",
         }
     }
 }
@@ -381,11 +428,25 @@ impl Observer for Prometheus {
             }
         }
         let call = decision.call;
+        let custom = match &self.labels {
+            Some(labels) => labels.of(decided.descriptors),
+            None => Vec::new(),
+        };
         if call.asks_admission()
             && decision.refused()
             && let Some(limiting) = decision.limiting()
         {
-            self.with_limit(&limiting.limit, |series| series.limited_calls.increment(1));
+            if custom.is_empty() {
+                self.with_limit(&limiting.limit, |series| series.limited_calls.increment(1));
+            } else {
+                let mut labels = vec![(NAMESPACE.to_string(), limiting.limit.namespace.clone())];
+                if self.limit_name_in_labels {
+                    let name = limiting.limit.name.clone().unwrap_or_default();
+                    labels.push((LIMIT_NAME.to_string(), name));
+                }
+                labels.extend(custom);
+                counter!("limited_calls", &labels).increment(1);
+            }
             if let Some(recent) = &self.recent {
                 recent.record(limiting.limit.key);
             }
@@ -398,20 +459,32 @@ impl Observer for Prometheus {
             self.unknown.called(decided.namespace);
             ""
         };
-        let record = |series: &NamespaceSeries| {
-            if !call.asks_admission() {
-                series.authorized_hits.increment(decision.cost);
-            } else if decision.refused() {
-                series.limited_calls.increment(1);
-            } else {
-                series.authorized_calls.increment(1);
-                if call.charges() {
-                    series.authorized_hits.increment(decision.cost);
-                }
-            }
+        // Which of Limitador's three series this call adds to, and how much.
+        use CallSeries::{AuthorizedCalls, AuthorizedHits, LimitedCalls};
+        let counts: &[(CallSeries, u64)] = if !call.asks_admission() {
+            &[(AuthorizedHits, decision.cost)]
+        } else if decision.refused() {
+            &[(LimitedCalls, 1)]
+        } else if call.charges() {
+            &[(AuthorizedCalls, 1), (AuthorizedHits, decision.cost)]
+        } else {
+            &[(AuthorizedCalls, 1)]
         };
-        self.namespaces
-            .with(namespace, || NamespaceSeries::new(namespace), record);
+        if custom.is_empty() {
+            let record = |series: &NamespaceSeries| {
+                for &(which, amount) in counts {
+                    series.of(which).increment(amount);
+                }
+            };
+            self.namespaces
+                .with(namespace, || NamespaceSeries::new(namespace), record);
+        } else {
+            let mut labels = vec![(NAMESPACE.to_string(), namespace.to_string())];
+            labels.extend(custom);
+            for &(which, amount) in counts {
+                counter!(which.name(), &labels).increment(amount);
+            }
+        }
     }
 
     fn refunded(&self, limit: &Limit, amount: u64) {
@@ -464,7 +537,7 @@ impl Outcome {
         Outcome::Error,
     ];
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
             Outcome::OverLimit => "over_limit",

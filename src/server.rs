@@ -29,6 +29,7 @@ use crate::rls::headers::RateLimitHeaders;
 use crate::rls::refusal::OverLimitResponse;
 use crate::rls::{Answers, RateLimitServer};
 use crate::status::ServerStatus;
+use crate::telemetry::Tracer;
 
 /// How often expired counters are swept from storage.
 const RECLAIM_EVERY: Duration = Duration::from_secs(5);
@@ -101,6 +102,8 @@ pub struct Settings {
     /// TLS on both listeners (mTLS on the gRPC one with a client CA), loaded with
     /// [`Tls::load`] and kept up to date with its files while serving; `None`: plain text.
     pub tls: Option<Arc<Tls>>,
+    /// `--tracing-endpoint`: a span per gRPC call; `None`: no tracing.
+    pub tracer: Option<Tracer>,
 }
 
 /// A server that is listening; stop it with [`Running::shutdown`].
@@ -130,7 +133,8 @@ pub async fn start(
         headers: settings.rate_limit_headers,
         over_limit: settings.over_limit_response,
     };
-    let rls = RateLimitServer::new(limiter.clone(), answers, settings.bounds);
+    let rls = RateLimitServer::new(limiter.clone(), answers, settings.bounds)
+        .traced_by(settings.tracer.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
     // Reflection under both names: `grpc.reflection.v1` and the older `v1alpha` that many
     // tools (grpcio-reflection's client among them) still ask for.

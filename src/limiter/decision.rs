@@ -2,6 +2,7 @@
 //! one status per request descriptor and the list of limits the call touched.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use smallvec::SmallVec;
 
@@ -47,6 +48,15 @@ pub struct Decision {
     /// envoyproxy/ratelimit's `RESPONSE_DYNAMIC_METADATA`: what the answer's
     /// `dynamic_metadata` carries.
     pub dynamic_metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// When the storage was asked and how long it took (none when it was not asked).
+    pub storage_time: Option<StorageTime>,
+}
+
+/// One storage call's timing, for a trace's storage span.
+#[derive(Debug, Clone, Copy)]
+pub struct StorageTime {
+    pub started: Instant,
+    pub elapsed: Duration,
 }
 
 impl Decision {
@@ -72,6 +82,7 @@ impl Decision {
             holds_full: false,
             released: false,
             dynamic_metadata: None,
+            storage_time: None,
         }
     }
 

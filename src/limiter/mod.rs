@@ -25,7 +25,7 @@ use crate::limits::{EvalError, Limit, LimitId, LimitSet};
 pub use crate::request::{Descriptor, Request};
 use crate::storage::{CounterSnapshot, ListError, Page, PageRequest, Storage, StorageError};
 use crate::throttle::{LOG_EVERY, Throttle};
-pub use decision::{Decision, DescriptorStatus, LimitStatus};
+pub use decision::{Decision, DescriptorStatus, LimitStatus, StorageTime};
 pub use explain::{Explanation, LimitExplanation, NotApplied};
 use plan::{Plan, plan};
 
@@ -62,6 +62,8 @@ pub struct Decided<'a> {
     /// Whether the namespace has limits (observers may pool the others).
     pub namespace_has_limits: bool,
     pub decision: &'a Decision,
+    /// The request's descriptors (for labels taken from them).
+    pub descriptors: &'a [Descriptor],
 }
 
 /// What the engine reports as it works. Every method defaults to doing nothing.
@@ -300,8 +302,8 @@ impl Limiter {
             }
         };
 
-        let outcomes = match self.outcomes(&plan, now_ms).await {
-            Ok(outcomes) => outcomes,
+        let (outcomes, storage_time) = match self.outcomes(&plan, now_ms).await {
+            Ok(answer) => answer,
             Err(error) => {
                 // (`--on-storage-error allow`: a reservation admitted without holds.)
                 let mut decision = self.storage_failed(call, plan.cost, descriptors, error)?;
@@ -320,6 +322,7 @@ impl Limiter {
             }
         }
         let mut decision = decision::assemble(call, descriptors, plan, outcomes);
+        decision.storage_time = storage_time;
         if decision.verdict == Verdict::Admitted {
             decision.reservation_id = reservation_id;
         }
@@ -328,6 +331,7 @@ impl Limiter {
             namespace: &request.namespace,
             namespace_has_limits,
             decision: &decision,
+            descriptors: &request.descriptors,
         });
         Ok(decision)
     }
@@ -341,7 +345,7 @@ impl Limiter {
         let plan = plan(&limits, request, call);
         let descriptors = request.descriptors.len();
         let decision = match self.outcomes(&plan, self.clock.now_ms()).await {
-            Ok(outcomes) => Ok(decision::assemble(call, descriptors, plan, outcomes)),
+            Ok((outcomes, _)) => Ok(decision::assemble(call, descriptors, plan, outcomes)),
             Err(error) => Err(error),
         };
         explain::explain(&limits, request, decision)
@@ -353,7 +357,7 @@ impl Limiter {
         &self,
         plan: &Plan<'_>,
         now_ms: u64,
-    ) -> Result<Vec<GroupOutcome>, StorageError> {
+    ) -> Result<(Vec<GroupOutcome>, Option<StorageTime>), StorageError> {
         if plan.batch.counters.is_empty() {
             // Nothing applies: every group is admitted without asking the storage (a commit
             // finds no hold to release).
@@ -362,12 +366,13 @@ impl Limiter {
                 counters: Vec::new(),
                 holds_full: false,
             });
-            return Ok(outcomes.collect());
+            return Ok((outcomes.collect(), None));
         }
         let started = Instant::now();
         let result = self.storage.apply(&plan.batch, now_ms).await;
-        self.observer.storage_called(started.elapsed());
-        result
+        let elapsed = started.elapsed();
+        self.observer.storage_called(elapsed);
+        result.map(|outcomes| (outcomes, Some(StorageTime { started, elapsed })))
     }
 
     /// Applies `--on-storage-error`: the error itself, or a fixed answer without limits.

@@ -211,6 +211,23 @@ impl Expression {
         }
     }
 
+    /// Evaluates an expression that gives a map (Limitador's `--metric-labels-default`): its
+    /// string keys with string values, in key order; other entries are left out, and any other
+    /// answer gives no entries.
+    pub fn to_string_map(&self, input: &Input) -> Result<Vec<(String, String)>, EvalError> {
+        let Value::Map(map) = self.execute(input, None)? else {
+            return Ok(Vec::new());
+        };
+        let mut entries: Vec<(String, String)> = (map.map.iter())
+            .filter_map(|(key, value)| match (key, value) {
+                (Key::String(k), Value::String(v)) => Some((k.to_string(), v.to_string())),
+                _ => None,
+            })
+            .collect();
+        entries.sort();
+        Ok(entries)
+    }
+
     fn execute(&self, input: &Input, limit: Option<&Value>) -> Result<Value, EvalError> {
         let context = input.cel();
         let result = match limit.filter(|_| self.reads_limit) {

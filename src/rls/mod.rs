@@ -26,6 +26,7 @@ use crate::proto::kuadrant::service::ratelimit::v1 as kuadrant;
 use crate::request::RequestBounds;
 use crate::request::{Descriptor, LimitOverride, Request};
 use crate::storage::StorageError;
+use crate::telemetry::{RpcSpan, Tracer};
 use crate::throttle::{LOG_EVERY, Throttle};
 use headers::RateLimitHeaders;
 use refusal::OverLimitResponse;
@@ -40,6 +41,8 @@ pub struct RateLimitServer {
     limiter: Arc<Limiter>,
     answers: Answers,
     bounds: RequestBounds,
+    /// `--tracing-endpoint`: a span per call; `None`, no tracing work at all.
+    tracer: Option<Tracer>,
 }
 
 /// What answers carry besides the decision: rate limit headers (`--rate-limit-headers`) and
@@ -56,6 +59,26 @@ impl RateLimitServer {
             limiter,
             answers,
             bounds,
+            tracer: None,
+        }
+    }
+
+    /// Traces every call through `tracer`.
+    pub fn traced_by(mut self, tracer: Option<Tracer>) -> Self {
+        self.tracer = tracer;
+        self
+    }
+
+    /// The span of a call, when tracing is on and the caller's trace is sampled.
+    fn span(&self, call: Call, metadata: &MetadataMap) -> Option<RpcSpan> {
+        self.tracer.as_ref().and_then(|t| t.rpc(call, metadata))
+    }
+
+    /// Ends a call's span with how the call was answered.
+    fn finish<T>(&self, span: Option<RpcSpan>, outcome: Outcome, result: &Result<T, Status>) {
+        if let (Some(tracer), Some(mut span)) = (&self.tracer, span) {
+            span.answered(outcome.name(), result.as_ref().err());
+            tracer.finish(span);
         }
     }
 
@@ -66,9 +89,11 @@ impl RateLimitServer {
     ) -> Result<tonic::Response<RateLimitResponse>, Status> {
         let started = Instant::now();
         let (metadata, _, message) = request.into_parts();
-        let result = self.decide(message, call, &metadata).await;
+        let mut span = self.span(call, &metadata);
+        let result = self.decide(message, call, &metadata, &mut span).await;
         let outcome = outcome_of(&result, |response| response.overall_code);
         metrics::rpc(call, outcome, started.elapsed());
+        self.finish(span, outcome, &result);
         result.map(tonic::Response::new)
     }
 
@@ -77,6 +102,7 @@ impl RateLimitServer {
         request: RateLimitRequest,
         call: Call,
         metadata: &MetadataMap,
+        span: &mut Option<RpcSpan>,
     ) -> Result<RateLimitResponse, Status> {
         let rpc = call.name();
         // Only the lines logged for this call carry it (no per-call span to pay for), and it
@@ -99,6 +125,10 @@ impl RateLimitServer {
                 );
             }
         })?;
+        if let Some(span) = span {
+            // (0 means 1, as the request says.)
+            span.request(&request.namespace, request.hits.max(1));
+        }
         let decision = self.limiter.decide(&request, call).await.map_err(|error| {
             if let Some(skipped) = STORAGE_FAILED.admit() {
                 tracing::warn!(rpc, request_id = request_id(), %error, skipped,
@@ -106,6 +136,9 @@ impl RateLimitServer {
             }
             storage_status(&error)
         })?;
+        if let Some(span) = span {
+            span.decided(&decision);
+        }
         if decision.verdict != Verdict::Admitted {
             // Refusals are what a rate limiter is for: the metrics count them, and a line per
             // refusal would be the heaviest traffic of all at the default level.
@@ -127,6 +160,7 @@ impl RateLimitServer {
     async fn reserve_now(
         &self,
         message: kuadrant::ReserveRequest,
+        span: &mut Option<RpcSpan>,
     ) -> Result<kuadrant::ReserveResponse, Status> {
         // A negative ttl is no ttl of its own, like an absent or zero one.
         let ttl = message.ttl.and_then(|ttl| {
@@ -135,9 +169,12 @@ impl RateLimitServer {
             Some(std::time::Duration::new(seconds, nanos.min(999_999_999)))
         });
         let request =
-            self.reservation_request(message.domain, message.descriptors, message.amount)?;
+            self.reservation_request(message.domain, message.descriptors, message.amount, span)?;
         let decision = (self.limiter.reserve(&request, ttl).await)
             .map_err(|error| self.storage_refused(Call::Reserve, &error))?;
+        if let Some(span) = span {
+            span.decided(&decision);
+        }
         if decision.holds_full {
             return Err(Status::resource_exhausted(format!(
                 "a counter of this request already carries {} holds (the bound per counter); nothing was held",
@@ -153,11 +190,19 @@ impl RateLimitServer {
     async fn commit_now(
         &self,
         message: kuadrant::CommitRequest,
+        span: &mut Option<RpcSpan>,
     ) -> Result<kuadrant::CommitResponse, Status> {
-        let request =
-            self.reservation_request(message.domain, message.descriptors, message.actual_amount)?;
+        let request = self.reservation_request(
+            message.domain,
+            message.descriptors,
+            message.actual_amount,
+            span,
+        )?;
         let decision = (self.limiter.commit(&request, &message.reservation_id).await)
             .map_err(|error| self.storage_refused(Call::Commit, &error))?;
+        if let Some(span) = span {
+            span.decided(&decision);
+        }
         Ok(kuadrant::CommitResponse {
             reservation_released: decision.released,
         })
@@ -170,6 +215,7 @@ impl RateLimitServer {
         domain: String,
         descriptors: Vec<RateLimitDescriptor>,
         amount: u64,
+        span: &mut Option<RpcSpan>,
     ) -> Result<Request, Status> {
         if !self.limiter.reservations().enabled {
             return Err(Status::unimplemented(
@@ -182,6 +228,9 @@ impl RateLimitServer {
             hits_addend: 0,
         };
         let request = to_request(request, &self.bounds)?;
+        if let Some(span) = span {
+            span.request(&request.namespace, amount);
+        }
         Ok(Request {
             hits: amount,
             ..request
@@ -228,9 +277,12 @@ impl kuadrant::rate_limit_service_server::RateLimitService for RateLimitServer {
         request: tonic::Request<kuadrant::ReserveRequest>,
     ) -> Result<tonic::Response<kuadrant::ReserveResponse>, Status> {
         let started = Instant::now();
-        let result = self.reserve_now(request.into_inner()).await;
+        let (metadata, _, message) = request.into_parts();
+        let mut span = self.span(Call::Reserve, &metadata);
+        let result = self.reserve_now(message, &mut span).await;
         let outcome = outcome_of(&result, |response| response.code);
         metrics::rpc(Call::Reserve, outcome, started.elapsed());
+        self.finish(span, outcome, &result);
         result.map(tonic::Response::new)
     }
 
@@ -239,10 +291,13 @@ impl kuadrant::rate_limit_service_server::RateLimitService for RateLimitServer {
         request: tonic::Request<kuadrant::CommitRequest>,
     ) -> Result<tonic::Response<kuadrant::CommitResponse>, Status> {
         let started = Instant::now();
-        let result = self.commit_now(request.into_inner()).await;
+        let (metadata, _, message) = request.into_parts();
+        let mut span = self.span(Call::Commit, &metadata);
+        let result = self.commit_now(message, &mut span).await;
         // A commit is always answered OK (a report when its hold is gone).
         let outcome = outcome_of(&result, |_| response::Code::Ok as i32);
         metrics::rpc(Call::Commit, outcome, started.elapsed());
+        self.finish(span, outcome, &result);
         result.map(tonic::Response::new)
     }
 }

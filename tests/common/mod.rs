@@ -198,6 +198,7 @@ impl TestServer {
             connections: Default::default(),
             http_auth_token: None,
             tls: None,
+            tracer: None,
         };
         let running = server::start(settings, limiter.clone(), status.clone())
             .await
