@@ -43,13 +43,15 @@ pub struct PlannedContext {
     pub owners: SmallVec<[usize; 4]>,
 }
 
-/// Splits a request into contexts (DESIGN.md "Hits"): when no descriptor carries its own
-/// cost (or is a refund), or the call is a reservation's, the whole request is one context
-/// (Limitador); otherwise each descriptor is its own (Envoy).
-fn contexts(request: &Request, call: Call) -> SmallVec<[(Range<usize>, Context); 1]> {
-    let per_descriptor =
-        !call.whole_request() && (request.descriptors.iter()).any(|d| d.hits.is_some() || d.refund);
-    if !per_descriptor {
+/// Whether some descriptor carries its own cost or is a refund (Envoy's per-descriptor path).
+pub(super) fn own_costs(request: &Request) -> bool {
+    (request.descriptors.iter()).any(|d| d.hits.is_some() || d.refund)
+}
+
+/// Splits a request into contexts (DESIGN.md "Hits"): the whole request as one context
+/// (Limitador), or each descriptor as its own (Envoy).
+pub(super) fn contexts(request: &Request, whole: bool) -> SmallVec<[(Range<usize>, Context); 1]> {
+    if whole {
         let whole = Context::Request { hits: request.hits };
         return smallvec::smallvec![(0..request.descriptors.len(), whole)];
     }
@@ -74,7 +76,9 @@ pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r>
     if let Some(tree) = namespace.and_then(|n| n.tree()) {
         return super::ratelimit::plan(tree, request, call);
     }
-    let contexts = contexts(request, call);
+    // The whole request is one context when no descriptor carries its own cost, or the call
+    // is a reservation's.
+    let contexts = contexts(request, call.whole_request() || !own_costs(request));
     let mut plan = Plan {
         batch: Batch {
             namespace: &request.namespace,

@@ -10,15 +10,14 @@
 //! a refused request counts on none of its descriptors.
 
 use std::collections::{HashMap, HashSet};
-use std::ops::Range;
 use std::sync::Arc;
 
 use smallvec::SmallVec;
 
 use super::decision::{Decision, DescriptorStatus, LimitStatus, most_restrictive_first};
-use super::plan::{Plan, PlannedContext};
+use super::plan::{Plan, PlannedContext, contexts, own_costs};
 use crate::algorithm::{Group, GroupOutcome, MAX_COUNT, Policy};
-use crate::call::{Call, Context, Verdict};
+use crate::call::{Call, Verdict};
 use crate::limits::{AlgorithmKind, Domain, KeyValues, Limit, RatelimitSettings, tree_limit};
 use crate::request::Request;
 use crate::storage::{Batch, CounterKey, CounterRequest};
@@ -122,23 +121,11 @@ pub fn plan<'r>(domain: &Arc<Domain>, request: &'r Request, call: Call) -> Plan<
         }
     }
 
-    let own_costs = (request.descriptors.iter()).any(|d| d.hits.is_some() || d.refund);
     let whole = call.whole_request()
-        || (settings.stop_increment_when_over && call == Call::ShouldRateLimit && !own_costs);
-    let contexts: Vec<(Range<usize>, Context)> = if whole {
-        vec![(0..count, Context::Request { hits: request.hits })]
-    } else {
-        (request.descriptors.iter().enumerate())
-            .map(|(i, d)| {
-                let context = Context::Descriptor {
-                    hits: d.hits,
-                    request_hits: request.hits,
-                    refund: d.refund,
-                };
-                (i..i + 1, context)
-            })
-            .collect()
-    };
+        || (settings.stop_increment_when_over
+            && call == Call::ShouldRateLimit
+            && !own_costs(request));
+    let contexts = contexts(request, whole);
 
     let mut plan = Plan {
         batch: Batch {
