@@ -12,13 +12,13 @@ use std::process::Command;
 use common::process::{Server, manifest_dir};
 use common::transcript::{Transcript, same_within};
 
-/// Runs a README shell command against `server` (its `localhost:8080` is the server's HTTP
-/// address): stdout, without `\r` and without `date:` headers (they change every second).
-fn run_http(command: &str, server: &Server) -> String {
-    let command = command.replace("localhost:8080", &server.http.to_string());
+/// Runs a shell command from the repository's root with `env` set: its stdout (it must
+/// succeed).
+fn sh(command: &str, env: &[(&str, &str)]) -> String {
     let output = Command::new("sh")
-        .args(["-c", &command])
+        .args(["-c", command])
         .current_dir(manifest_dir())
+        .envs(env.iter().copied())
         .output()
         .expect("sh runs");
     assert!(
@@ -26,7 +26,14 @@ fn run_http(command: &str, server: &Server) -> String {
         "{command}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8_lossy(&output.stdout)
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs a README shell command against `server` (its `localhost:8080` is the server's HTTP
+/// address): stdout, without `\r` and without `date:` headers (they change every second).
+fn run_http(command: &str, server: &Server) -> String {
+    let command = command.replace("localhost:8080", &server.http.to_string());
+    sh(&command, &[])
         .replace('\r', "")
         .lines()
         .filter(|line| !line.to_ascii_lowercase().starts_with("date:"))
@@ -156,18 +163,7 @@ fn the_readme_envoy_walkthroughs_print_what_they_show() {
     assert_eq!(transcript.steps.len(), 2);
     transcript.check(
         |command| {
-            let output = Command::new("sh")
-                .args(["-c", command])
-                .current_dir(manifest_dir())
-                .env("RATEKEEPER", env!("CARGO_BIN_EXE_ratekeeper"))
-                .output()
-                .expect("sh runs");
-            assert!(
-                output.status.success(),
-                "{command}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            String::from_utf8_lossy(&output.stdout)
+            sh(command, &[("RATEKEEPER", env!("CARGO_BIN_EXE_ratekeeper"))])
                 .lines()
                 .skip_while(|line| line.starts_with("== starting") || line.is_empty())
                 .collect::<Vec<_>>()
