@@ -33,6 +33,26 @@ pub struct Plan<'r> {
     pub ratelimit: Option<super::ratelimit::Answer>,
 }
 
+impl<'r> Plan<'r> {
+    /// A plan with nothing in it yet, for `groups` contexts.
+    pub(super) fn empty(namespace: &'r str, groups: usize, namespace_has_limits: bool) -> Self {
+        Plan {
+            batch: Batch {
+                namespace,
+                hold: None,
+                counters: Vec::new(),
+                groups: Vec::with_capacity(groups),
+            },
+            contexts: SmallVec::with_capacity(groups),
+            failed: SmallVec::new(),
+            cost_failed: SmallVec::new(),
+            namespace_has_limits,
+            cost: 0,
+            ratelimit: None,
+        }
+    }
+}
+
 /// One evaluation context: the descriptors it answers for and, for each counter of its group
 /// (in the group's order), the limit that counter belongs to.
 pub struct PlannedContext {
@@ -79,20 +99,7 @@ pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r>
     // The whole request is one context when no descriptor carries its own cost, or the call
     // is a reservation's.
     let contexts = contexts(request, call.whole_request() || !own_costs(request));
-    let mut plan = Plan {
-        batch: Batch {
-            namespace: &request.namespace,
-            hold: None,
-            counters: Vec::new(),
-            groups: Vec::with_capacity(contexts.len()),
-        },
-        contexts: SmallVec::with_capacity(contexts.len()),
-        failed: SmallVec::new(),
-        cost_failed: SmallVec::new(),
-        namespace_has_limits: namespace.is_some(),
-        cost: 0,
-        ratelimit: None,
-    };
+    let mut plan = Plan::empty(&request.namespace, contexts.len(), namespace.is_some());
     // Within one group every limit has its own counter; only several groups (Envoy's
     // per-descriptor costs) can name the same counter twice, and then it is one counter.
     let mut shared: Option<HashMap<CounterKey, usize>> = (contexts.len() > 1).then(HashMap::new);

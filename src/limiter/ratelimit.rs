@@ -20,7 +20,7 @@ use crate::algorithm::{Group, GroupOutcome, MAX_COUNT, Policy};
 use crate::call::{Call, Verdict};
 use crate::limits::{AlgorithmKind, Domain, KeyValues, Limit, RatelimitSettings, tree_limit};
 use crate::request::Request;
-use crate::storage::{Batch, CounterKey, CounterRequest};
+use crate::storage::{CounterKey, CounterRequest};
 
 /// What the answer of a planned request needs besides the storage's outcomes.
 pub struct Answer {
@@ -127,20 +127,7 @@ pub fn plan<'r>(domain: &Arc<Domain>, request: &'r Request, call: Call) -> Plan<
             && !own_costs(request));
     let contexts = contexts(request, whole);
 
-    let mut plan = Plan {
-        batch: Batch {
-            namespace: &request.namespace,
-            hold: None,
-            counters: Vec::new(),
-            groups: Vec::with_capacity(contexts.len()),
-        },
-        contexts: SmallVec::with_capacity(contexts.len()),
-        failed: SmallVec::new(),
-        namespace_has_limits: true,
-        cost: 0,
-        cost_failed: SmallVec::new(),
-        ratelimit: None,
-    };
+    let mut plan = Plan::empty(&request.namespace, contexts.len(), true);
     let mut shared: HashMap<CounterKey, usize> = HashMap::new();
     for (descriptors, context) in contexts {
         let (policy, cost) = call.policy(context);
