@@ -42,6 +42,7 @@ on_memory_and_redis!(
     stop_increment_counts_nothing_for_a_refused_request,
     hits_addend_charges_a_token_budget,
     dynamic_metadata_carries_the_passed_descriptors_metadata,
+    a_calendar_month_ends_at_midnight_on_the_first_in_its_zone,
 );
 
 const BASIC: &str = r#"
@@ -640,4 +641,50 @@ async fn explain_tells_which_limit_the_tree_reaches() {
     assert_eq!(applying, [3], "{body:#}");
     let other = limits.iter().find(|l| l["applies"] == false).unwrap();
     assert_eq!(other["reason"]["kind"], "no_match", "{body:#}");
+}
+
+/// Our `calendar:` extension in this format: a monthly budget in Paris's time zone, from the
+/// test clock's start (2026-01-01T00:00Z, 01:00 in Paris) to Feb 1 00:00 Paris (Jan 31 23:00Z).
+const CALENDAR: &str = r#"
+domain: monthly
+descriptors:
+  - key: team
+    rate_limit: {calendar: month, timezone: Europe/Paris, requests_per_unit: 3}
+"#;
+
+async fn a_calendar_month_ends_at_midnight_on_the_first_in_its_zone(backend: Backend) {
+    let server = TestServer::on(backend, CALENDAR).await;
+    let to_boundary_s = 31 * 86_400 - 3_600;
+    for remaining in [2, 1, 0] {
+        let r = should(&server, "monthly", &[&[("team", "research")]]).await;
+        assert_eq!(code(&r), Code::Ok);
+        let status = &r.statuses[0];
+        assert_eq!(status.limit_remaining, remaining);
+        assert_eq!(
+            status.current_limit.as_ref().unwrap().unit,
+            Unit::Month as i32
+        );
+        assert_eq!(
+            status.duration_until_reset.as_ref().unwrap().seconds,
+            to_boundary_s
+        );
+    }
+    assert_eq!(
+        code(&should(&server, "monthly", &[&[("team", "research")]]).await),
+        Code::OverLimit
+    );
+    server.clock.advance_ms(to_boundary_s as u64 * 1000 - 1);
+    assert_eq!(
+        code(&should(&server, "monthly", &[&[("team", "research")]]).await),
+        Code::OverLimit,
+        "1 ms before the boundary"
+    );
+    server.clock.advance_ms(1);
+    let r = should(&server, "monthly", &[&[("team", "research")]]).await;
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 2));
+    // February: 28 days to March 1 00:00 Paris.
+    assert_eq!(
+        r.statuses[0].duration_until_reset.as_ref().unwrap().seconds,
+        28 * 86_400
+    );
 }

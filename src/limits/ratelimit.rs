@@ -20,7 +20,7 @@ use serde_yaml::{Mapping, Value};
 
 use super::file::MAX_SECONDS;
 use super::{AlgorithmKind, Expression, KeyValues, Limit, LimitFields, fingerprint};
-use crate::algorithm::{Algorithm, FixedWindow, MAX_COUNT};
+use crate::algorithm::{Algorithm, Calendar, FixedWindow, MAX_COUNT, Period, calendar};
 
 /// The settings of this format that envoyproxy/ratelimit reads from its environment
 /// (`SHADOW_MODE`, `QUOTA_MODE`, `STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT`,
@@ -612,6 +612,8 @@ impl Reader<'_> {
 
     /// The limit of a (not unlimited) `rate_limit`.
     fn limit(&mut self, path: &str, raw: &RawRateLimit) -> Option<Arc<Limit>> {
+        // `calendar:` (our extension): a fixed window that lasts a calendar period.
+        let mut calendar_of = None;
         let seconds = match (&raw.unit, &raw.calendar) {
             (Some(_), Some(_)) => {
                 let text =
@@ -633,16 +635,18 @@ impl Reader<'_> {
                 }
                 found
             }
-            (None, Some(calendar)) => {
-                // Not wired to this format's planner yet (the Limitador format has them):
-                // refused rather than silently ignored.
-                let text = format!(
-                    "field `rate_limit.calendar` ({calendar:?}, timezone {:?}): calendar windows are \
-                     not supported in this format yet (a Limitador-format file has them)",
-                    raw.timezone.as_deref().unwrap_or("UTC")
-                );
-                self.problem(path, text);
-                None
+            (None, Some(period)) => {
+                let zone = raw.timezone.as_deref().unwrap_or("UTC");
+                let period = period
+                    .parse::<Period>()
+                    .map_err(|e| self.problem(path, format!("field `rate_limit.calendar`: {e}")))
+                    .ok();
+                let zone = calendar::zone(zone)
+                    .map_err(|e| self.problem(path, format!("field `rate_limit.timezone`: {e}")))
+                    .ok();
+                let (period, zone) = (period?, zone?);
+                calendar_of = Some(Calendar::new(period, zone));
+                Some(period.nominal_seconds())
             }
             (None, None) => {
                 self.problem(path, "missing field `rate_limit.unit`".into());
@@ -697,6 +701,19 @@ impl Reader<'_> {
                 self.problem(path, text);
                 AlgorithmKind::FixedWindow
             }
+        };
+        let kind = match (calendar_of, kind) {
+            (Some(calendar), AlgorithmKind::FixedWindow) => AlgorithmKind::Calendar(calendar),
+            (Some(_), _) => {
+                let text = format!(
+                    "field `rate_limit.calendar` only applies to `algorithm: fixed_window`, found \
+                     `algorithm: {}`",
+                    raw.algorithm.as_deref().unwrap_or("")
+                );
+                self.problem(path, text);
+                kind
+            }
+            (None, kind) => kind,
         };
         match (kind, raw.refill_tokens, requests_per_unit) {
             (AlgorithmKind::TokenBucket { .. }, Some(tokens), Some(max))
@@ -774,8 +791,12 @@ pub fn tree_limit(
             format!("token_bucket/{}", refill_tokens.unwrap_or(0))
         }
         AlgorithmKind::SlidingWindow => "sliding_window".to_string(),
+        AlgorithmKind::Calendar(calendar) => format!(
+            "calendar/{}/{}",
+            calendar.period.name(),
+            calendar.zone.name()
+        ),
         // Not read from this format (see `limit`).
-        AlgorithmKind::Calendar(_) => "calendar".to_string(),
         AlgorithmKind::Concurrency => "concurrency".to_string(),
     };
     let seconds_text = seconds.to_string();
@@ -837,6 +858,48 @@ mod tests {
             !wildcard_matches(&parts("k_ab*ba"), "k_aba"),
             "fixed parts may not overlap"
         );
+    }
+
+    #[test]
+    fn calendar_windows_are_checked_like_the_limitador_formats() {
+        let with = |rate_limit: &str| {
+            load(&format!(
+                "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {rate_limit}\n"
+            ))
+        };
+        let domains =
+            with("{calendar: week, timezone: Asia/Kathmandu, requests_per_unit: 5}").unwrap();
+        let limit = domains[0]
+            .find(&entries(&[("a", "x")]))
+            .and_then(|f| f.rule.limit.clone())
+            .unwrap();
+        assert!(limit.calendar().is_some());
+        for (rate_limit, said) in [
+            (
+                "{calendar: month, algorithm: token_bucket, requests_per_unit: 5}",
+                "`rate_limit.calendar` only applies to `algorithm: fixed_window`",
+            ),
+            (
+                "{calendar: month, timezone: Mars/Olympus, requests_per_unit: 5}",
+                "field `rate_limit.timezone`",
+            ),
+            (
+                "{calendar: fortnight, requests_per_unit: 5}",
+                "field `rate_limit.calendar`",
+            ),
+            (
+                "{calendar: day, unit: day, requests_per_unit: 5}",
+                "give one, not both",
+            ),
+        ] {
+            let Err(problems) = with(rate_limit) else {
+                panic!("{rate_limit} loaded");
+            };
+            assert!(
+                problems.iter().any(|p| p.contains(said)),
+                "{rate_limit}: {problems:?}"
+            );
+        }
     }
 
     #[test]
