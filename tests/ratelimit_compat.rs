@@ -43,6 +43,7 @@ on_memory_and_redis!(
     hits_addend_charges_a_token_budget,
     dynamic_metadata_carries_the_passed_descriptors_metadata,
     a_calendar_month_ends_at_midnight_on_the_first_in_its_zone,
+    a_cost_weighs_the_usage_each_descriptor_charges,
 );
 
 const BASIC: &str = r#"
@@ -687,4 +688,39 @@ async fn a_calendar_month_ends_at_midnight_on_the_first_in_its_zone(backend: Bac
         r.statuses[0].duration_until_reset.as_ref().unwrap().seconds,
         28 * 86_400
     );
+}
+
+/// Our `cost:` extension in this format: the large model's tokens cost 10 each; a failing
+/// expression (no `tokens` entry) charges the call's own hits.
+const PRICED: &str = r#"
+domain: priced
+descriptors:
+  - key: model
+    rate_limit:
+      unit: hour
+      requests_per_unit: 1000
+      cost: "descriptors[0].model == 'large' ? 10u * hits : hits"
+  - key: metered
+    rate_limit:
+      unit: hour
+      requests_per_unit: 1000
+      cost: "uint(descriptors[0].tokens)"
+"#;
+
+async fn a_cost_weighs_the_usage_each_descriptor_charges(backend: Backend) {
+    let server = TestServer::on(backend, PRICED).await;
+    let charge = |entries: &'static [(&'static str, &'static str)], hits: u64| {
+        request("priced", vec![descriptor_with_hits(entries, hits)], 0)
+    };
+    // Usage charged at stream done: 20 tokens of each model.
+    let r = server.should(charge(&[("model", "large")], 20)).await;
+    assert_eq!(r.statuses[0].limit_remaining, 800, "20 × 10");
+    let r = server.should(charge(&[("model", "small")], 20)).await;
+    assert_eq!(r.statuses[0].limit_remaining, 980, "20 × 1");
+    // A check (cost 0) is not weighed and charges nothing.
+    let r = server.should(charge(&[("model", "large")], 0)).await;
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 800));
+    // The expression fails (no `tokens` entry): the call's 7 are charged, never nothing.
+    let r = server.should(charge(&[("metered", "x")], 7)).await;
+    assert_eq!(r.statuses[0].limit_remaining, 993);
 }

@@ -90,6 +90,44 @@ pub(super) fn contexts(request: &Request, whole: bool) -> SmallVec<[(Range<usize
         .collect()
 }
 
+/// Whether a group's charge is weighed by its limits' `cost:`: charges of usage only (checks,
+/// holds and refunds use the amount they carry; a cost of 0 charges nothing).
+pub(super) fn weighs(policy: Policy, cost: u64) -> bool {
+    cost > 0
+        && matches!(
+            policy,
+            Policy::Charge | Policy::Commit | Policy::AllOrNothing
+        )
+}
+
+/// Adds counter `index` of `limit` to `group`; with `weigh_on` (the request, when the group
+/// [`weighs`]) and a `cost:` expression, at the cost the expression gives (a failure charges
+/// the group's cost and is recorded in the plan).
+pub(super) fn add_counter(
+    group: &mut Group,
+    index: usize,
+    limit: &Arc<Limit>,
+    weigh_on: Option<&Input<'_>>,
+    plan: &mut Plan<'_>,
+) {
+    let own = match (weigh_on, &limit.cost) {
+        (Some(input), Some(_)) => {
+            let (own, failure) = limit.cost_of(input, group.cost);
+            if let Some(why) = failure {
+                plan.cost_failed.push((limit.clone(), why));
+            }
+            // The counters before this one cost what the call carries.
+            group.costs.resize(group.counters.len(), group.cost);
+            Some(own.min(MAX_COUNT))
+        }
+        _ => None,
+    };
+    group.counters.push(index);
+    if own.is_some() || !group.costs.is_empty() {
+        group.costs.push(own.unwrap_or(group.cost));
+    }
+}
+
 /// Plans `request` as `call` against `limits`.
 pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r> {
     let namespace = limits.namespace_entry(&request.namespace);
@@ -114,13 +152,7 @@ pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r>
             counters: Vec::new(),
             costs: Vec::new(),
         };
-        // Charges of usage are weighed by the limits' `cost:` (checks, holds and refunds use
-        // the amount they carry; a cost of 0 charges nothing).
-        let weighs = cost > 0
-            && matches!(
-                policy,
-                Policy::Charge | Policy::Commit | Policy::AllOrNothing
-            );
+        let weighs = weighs(policy, cost);
         let mut applied = SmallVec::new();
         if let Some(namespace) = namespace {
             let descriptors = &request.descriptors[descriptors.clone()];
@@ -157,22 +189,13 @@ pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r>
                     },
                     None => add(key),
                 };
-                let own = match (weighs, &limit.cost) {
-                    (true, Some(_)) => {
-                        let (own, failure) = limit.cost_of(&input, cost);
-                        if let Some(why) = failure {
-                            plan.cost_failed.push((limit.clone(), why));
-                        }
-                        // The counters before this one cost what the call carries.
-                        group.costs.resize(group.counters.len(), cost);
-                        Some(own.min(MAX_COUNT))
-                    }
-                    _ => None,
-                };
-                group.counters.push(index);
-                if own.is_some() || !group.costs.is_empty() {
-                    group.costs.push(own.unwrap_or(cost));
-                }
+                add_counter(
+                    &mut group,
+                    index,
+                    limit,
+                    weighs.then_some(&input),
+                    &mut plan,
+                );
                 applied.push(limit.clone());
             }
         }

@@ -15,10 +15,12 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 use super::decision::{Decision, DescriptorStatus, LimitStatus, most_restrictive_first};
-use super::plan::{Plan, PlannedContext, contexts, own_costs};
+use super::plan::{Plan, PlannedContext, add_counter, contexts, own_costs, weighs};
 use crate::algorithm::{Group, GroupOutcome, MAX_COUNT, Policy};
 use crate::call::{Call, Verdict};
-use crate::limits::{AlgorithmKind, Domain, KeyValues, Limit, RatelimitSettings, tree_limit};
+use crate::limits::{
+    AlgorithmKind, Domain, Input, KeyValues, Limit, RatelimitSettings, tree_limit,
+};
 use crate::request::Request;
 use crate::storage::{CounterKey, CounterRequest};
 
@@ -138,6 +140,7 @@ pub fn plan<'r>(domain: &Arc<Domain>, request: &'r Request, call: Call) -> Plan<
             counters: Vec::new(),
             costs: Vec::new(),
         };
+        let weighs = weighs(policy, cost);
         let mut planned = PlannedContext {
             descriptors: descriptors.clone(),
             limits: SmallVec::new(),
@@ -155,7 +158,15 @@ pub fn plan<'r>(domain: &Arc<Domain>, request: &'r Request, call: Call) -> Plan<
                 });
                 plan.batch.counters.len() - 1
             });
-            group.counters.push(index);
+            // A `cost:` sees the descriptor that matched as `descriptors[0]`.
+            let input = Input::new(&request.descriptors[i..i + 1]);
+            add_counter(
+                &mut group,
+                index,
+                &found.limit,
+                weighs.then_some(&input),
+                &mut plan,
+            );
             planned.limits.push(found.limit.clone());
             planned.owners.push(i);
         }

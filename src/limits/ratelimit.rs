@@ -659,19 +659,14 @@ impl Reader<'_> {
                 "field `rate_limit.timezone` only applies with `calendar`".into(),
             );
         }
-        if let Some(cost) = &raw.cost {
-            // Not wired to this format's planner yet (the Limitador format has it): the
-            // expression is checked, and refused rather than silently ignored.
-            match Expression::compile(cost) {
-                Ok(_) => self.problem(
-                    path,
-                    "field `rate_limit.cost`: weighted costs are not supported in this format yet \
-                     (a Limitador-format file has them)"
-                        .into(),
-                ),
-                Err(e) => self.problem(path, format!("field `rate_limit.cost` ({cost:?}): {e}")),
-            }
-        }
+        // `cost:` (our extension): what a charge of usage costs, as in the Limitador format.
+        let cost = raw.cost.as_ref().and_then(|source| {
+            Expression::compile_cost(source)
+                .map_err(|e| {
+                    self.problem(path, format!("field `rate_limit.cost` ({source:?}): {e}"))
+                })
+                .ok()
+        });
         let requests_per_unit = raw.requests_per_unit;
         if requests_per_unit.is_none() {
             self.problem(path, "missing field `rate_limit.requests_per_unit`".into());
@@ -752,14 +747,8 @@ impl Reader<'_> {
         };
         debug_assert!(seconds <= MAX_SECONDS);
         let name = raw.name.clone().filter(|n| !n.is_empty());
-        let limit = Arc::new(tree_limit(
-            self.domain,
-            path,
-            name,
-            max_value,
-            seconds,
-            kind,
-        ));
+        let limit =
+            Arc::new(tree_limit(self.domain, path, name, max_value, seconds, kind).with_cost(cost));
         self.limits.push(limit.clone());
         Some(limit)
     }
