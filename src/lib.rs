@@ -47,3 +47,4 @@ pub mod server;
 pub mod status;
 pub mod storage;
 pub mod throttle;
+pub mod xds;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ratekeeper::clock::SystemClock;
+use ratekeeper::config::ratelimit_env::XdsSettings;
 use ratekeeper::config::{Cli, RedisCachedOptions, StorageCommand};
 use ratekeeper::http::HttpToken;
 use ratekeeper::limiter::{Limiter, Reservations};
@@ -55,7 +56,11 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    if limits.is_empty() {
+    if ratelimit_env.xds.is_some() {
+        tracing::info!(
+            "limits come from the xDS server (CONFIG_TYPE=GRPC_XDS_SOTW): none until its first version"
+        );
+    } else if limits.is_empty() {
         tracing::warn!("no limits loaded: every request will be allowed");
     }
     warn_about_limitador_options(&cli);
@@ -69,7 +74,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli, limits)) {
+    match runtime.block_on(run(cli, limits, ratelimit_env.xds)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Said once: in the log when errors are logged (JSON log collectors see it), else
@@ -144,7 +149,7 @@ impl std::fmt::Display for LoadError {
     }
 }
 
-async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
+async fn run(cli: Cli, limits: LimitSet, xds: Option<XdsSettings>) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(cli.storage_timeout);
     let storage: Arc<dyn Storage> = match cli.storage().map_err(anyhow::Error::msg)? {
         StorageCommand::Memory(options) => Arc::new(MemoryStorage::new(options.cache)),
@@ -201,10 +206,22 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
         http_auth_token,
         tls,
     };
-    let running = server::start(settings, limiter, Arc::new(status))
+    let status = Arc::new(status);
+    let running = server::start(settings, limiter.clone(), status.clone())
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen: {e}"))?;
+    // envoyproxy/ratelimit's xDS config source, when CONFIG_TYPE=GRPC_XDS_SOTW.
+    let (stop_xds, xds_stopped) = tokio::sync::watch::channel(false);
+    if let Some(xds) = xds {
+        tokio::spawn(ratekeeper::xds::subscribe(
+            xds,
+            limiter,
+            status,
+            xds_stopped,
+        ));
+    }
     shutdown_signal().await;
+    let _ = stop_xds.send(true);
     let grace = Duration::from_secs(cli.shutdown_timeout);
     tracing::info!(?grace, "shutting down: finishing in-flight calls");
     match tokio::time::timeout(grace, running.shutdown()).await {
