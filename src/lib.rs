@@ -23,7 +23,9 @@
 //!   [`clock`] — time behind a trait tests can drive.
 //! - [`metrics`] — the Prometheus observer and the adapters' per-RPC series; [`status`] feeds
 //!   `/status`; [`proto`] is the generated gRPC code.
-//! - [`server`] binds and runs the listeners (plain or TLS); [`reload`] is hot reload; [`config`] is the CLI,
+//! - [`server`] binds and runs the listeners (plain or TLS); [`reload`] is hot reload; [`xds`]
+//!   takes envoyproxy/ratelimit's config from an xDS server and applies it as [`reload`] does;
+//!   [`config`] is the CLI,
 //!   imported only by the binary (`main.rs`), which parses it into the types above.
 //!
 //! The public surface is what the binary wires together and the black-box tests drive: the

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ratekeeper::clock::SystemClock;
-use ratekeeper::config::ratelimit_env::XdsSettings;
 use ratekeeper::config::{Cli, RedisCachedOptions, StorageCommand};
 use ratekeeper::http::HttpToken;
 use ratekeeper::limiter::{Limiter, Reservations};
@@ -16,6 +15,7 @@ use ratekeeper::metrics::{self, Prometheus};
 use ratekeeper::server::{self, Settings, Tls};
 use ratekeeper::status::ServerStatus;
 use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage, open_disk};
+use ratekeeper::xds::XdsSettings;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

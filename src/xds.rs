@@ -24,7 +24,6 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
-use crate::config::ratelimit_env::XdsSettings;
 use crate::limiter::Limiter;
 use crate::limits::{Source, load_source};
 use crate::proto::envoy::config::core::v3::Node;
@@ -39,6 +38,26 @@ use crate::status::ServerStatus;
 
 /// The resource type ratekeeper subscribes to (go-control-plane's `RateLimitConfigType`).
 pub const TYPE_URL: &str = "type.googleapis.com/ratelimit.config.ratelimit.v3.RateLimitConfig";
+
+/// The subscription, as envoyproxy/ratelimit's variables describe it (read by
+/// `config::ratelimit_env`, with their defaults).
+#[derive(Debug, Clone, PartialEq)]
+pub struct XdsSettings {
+    /// `CONFIG_GRPC_XDS_SERVER_URL`, as a URL (`http://` added to a bare `host:port`).
+    pub server_url: String,
+    /// `CONFIG_GRPC_XDS_NODE_ID` (default `default`).
+    pub node_id: String,
+    /// `CONFIG_GRPC_XDS_NODE_METADATA`: `key=value` pairs separated by commas.
+    pub node_metadata: Vec<(String, String)>,
+    /// `CONFIG_GRPC_XDS_CLIENT_ADDITIONAL_HEADERS`: `name:value` pairs separated by commas,
+    /// sent with the stream.
+    pub headers: Vec<(String, String)>,
+    /// `XDS_CLIENT_BACKOFF_INITIAL_INTERVAL` and `XDS_CLIENT_BACKOFF_MAX_INTERVAL` (10s, 60s).
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// `XDS_CLIENT_MAX_MSG_SIZE_IN_BYTES` (unset: gRPC's 4 MiB).
+    pub max_message: Option<usize>,
+}
 
 /// How long connecting to the server may take before it counts as a failure.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

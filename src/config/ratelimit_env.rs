@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::limits::RatelimitSettings;
+use crate::xds::XdsSettings;
 
 /// What envoyproxy/ratelimit's variables ask of ratekeeper.
 #[derive(Debug, Default, PartialEq)]
@@ -24,25 +25,6 @@ pub struct RatelimitEnv {
     pub xds: Option<XdsSettings>,
     /// Variables set that ratekeeper accepts and does not need, each with why (logged once).
     pub ignored: Vec<String>,
-}
-
-/// The xDS subscription envoyproxy/ratelimit's variables describe (its defaults).
-#[derive(Debug, Clone, PartialEq)]
-pub struct XdsSettings {
-    /// `CONFIG_GRPC_XDS_SERVER_URL`, as a URL (`http://` added to a bare `host:port`).
-    pub server_url: String,
-    /// `CONFIG_GRPC_XDS_NODE_ID` (default `default`).
-    pub node_id: String,
-    /// `CONFIG_GRPC_XDS_NODE_METADATA`: `key=value` pairs separated by commas.
-    pub node_metadata: Vec<(String, String)>,
-    /// `CONFIG_GRPC_XDS_CLIENT_ADDITIONAL_HEADERS`: `name:value` pairs separated by commas,
-    /// sent with the stream.
-    pub headers: Vec<(String, String)>,
-    /// `XDS_CLIENT_BACKOFF_INITIAL_INTERVAL` and `XDS_CLIENT_BACKOFF_MAX_INTERVAL` (10s, 60s).
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
-    /// `XDS_CLIENT_MAX_MSG_SIZE_IN_BYTES` (unset: gRPC's 4 MiB).
-    pub max_message: Option<usize>,
 }
 
 /// A Go duration (`300ms`, `10s`, `1m30s`), as envoyproxy/ratelimit's settings are written.
