@@ -35,9 +35,14 @@ pub struct Cli {
     #[arg(
         env = "LIMITS_FILE",
         value_name = "LIMITS_FILE",
-        required_unless_present_any = ["rate_limit_config", "runtime_root"]
+        required_unless_present_any = ["rate_limit_config", "runtime_root", "config_type"]
     )]
     pub limits_file: Option<PathBuf>,
+
+    /// envoyproxy/ratelimit's `CONFIG_TYPE`: `GRPC_XDS_SOTW` takes the limits from an xDS
+    /// server (docs/from-envoy-ratelimit.md); read with its other variables.
+    #[arg(long, env = "CONFIG_TYPE", value_name = "TYPE", hide = true)]
+    pub config_type: Option<String>,
 
     /// envoyproxy/ratelimit's runtime root: without a limits file, limits are read from the
     /// directory RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY (default `config`).
@@ -456,6 +461,24 @@ impl Cli {
         }
         if defaulted("rate_limit_headers") && ratelimit.response_headers {
             cli.rate_limit_headers = RateLimitHeaders::EnvoyRatelimit;
+        }
+        let refuse = |message: &str| -> ! {
+            Self::command()
+                .error(clap::error::ErrorKind::ArgumentConflict, message)
+                .exit()
+        };
+        if ratelimit.xds.is_some() {
+            if cli.limits_file.is_some() {
+                refuse(
+                    "CONFIG_TYPE=GRPC_XDS_SOTW takes the limits from the xDS server: no limits file",
+                );
+            }
+            cli.runtime_root = None;
+        } else if cli.limits_file.is_none()
+            && cli.runtime_root.is_none()
+            && cli.rate_limit_config.is_none()
+        {
+            refuse("a limits file is required (or RUNTIME_ROOT, or RATE_LIMIT_CONFIG)");
         }
         (cli, ratelimit)
     }

@@ -24,7 +24,9 @@
 //! - [`metrics`] — the Prometheus observer and the adapters' per-RPC series; [`status`] feeds
 //!   `/status`; [`proto`] is the generated gRPC code; [`telemetry`] is the OpenTelemetry
 //!   spans of the gRPC calls (`--tracing-endpoint`), which [`rls`] fills in.
-//! - [`server`] binds and runs the listeners (plain or TLS); [`reload`] is hot reload; [`config`] is the CLI,
+//! - [`server`] binds and runs the listeners (plain or TLS); [`reload`] is hot reload; [`xds`]
+//!   takes envoyproxy/ratelimit's config from an xDS server and applies it as [`reload`] does;
+//!   [`config`] is the CLI,
 //!   imported only by the binary (`main.rs`), which parses it into the types above.
 //!
 //! The public surface is what the binary wires together and the black-box tests drive: the
@@ -49,3 +51,4 @@ pub mod status;
 pub mod storage;
 pub mod telemetry;
 pub mod throttle;
+pub mod xds;

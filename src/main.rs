@@ -16,6 +16,7 @@ use ratekeeper::server::{self, Settings, Tls};
 use ratekeeper::status::ServerStatus;
 use ratekeeper::storage::{MemoryStorage, RedisStorage, Storage, open_disk};
 use ratekeeper::telemetry::Tracer;
+use ratekeeper::xds::XdsSettings;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -56,7 +57,11 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    if limits.is_empty() {
+    if ratelimit_env.xds.is_some() {
+        tracing::info!(
+            "limits come from the xDS server (CONFIG_TYPE=GRPC_XDS_SOTW): none until its first version"
+        );
+    } else if limits.is_empty() {
         tracing::warn!("no limits loaded: every request will be allowed");
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -69,7 +74,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli, limits)) {
+    match runtime.block_on(run(cli, limits, ratelimit_env.xds)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Said once: in the log when errors are logged (JSON log collectors see it), else
@@ -124,7 +129,7 @@ impl std::fmt::Display for LoadError {
     }
 }
 
-async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
+async fn run(cli: Cli, limits: LimitSet, xds: Option<XdsSettings>) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(cli.storage_timeout);
     let storage: Arc<dyn Storage> = match cli.storage().map_err(anyhow::Error::msg)? {
         StorageCommand::Memory(options) => Arc::new(MemoryStorage::new(options.cache)),
@@ -194,11 +199,25 @@ async fn run(cli: Cli, limits: LimitSet) -> anyhow::Result<()> {
         tls,
         tracer,
     };
+    // Signals are registered before the listeners open (a SIGTERM right after start must
+    // not kill the process).
     let signalled = shutdown_signal();
-    let running = server::start(settings, limiter, Arc::new(status))
+    let status = Arc::new(status);
+    let running = server::start(settings, limiter.clone(), status.clone())
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen: {e}"))?;
+    // envoyproxy/ratelimit's xDS config source, when CONFIG_TYPE=GRPC_XDS_SOTW.
+    let (stop_xds, xds_stopped) = tokio::sync::watch::channel(false);
+    if let Some(xds) = xds {
+        tokio::spawn(ratekeeper::xds::subscribe(
+            xds,
+            limiter,
+            status,
+            xds_stopped,
+        ));
+    }
     signalled.await;
+    let _ = stop_xds.send(true);
     let grace = Duration::from_secs(cli.shutdown_timeout);
     tracing::info!(?grace, "shutting down: finishing in-flight calls");
     match tokio::time::timeout(grace, running.shutdown()).await {

@@ -203,25 +203,44 @@ impl Reloader {
         self.last_seen = Some(seen);
         let in_force = self.limiter.limits();
         let fixed = in_force.fixed().cloned();
-        match validate(&source, fixed, in_force.ratelimit_settings()) {
-            Ok(limits) => {
-                let count = limits.len();
-                self.limiter.replace_limits(limits);
-                // Counters of limits no longer loaded must not hold capacity: freed (off the
-                // runtime's threads) before the reload is reported done.
-                let limiter = self.limiter.clone();
-                let _ = tokio::task::spawn_blocking(move || limiter.forget_unloaded()).await;
-                self.status.config_applied();
-                let version = self.status.config_version();
-                metrics::limits_reload(true);
-                metrics::limits_applied(version, count);
-                tracing::info!(file = %self.path.display(), limits = count, version, "limits reloaded");
-            }
-            Err(reason) => {
-                self.status.config_failed();
-                metrics::limits_reload(false);
-                tracing::error!(file = %self.path.display(), "limits NOT reloaded, the previous ones stay in force: {reason}");
-            }
+        let origin = self.path.display().to_string();
+        let limits = validate(&source, fixed, in_force.ratelimit_settings());
+        let _ = apply(&self.limiter, &self.status, &origin, limits).await;
+    }
+}
+
+/// Puts a new version of the limits in force, or says why it was refused (the limits in force
+/// then stay). Counters of limits no longer loaded are freed before it returns. `origin` (a
+/// path, the xDS server) names the version's source in the log.
+pub async fn apply(
+    limiter: &Arc<Limiter>,
+    status: &ServerStatus,
+    origin: &str,
+    limits: Result<LimitSet, String>,
+) -> Result<(), String> {
+    match limits {
+        Ok(limits) => {
+            let count = limits.len();
+            limiter.replace_limits(limits);
+            // Counters of limits no longer loaded must not hold capacity: freed (off the
+            // runtime's threads) before the reload is reported done.
+            let freeing = limiter.clone();
+            let _ = tokio::task::spawn_blocking(move || freeing.forget_unloaded()).await;
+            status.config_applied();
+            let version = status.config_version();
+            metrics::limits_reload(true);
+            metrics::limits_applied(version, count);
+            tracing::info!(origin, limits = count, version, "limits reloaded");
+            Ok(())
+        }
+        Err(reason) => {
+            status.config_failed();
+            metrics::limits_reload(false);
+            tracing::error!(
+                origin,
+                "limits NOT reloaded, the previous ones stay in force: {reason}"
+            );
+            Err(reason)
         }
     }
 }

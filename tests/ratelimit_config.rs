@@ -438,7 +438,7 @@ fn settings_it_cannot_honour_stop_the_start_with_the_reason() {
     std::fs::create_dir_all(root.path().join("config")).unwrap();
     let (mut command, _, _) = envoy_deployment(root.path(), "127.0.0.1:1");
     command.env_remove("RUNTIME_SUBDIRECTORY");
-    command.env("CONFIG_TYPE", "GRPC_XDS_SOTW");
+    command.env("CONFIG_TYPE", "GRPC_XDS_DELTA");
     let output = command.output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -4,8 +4,10 @@
 //! has the table).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::limits::RatelimitSettings;
+use crate::xds::XdsSettings;
 
 /// What envoyproxy/ratelimit's variables ask of ratekeeper.
 #[derive(Debug, Default, PartialEq)]
@@ -19,8 +21,102 @@ pub struct RatelimitEnv {
     pub http_port: Option<u16>,
     /// `LIMIT_RESPONSE_HEADERS_ENABLED`.
     pub response_headers: bool,
+    /// `CONFIG_TYPE=GRPC_XDS_SOTW`: the limits come from an xDS server, not from files.
+    pub xds: Option<XdsSettings>,
     /// Variables set that ratekeeper accepts and does not need, each with why (logged once).
     pub ignored: Vec<String>,
+}
+
+/// A Go duration (`300ms`, `10s`, `1m30s`), as envoyproxy/ratelimit's settings are written.
+fn go_duration(name: &str, text: &str) -> Result<Duration, String> {
+    let bad = || format!("{name} must be a duration such as 500ms, 10s or 1m, not {text:?}");
+    let mut rest = text.trim();
+    if rest == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let number_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let number: f64 = rest[..number_end].parse().map_err(|_| bad())?;
+        rest = &rest[number_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3_600.0,
+            _ => return Err(bad()),
+        };
+        total += number * seconds;
+        rest = &rest[unit_end..];
+    }
+    Duration::try_from_secs_f64(total).map_err(|_| bad())
+}
+
+/// `a=1,b=2` (or `a:1,b:2` with `separator` ':'): pairs without the separator are skipped, as
+/// envoyproxy/ratelimit does.
+fn pairs(text: &str, separator: char) -> Vec<(String, String)> {
+    text.split(',')
+        .filter_map(|entry| entry.split_once(separator))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
+}
+
+fn read_xds(get: &dyn Fn(&str) -> Option<String>) -> Result<XdsSettings, String> {
+    let url = get("CONFIG_GRPC_XDS_SERVER_URL").unwrap_or_else(|| "localhost:18000".into());
+    let url = url.trim();
+    let server_url = if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
+    };
+    if flag(
+        "CONFIG_GRPC_XDS_SERVER_USE_TLS",
+        get("CONFIG_GRPC_XDS_SERVER_USE_TLS"),
+    )? || server_url.starts_with("https://")
+    {
+        return Err(
+            "CONFIG_GRPC_XDS_SERVER_USE_TLS=true is not supported: the xDS server is reached \
+             without TLS for now"
+                .into(),
+        );
+    }
+    let duration = |name: &str, default: Duration| match get(name) {
+        Some(text) => go_duration(name, &text),
+        None => Ok(default),
+    };
+    let backoff_initial = duration(
+        "XDS_CLIENT_BACKOFF_INITIAL_INTERVAL",
+        Duration::from_secs(10),
+    )?;
+    let backoff_max = duration("XDS_CLIENT_BACKOFF_MAX_INTERVAL", Duration::from_secs(60))?;
+    let max_message = match get("XDS_CLIENT_MAX_MSG_SIZE_IN_BYTES") {
+        Some(text) => Some(text.trim().parse::<usize>().map_err(|_| {
+            format!("XDS_CLIENT_MAX_MSG_SIZE_IN_BYTES must be a number of bytes, not {text:?}")
+        })?)
+        .filter(|&size| size > 0),
+        None => None,
+    };
+    Ok(XdsSettings {
+        server_url,
+        node_id: get("CONFIG_GRPC_XDS_NODE_ID").unwrap_or_else(|| "default".into()),
+        node_metadata: get("CONFIG_GRPC_XDS_NODE_METADATA")
+            .map(|text| pairs(&text, '='))
+            .unwrap_or_default(),
+        headers: get("CONFIG_GRPC_XDS_CLIENT_ADDITIONAL_HEADERS")
+            .map(|text| pairs(&text, ':'))
+            .unwrap_or_default(),
+        backoff_initial,
+        backoff_max: backoff_max.max(backoff_initial),
+        max_message,
+    })
 }
 
 /// Go's `strconv.ParseBool`, as envoyproxy/ratelimit reads its flags.
@@ -101,8 +197,8 @@ pub fn read(env: impl Fn(&str) -> Option<String>) -> Result<RatelimitEnv, String
     let refused = [
         (
             "CONFIG_TYPE",
-            "FILE",
-            "the xDS config source is not available yet",
+            "FILE|GRPC_XDS_SOTW",
+            "the limits come from files (FILE) or an xDS server (GRPC_XDS_SOTW)",
         ),
         ("BACKEND_TYPE", "redis", "counters live in memory or Redis"),
         (
@@ -132,7 +228,8 @@ pub fn read(env: impl Fn(&str) -> Option<String>) -> Result<RatelimitEnv, String
     for (name, allowed, why) in refused {
         let Some(value) = get(name) else { continue };
         let fine = match name {
-            "CONFIG_TYPE" | "BACKEND_TYPE" => value.eq_ignore_ascii_case(allowed),
+            "CONFIG_TYPE" => ["FILE", "GRPC_XDS_SOTW"].contains(&value.to_uppercase().as_str()),
+            "BACKEND_TYPE" => value.eq_ignore_ascii_case(allowed),
             "REDIS_TYPE" => ["SINGLE", "CLUSTER"].contains(&value.to_uppercase().as_str()),
             "REDIS_PERSECOND" | "GRPC_SERVER_USE_TLS" => !flag(name, Some(value.clone()))?,
             _ => false,
@@ -141,7 +238,29 @@ pub fn read(env: impl Fn(&str) -> Option<String>) -> Result<RatelimitEnv, String
             return Err(format!("{name}={value:?} is not supported: {why}"));
         }
     }
+    if get("CONFIG_TYPE").is_some_and(|v| v.eq_ignore_ascii_case("GRPC_XDS_SOTW")) {
+        out.xds = Some(read_xds(&get)?);
+        if out.limits_path.take().is_some() {
+            out.ignored.push(
+                "RUNTIME_ROOT is ignored: with CONFIG_TYPE=GRPC_XDS_SOTW the limits come from \
+                 the xDS server"
+                    .into(),
+            );
+        }
+    }
     let ignored = [
+        (
+            "XDS_CLIENT_BACKOFF_RANDOM_FACTOR",
+            "the xDS backoff doubles, with jitter",
+        ),
+        (
+            "XDS_CLIENT_BACKOFF_JITTER",
+            "the xDS backoff always has jitter",
+        ),
+        (
+            "CONFIG_GRPC_XDS_SERVER_CONNECT_RETRY_INTERVAL",
+            "one backoff (XDS_CLIENT_BACKOFF_*) paces every reconnection",
+        ),
         (
             "USE_STATSD",
             "metrics are Prometheus, at /metrics on the HTTP port",
@@ -331,7 +450,7 @@ mod tests {
     #[test]
     fn what_cannot_be_honoured_is_refused_with_the_reason() {
         for (name, value) in [
-            ("CONFIG_TYPE", "GRPC_XDS_SOTW"),
+            ("CONFIG_TYPE", "GRPC_XDS_DELTA"),
             ("BACKEND_TYPE", "memcache"),
             ("REDIS_TYPE", "SENTINEL"),
             ("REDIS_PERSECOND", "true"),
@@ -371,5 +490,51 @@ mod tests {
         assert!(url(&[("REDIS_SOCKET_TYPE", "udp")], "r:1").is_err());
         assert!(url(&[("REDIS_TYPE", "SENTINEL")], "r:1").is_err());
         assert!(url(&[("REDIS_SOCKET_TYPE", "tcp")], "redis://r:1").is_err());
+    }
+
+    #[test]
+    fn xds_variables_describe_the_subscription() {
+        let read = read(env(&[
+            ("CONFIG_TYPE", "grpc_xds_sotw"),
+            ("RUNTIME_ROOT", "/data"),
+            ("CONFIG_GRPC_XDS_SERVER_URL", "cp.example:18001"),
+            ("CONFIG_GRPC_XDS_NODE_ID", "rl-1"),
+            ("CONFIG_GRPC_XDS_NODE_METADATA", "a=1,b=x=y,junk"),
+            ("CONFIG_GRPC_XDS_CLIENT_ADDITIONAL_HEADERS", "x-token:abc"),
+            ("XDS_CLIENT_BACKOFF_INITIAL_INTERVAL", "250ms"),
+            ("XDS_CLIENT_BACKOFF_MAX_INTERVAL", "1m30s"),
+        ]))
+        .unwrap();
+        assert_eq!(read.limits_path, None);
+        let xds = read.xds.unwrap();
+        assert_eq!(xds.server_url, "http://cp.example:18001");
+        assert_eq!(xds.node_id, "rl-1");
+        let owned = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(xds.node_metadata, owned(&[("a", "1"), ("b", "x=y")]));
+        assert_eq!(xds.headers, owned(&[("x-token", "abc")]));
+        assert_eq!(xds.backoff_initial, Duration::from_millis(250));
+        assert_eq!(xds.backoff_max, Duration::from_secs(90));
+        let defaults = super::read(env(&[("CONFIG_TYPE", "GRPC_XDS_SOTW")]))
+            .unwrap()
+            .xds
+            .unwrap();
+        assert_eq!(defaults.server_url, "http://localhost:18000");
+        assert_eq!(defaults.node_id, "default");
+        assert_eq!(defaults.backoff_initial, Duration::from_secs(10));
+        for (name, value) in [
+            ("CONFIG_GRPC_XDS_SERVER_USE_TLS", "true"),
+            ("XDS_CLIENT_BACKOFF_MAX_INTERVAL", "soon"),
+            ("XDS_CLIENT_MAX_MSG_SIZE_IN_BYTES", "big"),
+        ] {
+            let e = super::read(env(&[("CONFIG_TYPE", "GRPC_XDS_SOTW"), (name, value)]))
+                .err()
+                .unwrap();
+            assert!(e.contains(name), "{e}");
+        }
     }
 }
