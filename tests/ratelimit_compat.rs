@@ -44,6 +44,7 @@ on_memory_and_redis!(
     dynamic_metadata_carries_the_passed_descriptors_metadata,
     a_calendar_month_ends_at_midnight_on_the_first_in_its_zone,
     a_cost_weighs_the_usage_each_descriptor_charges,
+    a_concurrency_limit_takes_a_slot_per_request_and_a_refund_frees_one,
 );
 
 const BASIC: &str = r#"
@@ -723,4 +724,37 @@ async fn a_cost_weighs_the_usage_each_descriptor_charges(backend: Backend) {
     // The expression fails (no `tokens` entry): the call's 7 are charged, never nothing.
     let r = server.should(charge(&[("metered", "x")], 7)).await;
     assert_eq!(r.statuses[0].limit_remaining, 993);
+}
+
+/// Our `algorithm: concurrency` in this format: 2 requests of one key at once.
+const SLOTS: &str = r#"
+domain: slots
+descriptors:
+  - key: key
+    rate_limit: {unit: minute, requests_per_unit: 2, algorithm: concurrency}
+"#;
+
+async fn a_concurrency_limit_takes_a_slot_per_request_and_a_refund_frees_one(backend: Backend) {
+    let server = TestServer::on(backend, SLOTS).await;
+    let take = || request("slots", vec![descriptor_with_hits(&[("key", "k")], 1)], 0);
+    let r = server.should(take()).await;
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 1));
+    let r = server.should(take()).await;
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 0));
+    assert_eq!(code(&server.should(take()).await), Code::OverLimit);
+    // A usage report takes no slot; the refunds (the refused one's first) free them.
+    server
+        .report(request(
+            "slots",
+            vec![descriptor_with_hits(&[("key", "k")], 5)],
+            0,
+        ))
+        .await;
+    for _ in 0..2 {
+        server
+            .should(request("slots", vec![refund(&[("key", "k")], 1)], 0))
+            .await;
+    }
+    let r = server.should(take()).await;
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 0));
 }

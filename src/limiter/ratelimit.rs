@@ -150,6 +150,10 @@ pub fn plan<'r>(domain: &Arc<Domain>, request: &'r Request, call: Call) -> Plan<
             let Some(found) = &matched[i] else {
                 continue;
             };
+            // A Report is usage of a request that ended: it takes no in-flight slot.
+            if !call.selects_slots() && found.limit.algorithm.slot_lifetime_ms().is_some() {
+                continue;
+            }
             let key = CounterKey::new(found.limit.key, &found.values);
             let index = *shared.entry(key.clone()).or_insert_with(|| {
                 plan.batch.counters.push(CounterRequest {

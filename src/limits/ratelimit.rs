@@ -20,7 +20,7 @@ use serde_yaml::{Mapping, Value};
 
 use super::file::MAX_SECONDS;
 use super::{AlgorithmKind, Expression, KeyValues, Limit, LimitFields, fingerprint};
-use crate::algorithm::{Algorithm, Calendar, FixedWindow, MAX_COUNT, Period, calendar};
+use crate::algorithm::{Algorithm, Calendar, FixedWindow, MAX_COUNT, MAX_HOLDS, Period, calendar};
 
 /// The settings of this format that envoyproxy/ratelimit reads from its environment
 /// (`SHADOW_MODE`, `QUOTA_MODE`, `STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT`,
@@ -688,15 +688,26 @@ impl Reader<'_> {
                 refill_tokens: raw.refill_tokens,
             },
             Some("sliding_window") => AlgorithmKind::SlidingWindow,
+            Some("concurrency") => AlgorithmKind::Concurrency,
             Some(other) => {
                 let text = format!(
                     "field `rate_limit.algorithm`: unknown algorithm {other:?} (known: fixed_window, \
-                     token_bucket, sliding_window)"
+                     token_bucket, sliding_window, concurrency)"
                 );
                 self.problem(path, text);
                 AlgorithmKind::FixedWindow
             }
         };
+        // A concurrency counter's slots are holds, and a counter carries at most MAX_HOLDS.
+        if let (AlgorithmKind::Concurrency, Some(max)) = (kind, requests_per_unit)
+            && max > MAX_HOLDS as u64
+        {
+            let text = format!(
+                "field `rate_limit.requests_per_unit` of a concurrency limit must be at most \
+                 {MAX_HOLDS} (the slots one counter carries), found {max}"
+            );
+            self.problem(path, text);
+        }
         let kind = match (calendar_of, kind) {
             (Some(calendar), AlgorithmKind::FixedWindow) => AlgorithmKind::Calendar(calendar),
             (Some(_), _) => {
@@ -785,7 +796,6 @@ pub fn tree_limit(
             calendar.period.name(),
             calendar.zone.name()
         ),
-        // Not read from this format (see `limit`).
         AlgorithmKind::Concurrency => "concurrency".to_string(),
     };
     let seconds_text = seconds.to_string();
