@@ -265,6 +265,18 @@ impl RedisStorage {
     }
 }
 
+/// The cluster's connection, made on first use (so the server starts while the cluster is
+/// down); clones share it.
+async fn connected(
+    cluster: &(ClusterClient, OnceCell<ClusterConnection>),
+) -> redis::RedisResult<ClusterConnection> {
+    let (client, connection) = cluster;
+    let connection = connection
+        .get_or_try_init(|| client.get_async_connection())
+        .await?;
+    Ok(connection.clone())
+}
+
 /// `EVALSHA` of `script` (`cmd`) on the connection. A server that does not know the script yet
 /// (`NOSCRIPT`: new, restarted, failed over) is given it, and the command is sent again.
 async fn script_call(
@@ -274,13 +286,7 @@ async fn script_call(
 ) -> redis::RedisResult<Value> {
     match connection {
         Connection::Standalone(standalone) => evalsha(&mut standalone.manager(), cmd, script).await,
-        Connection::Cluster(cluster) => {
-            let (client, connection) = cluster.as_ref();
-            let connection = connection
-                .get_or_try_init(|| client.get_async_connection())
-                .await?;
-            evalsha(&mut connection.clone(), cmd, script).await
-        }
+        Connection::Cluster(cluster) => evalsha(&mut connected(cluster).await?, cmd, script).await,
     }
 }
 
@@ -327,12 +333,8 @@ impl RedisStorage {
                             .await
                     }
                     Connection::Cluster(cluster) => {
-                        let (client, connection) = cluster.as_ref();
-                        let connection = connection
-                            .get_or_try_init(|| client.get_async_connection())
-                            .await?;
                         let route = Route::with_key(slot_key, SlotAddr::Master);
-                        (connection.clone())
+                        (connected(cluster).await?)
                             .route_pipeline(
                                 pipe,
                                 0,
@@ -361,15 +363,11 @@ impl RedisStorage {
                     .await?
                     .extract_error(),
                 Connection::Cluster(cluster) => {
-                    let (client, connection) = cluster.as_ref();
-                    let connection = connection
-                        .get_or_try_init(|| client.get_async_connection())
-                        .await?;
+                    let mut connection = connected(cluster).await?;
                     let route = Route::with_key(slot_key, SlotAddr::Master);
                     let routing =
                         RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
                     connection
-                        .clone()
                         .route_command(cmd, routing)
                         .await?
                         .extract_error()
@@ -693,11 +691,7 @@ impl Storage for RedisStorage {
                             standalone.manager().req_packed_command(&cmd).await
                         }
                         Connection::Cluster(cluster) => {
-                            let (client, connection) = cluster.as_ref();
-                            let connection = connection
-                                .get_or_try_init(|| client.get_async_connection())
-                                .await?;
-                            connection.clone().req_packed_command(&cmd).await
+                            connected(cluster).await?.req_packed_command(&cmd).await
                         }
                     }
                 })
