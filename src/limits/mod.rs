@@ -322,7 +322,7 @@ impl AlgorithmKind {
 
     /// Part of a limit's identity, so changing the algorithm starts new counters. Empty for
     /// fixed windows, so their counters keep the identity they have always had.
-    fn identity(self) -> String {
+    pub(crate) fn identity(self) -> String {
         match self {
             AlgorithmKind::FixedWindow => String::new(),
             AlgorithmKind::TokenBucket { refill_tokens } => {

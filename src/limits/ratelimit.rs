@@ -785,18 +785,10 @@ pub fn tree_limit(
         kind,
     };
     let mut limit = Limit::new(fields, Vec::new(), Vec::new());
+    // As the Limitador format's, but this format's fixed windows are aligned to the clock.
     let kind_text = match kind {
         AlgorithmKind::FixedWindow => "aligned".to_string(),
-        AlgorithmKind::TokenBucket { refill_tokens } => {
-            format!("token_bucket/{}", refill_tokens.unwrap_or(0))
-        }
-        AlgorithmKind::SlidingWindow => "sliding_window".to_string(),
-        AlgorithmKind::Calendar(calendar) => format!(
-            "calendar/{}/{}",
-            calendar.period.name(),
-            calendar.zone.name()
-        ),
-        AlgorithmKind::Concurrency => "concurrency".to_string(),
+        other => other.identity(),
     };
     let seconds_text = seconds.to_string();
     limit.key = fingerprint([
