@@ -34,6 +34,19 @@ pub struct Plan<'r> {
 }
 
 impl<'r> Plan<'r> {
+    /// The empty group of one context: its policy and cost (added to what the call costs,
+    /// which saturates where counters do).
+    pub(super) fn open_group(&mut self, call: Call, context: Context) -> Group {
+        let (policy, cost) = call.policy(context);
+        self.cost = self.cost.saturating_add(cost).min(MAX_COUNT);
+        Group {
+            policy,
+            cost,
+            counters: Vec::new(),
+            costs: Vec::new(),
+        }
+    }
+
     /// A plan with nothing in it yet, for `groups` contexts.
     pub(super) fn empty(namespace: &'r str, groups: usize, namespace_has_limits: bool) -> Self {
         Plan {
@@ -143,16 +156,8 @@ pub fn plan<'r>(limits: &LimitSet, request: &'r Request, call: Call) -> Plan<'r>
     let mut shared: Option<HashMap<CounterKey, usize>> = (contexts.len() > 1).then(HashMap::new);
     let mut values = KeyValues::new();
     for (descriptors, context) in contexts {
-        let (policy, cost) = call.policy(context);
-        // What can really be charged saturates where counters do.
-        plan.cost = plan.cost.saturating_add(cost).min(MAX_COUNT);
-        let mut group = Group {
-            policy,
-            cost,
-            counters: Vec::new(),
-            costs: Vec::new(),
-        };
-        let weighs = weighs(policy, cost);
+        let mut group = plan.open_group(call, context);
+        let weighs = weighs(group.policy, group.cost);
         let mut applied = SmallVec::new();
         if let Some(namespace) = namespace {
             let descriptors = &request.descriptors[descriptors.clone()];

@@ -16,7 +16,7 @@ use smallvec::SmallVec;
 
 use super::decision::{Decision, DescriptorStatus, LimitStatus, most_restrictive_first};
 use super::plan::{Plan, PlannedContext, add_counter, contexts, own_costs, weighs};
-use crate::algorithm::{Group, GroupOutcome, MAX_COUNT, Policy};
+use crate::algorithm::{GroupOutcome, MAX_COUNT, Policy};
 use crate::call::{Call, Verdict};
 use crate::limits::{
     AlgorithmKind, Domain, Input, KeyValues, Limit, RatelimitSettings, tree_limit,
@@ -132,15 +132,8 @@ pub fn plan<'r>(domain: &Arc<Domain>, request: &'r Request, call: Call) -> Plan<
     let mut plan = Plan::empty(&request.namespace, contexts.len(), true);
     let mut shared: HashMap<CounterKey, usize> = HashMap::new();
     for (descriptors, context) in contexts {
-        let (policy, cost) = call.policy(context);
-        plan.cost = plan.cost.saturating_add(cost).min(MAX_COUNT);
-        let mut group = Group {
-            policy,
-            cost,
-            counters: Vec::new(),
-            costs: Vec::new(),
-        };
-        let weighs = weighs(policy, cost);
+        let mut group = plan.open_group(call, context);
+        let weighs = weighs(group.policy, group.cost);
         let mut planned = PlannedContext {
             descriptors: descriptors.clone(),
             limits: SmallVec::new(),
