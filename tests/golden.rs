@@ -402,6 +402,63 @@ async fn holds_are_the_golden_ones_both_ways() {
     assert_eq!(outcome[0].counters[0].holds.expired, 30);
 }
 
+/// A fixed window's key lives until its window ends: the TTL set when the window opened is kept
+/// by later charges in it (decide.lua writes them with KEEPTTL), and a new window sets its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_window_key_expires_when_its_window_ends() {
+    let url = common::redis::shared_url();
+    let prefix = format!("goldenttl{}", std::process::id());
+    let storage = RedisStorage::open(&url, &prefix, Duration::from_secs(2)).unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let namespace = "llm/golden";
+    let key = CounterKey::new(7, ["ttl"]);
+    let redis_key = counter_key(&prefix, namespace, &key);
+    let algorithm = Algorithm::FixedWindow(FixedWindow::new(100, 60_000));
+    let charge = one_group(namespace, key, algorithm, Policy::Charge, 1);
+    let pttl = |connection: &redis::aio::MultiplexedConnection| {
+        let mut connection = connection.clone();
+        let redis_key = redis_key.clone();
+        async move {
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(&redis_key)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            ttl
+        }
+    };
+
+    // A new window: the key lives 60 s.
+    storage.apply(&charge, NOW).await.unwrap();
+    let opened = pttl(&connection).await;
+    assert!(
+        (59_000..=60_000).contains(&opened),
+        "new window: PTTL {opened}"
+    );
+    // 30 s later on ratekeeper's clock (a moment later on Redis's), in the same window: the TTL
+    // set when it opened stays (setting it again would give 30 s).
+    storage.apply(&charge, NOW + 30_000).await.unwrap();
+    let kept = pttl(&connection).await;
+    assert!(
+        (59_000..=60_000).contains(&kept),
+        "same window: PTTL {kept}"
+    );
+    // The key about to expire, and a charge in the next window: that window sets its 60 s.
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(&redis_key)
+        .arg(5_000)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    storage.apply(&charge, NOW + 60_000).await.unwrap();
+    let renewed = pttl(&connection).await;
+    assert!(
+        (59_000..=60_000).contains(&renewed),
+        "next window: PTTL {renewed}"
+    );
+}
+
 /// The `disk` storage's keys and entries (src/storage/disk.rs), byte for byte, and read back:
 /// a store written by this version must be read by the next.
 #[test]

@@ -51,24 +51,6 @@ local unpack, pack, floor, min, max = struct.unpack, struct.pack, math.floor, ma
 -- decision that needs them (making functions and tables is what costs most time here).
 local now, idiv, cdiv, window, bucket, sliding, slots
 
--- One decision: KEYS and ARGV as above, and Redis's clock (TIME) in ms.
-local function decide(KEYS, ARGV, redis_ms)
-local num = {unpack(ARGV[1], ARGV[2])}
-num[#num] = nil -- (unpack's last result is the position after the data)
-for c = 3, #ARGV - 1, 2 do -- further chunks, for batches too large for one unpack
-  local more, m = {unpack(ARGV[c], ARGV[c + 1])}, #num
-  for j = 1, #more - 1 do num[m + j] = more[j] end
-end
-local last = #num
-now = num[1]
-local id = ARGV[#ARGV]
-local n = #KEYS / 2
-
--- A call its caller answered as failed must never take effect later: Redis's own clock says
--- whether it is too late, against a deadline ratekeeper has put on Redis's clock.
-if num[2] > 0 and redis_ms > num[2] then return pack('<Bd', TOO_LATE, redis_ms) end
-local head = pack('<Bd', DECIDED, redis_ms)
-
 -- The numbers of a stored value packed as `format` whose tag is `tag`; nil otherwise.
 local function fields(stored, tag, format, size)
   if not stored or #stored ~= size then return nil end
@@ -78,33 +60,70 @@ local function fields(stored, tag, format, size)
   return x, y, z
 end
 
+-- Time until `cost` would be admitted on top of the holds: as if they stayed; when cost and
+-- holds together never fit, the time until the counter is back to its full budget.
+local function retry_holding(c, cost)
+  local rules = c.rules
+  if c.held == 0 then
+    local _, _, retry = rules.view(c, cost)
+    return retry
+  end
+  local _, _, retry = rules.view(c, cost + c.held)
+  if retry ~= -1 then return retry end
+  local _, reset, alone = rules.view(c, cost)
+  if alone == -1 then return -1 end
+  return reset
+end
+
+local KEYS, ARGV = KEYS, ARGV
+
+-- One decision: its KEYS and ARGV (as above) are the `key_count` after KEYS[k] and the
+-- `arg_count` after ARGV[v] (a batch's decisions are read in place); Redis's clock (TIME) in ms.
+local function decide(k, key_count, v, arg_count, redis_ms)
+local num = {unpack(ARGV[v + 1], ARGV[v + 2])}
+num[#num] = nil -- (unpack's last result is the position after the data)
+for c = v + 3, v + arg_count - 1, 2 do -- further chunks, for batches too large for one unpack
+  local more, m = {unpack(ARGV[c], ARGV[c + 1])}, #num
+  for j = 1, #more - 1 do num[m + j] = more[j] end
+end
+local last = #num
+now = num[1]
+local id = ARGV[v + arg_count]
+local n = key_count / 2
+
+-- A call its caller answered as failed must never take effect later: Redis's own clock says
+-- whether it is too late, against a deadline ratekeeper has put on Redis's clock.
+if num[2] > 0 and redis_ms > num[2] then return pack('<Bd', TOO_LATE, redis_ms) end
+local head = pack('<Bd', DECIDED, redis_ms)
+
 -- The counters, with their parameters (their state is loaded below), and which algorithms the
 -- call uses.
 local counters, windows, buckets, slidings, concurrent = {}, false, false, false, false
 local a = 3
 for i = 1, n do
   local algorithm = num[a]
+  -- Every field a counter gets, set at once: a table that grows is rebuilt, which costs more
+  -- than the rest of a decision's bookkeeping. (Each algorithm adds at most 6 fields below.)
+  local c = {algorithm = algorithm, rules = false, refused = false, dirty = false,
+    hold_amount = 0, exists = false, hkey = false, held = 0, holds = 0, last = 0, mine = nil,
+    expired_holds = 0, expired = 0, reported = false, cost = 0, check = 0, kept = false}
+  counters[i] = c
   if algorithm == FIXED_WINDOW then
     windows = true
-    counters[i] = {algorithm = algorithm, rules = false, max = num[a + 1],
-      period = num[a + 2], used = 0, ends = 0, refused = false, dirty = false}
+    c.max, c.period, c.used, c.ends = num[a + 1], num[a + 2], 0, 0
     a = a + 3
   elseif algorithm == TOKEN_BUCKET then
     buckets = true
-    counters[i] = {algorithm = algorithm, rules = false, capacity = num[a + 1],
-      scale = num[a + 2], quantum = num[a + 3], step = num[a + 4], units = 0, refilled = 0,
-      refused = false, dirty = false}
+    c.capacity, c.scale, c.quantum, c.step = num[a + 1], num[a + 2], num[a + 3], num[a + 4]
+    c.units, c.refilled = 0, 0
     a = a + 5
   elseif algorithm == SLIDING_WINDOW then
     slidings = true
-    counters[i] = {algorithm = algorithm, rules = false, max = num[a + 1],
-      period = num[a + 2], start = 0, current = 0, previous = 0, refused = false,
-      dirty = false}
+    c.max, c.period, c.start, c.current, c.previous = num[a + 1], num[a + 2], 0, 0, 0
     a = a + 3
   else
     concurrent = true
-    counters[i] = {algorithm = algorithm, rules = false, max = num[a + 1],
-      lifetime = num[a + 2], ids = false, sorted = false, refused = false, dirty = false}
+    c.max, c.lifetime, c.ids, c.sorted = num[a + 1], num[a + 2], false, false
     a = a + 3
   end
 end
@@ -150,7 +169,7 @@ if windows and not window then
     load = function(c, stored)
       local used, ends = fields(stored, 1, '<Bdd', 17)
       if used and used >= 0 and ends > now then
-        c.used, c.ends = used, ends
+        c.used, c.ends, c.kept = used, ends, true
       else
         c.used, c.ends = 0, now + c.period
       end
@@ -170,7 +189,10 @@ if windows and not window then
       end
       return max(limit - used, 0), reset, retry, max(used - limit, 0), used > limit
     end,
-    encode = function(c) return pack('<Bdd', 1, c.used, c.ends), max(c.ends - now, 1) end,
+    -- (The window's end, so its TTL, is the stored one when it was in force: `kept`.)
+    encode = function(c)
+      return pack('<Bdd', 1, c.used, c.ends), max(c.ends - now, 1), c.kept
+    end,
   }
 end
 
@@ -362,10 +384,10 @@ for i = 1, n do
   else
     c.rules = slots
   end
-  local stored = redis.call('GET', KEYS[i])
+  local stored = redis.call('GET', KEYS[k + i])
   c.exists = stored ~= false -- a refund never creates a counter
   c.rules.load(c, stored)
-  local hkey = KEYS[n + i]
+  local hkey = KEYS[k + n + i]
   c.hkey, c.held, c.holds, c.last, c.mine = hkey, 0, 0, 0, nil
   c.expired_holds, c.expired, c.reported = 0, 0, false
   local raw = redis.call('HGETALL', hkey)
@@ -384,21 +406,6 @@ for i = 1, n do
       end
     end
   end
-end
-
--- Time until `cost` would be admitted on top of the holds: as if they stayed; when cost and
--- holds together never fit, the time until the counter is back to its full budget.
-local function retry_holding(c, cost)
-  local rules = c.rules
-  if c.held == 0 then
-    local _, _, retry = rules.view(c, cost)
-    return retry
-  end
-  local _, _, retry = rules.view(c, cost + c.held)
-  if retry ~= -1 then return retry end
-  local _, reset, alone = rules.view(c, cost)
-  if alone == -1 then return -1 end
-  return reset
 end
 
 -- The groups, in order: a later group sees an earlier one's charges.
@@ -507,10 +514,15 @@ end
 for i = 1, n do
   local c = counters[i]
   if c.dirty then
-    local value, ttl = c.rules.encode(c)
-    -- Redis writes a number argument with '%.17g': digits for every TTL here (integers below
-    -- 2^53: limits/file.rs bounds `seconds`), never '1e+17', which PX refuses.
-    redis.call('SET', KEYS[i], value, 'PX', ttl)
+    local value, ttl, kept = c.rules.encode(c)
+    if kept then
+      -- The stored TTL is still the right one: keeping it is much cheaper than setting it.
+      redis.call('SET', KEYS[k + i], value, 'KEEPTTL')
+    else
+      -- An integer below 2^53 (limits/file.rs bounds `seconds`), written as one: Redis would
+      -- write a number argument with '%.17g', which costs more.
+      redis.call('SET', KEYS[k + i], value, 'PX', string.format('%d', ttl))
+    end
   end
 end
 if o == 0 then return head end
@@ -528,7 +540,7 @@ end
 -- deadline is checked against the time the call started.
 local time = redis.call('TIME')
 local redis_ms = time[1] * 1000 + floor(time[2] / 1000)
-if ARGV[1] ~= 'batch' then return decide(KEYS, ARGV, redis_ms) end
+if ARGV[1] ~= 'batch' then return decide(0, #KEYS, 0, #ARGV, redis_ms) end
 local shape = {unpack(ARGV[2], ARGV[3])}
 local count = shape[1]
 local replies, done, k, v = {}, 0, 0, 3
@@ -537,11 +549,9 @@ local function run()
   while done < count do
     local d = done + 1
     local key_count, arg_count = shape[2 * d], shape[2 * d + 1]
-    local keys, args = {}, {}
-    for j = 1, key_count do keys[j] = KEYS[k + j] end
-    for j = 1, arg_count do args[j] = ARGV[v + j] end
+    local at_key, at_arg = k, v
     k, v = k + key_count, v + arg_count
-    replies[d] = decide(keys, args, redis_ms)
+    replies[d] = decide(at_key, key_count, at_arg, arg_count, redis_ms)
     done = d
   end
 end
