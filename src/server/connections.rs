@@ -323,13 +323,50 @@ where
     C: Future<Output = hyper::Result<()>>,
 {
     tokio::select! {
-        result = connection.as_mut() => return result,
+        result = Gathered::new(connection.as_mut()) => return result,
         _ = stop_asked(&mut stopped) => {}
     }
     graceful_shutdown(connection.as_mut());
     tokio::select! {
-        result = connection.as_mut() => result,
+        result = Gathered::new(connection.as_mut()) => result,
         _ = in_flight.settled() => Ok(()),
+    }
+}
+
+/// A connection that writes the answers finished at the same moment together.
+///
+/// Each finished call wakes its connection's task to send the answer, and tokio runs a task
+/// woken that way next, before the tasks already queued: when a storage reply finishes a dozen
+/// calls at once (a Redis batch), the connection would write, one syscall each, the first
+/// answer alone, then the next... Here the first poll after a wake-up only wakes the task
+/// again, which puts it behind the tasks already queued (the calls finishing meanwhile), and
+/// the next poll writes their answers at once: about a third of the writes under load, less
+/// CPU on both sides (docs/performance.md), for one trip through the run queue.
+struct Gathered<'a, C> {
+    connection: Pin<&'a mut C>,
+    requeued: bool,
+}
+
+impl<'a, C> Gathered<'a, C> {
+    fn new(connection: Pin<&'a mut C>) -> Self {
+        Gathered {
+            connection,
+            requeued: false,
+        }
+    }
+}
+
+impl<C: Future> Future for Gathered<'_, C> {
+    type Output = C::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        if !self.requeued {
+            self.requeued = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.requeued = false;
+        self.connection.as_mut().poll(cx)
     }
 }
 
@@ -452,5 +489,57 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HandshakeDeadline<I> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::task::{Wake, Waker};
+
+    use super::*;
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Counts its polls; ready at the second.
+    #[derive(Default)]
+    struct Polled(usize);
+
+    impl Future for Polled {
+        type Output = usize;
+
+        fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<usize> {
+            self.0 += 1;
+            if self.0 == 2 {
+                Poll::Ready(self.0)
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    #[test]
+    fn a_woken_connection_is_requeued_once_before_it_is_polled() {
+        let wakes = Arc::new(Wakes::default());
+        let waker = Waker::from(Arc::clone(&wakes));
+        let mut cx = Context::from_waker(&waker);
+        let mut connection = pin!(Polled::default());
+        let mut gathered = pin!(Gathered::new(connection.as_mut()));
+        // Each wake-up: a first poll that only wakes the task again, then the real one.
+        assert!(gathered.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert!(gathered.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert!(gathered.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+        assert_eq!(gathered.as_mut().poll(&mut cx), Poll::Ready(2));
     }
 }
