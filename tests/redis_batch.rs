@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::redis::{RedisProcess, cli, shared_cluster_url};
+use common::redis::{RedisCluster, RedisProcess, cli, shared_cluster_url};
 use ratekeeper::algorithm::{Algorithm, FixedWindow, Group, GroupOutcome, Policy};
 use ratekeeper::storage::{
     Batch, CounterKey, CounterRequest, RedisStorage, Storage, StorageError, counter_key,
@@ -178,4 +178,74 @@ async fn a_cluster_call_carries_one_slot_and_each_decision_stays_exact() {
     for n in 0..namespaces.len() {
         assert_eq!(admitted.get(&n), Some(&20), "{admitted:?}");
     }
+}
+
+/// The node of `cluster` that owns hash tag `{tag}` (the others answer MOVED).
+fn owner(cluster: &RedisCluster, tag: &str) -> usize {
+    let key = format!("{{{tag}}}");
+    (0..cluster.nodes.len())
+        .find(|&i| {
+            cli(cluster.nodes[i].port, &["GET", &key])
+                .is_some_and(|answer| !answer.contains("MOVED"))
+        })
+        .expect("one node owns the slot")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_cluster_node_holds_back_only_its_own_namespaces() {
+    let cluster = RedisCluster::start();
+    let storage =
+        Arc::new(RedisStorage::open(&cluster.url(), "stall", Duration::from_secs(2)).unwrap());
+    // Two namespaces on different nodes.
+    let stalled = "a";
+    let node = owner(&cluster, stalled);
+    let healthy = (0..100)
+        .map(|i| format!("n{i}"))
+        .find(|namespace| owner(&cluster, namespace) != node)
+        .expect("a namespace on another node");
+    for namespace in [stalled, healthy.as_str()] {
+        storage
+            .apply(&decision(namespace, "warm", 10), NOW)
+            .await
+            .unwrap();
+    }
+
+    // The stalled namespace's node freezes with two calls outstanding on it.
+    cluster.nodes[node].pause();
+    let mut stuck = Vec::new();
+    for _ in 0..2 {
+        let storage = Arc::clone(&storage);
+        stuck.push(tokio::spawn(async move {
+            storage.apply(&decision("a", "u", 10), NOW).await
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Meanwhile the other node answers the other namespace, at once.
+    let started = std::time::Instant::now();
+    for _ in 0..3 {
+        let outcome = storage
+            .apply(&decision(&healthy, "u", 10), NOW)
+            .await
+            .expect("the healthy node's namespace is answered");
+        assert!(outcome[0].admitted);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "held back {:?} by the stalled node",
+        started.elapsed()
+    );
+    // The stalled node's calls fail within the timeout and, once it runs again, change nothing.
+    for call in stuck {
+        assert!(call.await.unwrap().is_err());
+    }
+    cluster.nodes[node].resume();
+    let key = counter_key("stall", stalled, &CounterKey::new(1, ["u"]));
+    let key = String::from_utf8(key).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        cli(cluster.nodes[node].port, &["EXISTS", &key])
+            .unwrap()
+            .trim(),
+        "0"
+    );
 }

@@ -11,15 +11,17 @@
 //! sent at once: one channel hop more than sending it directly.
 //!
 //! In a cluster, one call carries only decisions of one hash tag (one namespace: one slot), so
-//! it runs on the node that owns them all. A job whose caller gave up before it was sent is
-//! dropped unsent; one that was sent is bounded by its deadline on Redis's clock, as before.
+//! it runs on the node that owns them all, and the bound on outstanding calls is per hash tag:
+//! a node that stalls holds back only the namespaces it owns, not the others' calls. A job whose
+//! caller gave up before it was sent is dropped unsent; one that was sent is bounded by its
+//! deadline on Redis's clock, as before.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use redis::{Cmd, Script, Value};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Connection, evalsha_cmd, script_call, storage_error};
 use crate::storage::StorageError;
@@ -29,7 +31,7 @@ use crate::storage::StorageError;
 pub(super) const MAX_DECISIONS: usize = 128;
 /// Keys one script call carries at most (a decision with more still goes, alone).
 const MAX_KEYS: usize = 1024;
-/// Script calls outstanding at once on the connection (in a cluster: in all).
+/// Script calls outstanding at once on the connection (in a cluster: per hash tag).
 pub(super) const IN_FLIGHT: usize = 2;
 
 /// One decision's `EVALSHA` keys and arguments, and where its answer goes.
@@ -50,6 +52,12 @@ impl Job {
         starts
             .zip(self.ends.iter().copied())
             .map(|(start, end)| self.bytes.get(start..end).unwrap_or_default())
+    }
+
+    /// Which calls it may share and whose bound on outstanding calls it counts against: in a
+    /// cluster its hash tag, else one lane for all.
+    fn lane(&self, cluster: bool) -> &[u8] {
+        if cluster { self.tag() } else { &[] }
     }
 
     /// The hash tag of its first key (`{…}`): jobs with the same one live in the same slot.
@@ -93,62 +101,103 @@ impl Coalescer {
     }
 }
 
-/// Takes the waiting jobs and sends them, as batches, while fewer than [`IN_FLIGHT`] calls are
-/// outstanding; ends when the storage is dropped.
+/// Takes the waiting jobs and sends them, as batches, while fewer than [`IN_FLIGHT`] calls of
+/// their lane are outstanding; ends when the storage is dropped.
 async fn dispatch(link: Arc<Link>, mut receiver: mpsc::UnboundedReceiver<Job>) {
-    let permits = Arc::new(Semaphore::new(IN_FLIGHT));
     let cluster = matches!(*link.connection, Connection::Cluster(_));
     let mut waiting: VecDeque<Job> = VecDeque::new();
+    // Calls outstanding per lane; each reports its lane here when it is over.
+    let mut outstanding: HashMap<Vec<u8>, usize> = HashMap::new();
+    let (over, mut finished) = mpsc::unbounded_channel::<Vec<u8>>();
     loop {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        if waiting.is_empty() {
-            match receiver.recv().await {
+        tokio::select! {
+            job = receiver.recv() => match job {
                 Some(job) => waiting.push_back(job),
                 None => return,
-            }
+            },
+            Some(lane) = finished.recv() => done(&mut outstanding, &lane),
+        }
+        while let Ok(lane) = finished.try_recv() {
+            done(&mut outstanding, &lane);
         }
         while let Ok(job) = receiver.try_recv() {
             waiting.push_back(job);
         }
         waiting.retain(|job| !job.answer.is_closed());
-        let batch = take_batch(&mut waiting, cluster);
-        if !batch.is_empty() {
-            tokio::spawn(send(Arc::clone(&link), batch, permit));
+        loop {
+            let free = |lane: &[u8]| outstanding.get(lane).is_none_or(|&n| n < IN_FLIGHT);
+            let batch = take_batch(&mut waiting, cluster, free);
+            let Some(first) = batch.first() else { break };
+            let lane = first.lane(cluster).to_vec();
+            *outstanding.entry(lane.clone()).or_default() += 1;
+            let call = Outstanding {
+                lane,
+                over: over.clone(),
+            };
+            tokio::spawn(send(Arc::clone(&link), batch, call));
         }
     }
 }
 
-/// The next batch from the front of `waiting`: in order, up to the bounds; in a cluster only
-/// jobs with the first one's hash tag (the others keep their places).
-fn take_batch(waiting: &mut VecDeque<Job>, cluster: bool) -> Vec<Job> {
+/// A call is over on `lane`.
+fn done(outstanding: &mut HashMap<Vec<u8>, usize>, lane: &[u8]) {
+    if let Some(n) = outstanding.get_mut(lane) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            outstanding.remove(lane);
+        }
+    }
+}
+
+/// An outstanding call: reports its lane to the dispatcher when dropped (however it ended).
+struct Outstanding {
+    lane: Vec<u8>,
+    over: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        let _ = self.over.send(std::mem::take(&mut self.lane));
+    }
+}
+
+/// The next batch from `waiting`: the first job whose lane is `free`, and after it, in order,
+/// the jobs of the same lane, up to the bounds. The others keep their places.
+fn take_batch(
+    waiting: &mut VecDeque<Job>,
+    cluster: bool,
+    free: impl Fn(&[u8]) -> bool,
+) -> Vec<Job> {
+    let Some(lane) = waiting
+        .iter()
+        .find(|job| free(job.lane(cluster)))
+        .map(|job| job.lane(cluster).to_vec())
+    else {
+        return Vec::new();
+    };
     let mut batch: Vec<Job> = Vec::new();
     let mut keys = 0;
-    let mut others = VecDeque::new();
+    let mut full = false;
+    let mut kept = VecDeque::with_capacity(waiting.len());
     while let Some(job) = waiting.pop_front() {
-        let fits = batch.is_empty() || (batch.len() < MAX_DECISIONS && keys + job.keys <= MAX_KEYS);
-        if !fits {
-            waiting.push_front(job);
-            break;
+        if !full && job.lane(cluster) == lane.as_slice() {
+            full =
+                !batch.is_empty() && (batch.len() >= MAX_DECISIONS || keys + job.keys > MAX_KEYS);
+            if !full {
+                keys += job.keys;
+                batch.push(job);
+                continue;
+            }
         }
-        if cluster && batch.first().is_some_and(|first| first.tag() != job.tag()) {
-            others.push_back(job);
-            continue;
-        }
-        keys += job.keys;
-        batch.push(job);
+        kept.push_back(job);
     }
-    // The jobs passed over go back in front, in their order.
-    while let Some(job) = others.pop_back() {
-        waiting.push_front(job);
-    }
+    *waiting = kept;
     batch
 }
 
 /// One `EVALSHA` of decide.lua for `batch` (see its `BATCH`; one decision goes alone), each
 /// answer to its caller.
-async fn send(link: Arc<Link>, batch: Vec<Job>, _permit: OwnedSemaphorePermit) {
+async fn send(link: Arc<Link>, batch: Vec<Job>, _call: Outstanding) {
     let keys: usize = batch.iter().map(|job| job.keys).sum();
     let bytes: usize = batch
         .iter()
