@@ -44,6 +44,9 @@ local TOO_LATE, DECIDED, FAILED = 0, 1, 2
 local MAX_HOLDS = 1000 -- holds per counter (Rust's MAX_HOLDS)
 
 local MAX_COUNT = 9007199254740991
+-- `SET … KEEPTTL` needs Redis 6.0; `redis.REDIS_VERSION_NUM` exists from 7.0 on, so older
+-- servers set the TTL every time (as every version did before).
+local KEEPTTL = redis.REDIS_VERSION_NUM ~= nil
 local unpack, pack, floor, min, max = struct.unpack, struct.pack, math.floor, math.min, math.max
 
 -- What the decisions of one call share: the clock of the decision being made (each sets it
@@ -515,7 +518,7 @@ for i = 1, n do
   local c = counters[i]
   if c.dirty then
     local value, ttl, kept = c.rules.encode(c)
-    if kept then
+    if kept and KEEPTTL then
       -- The stored TTL is still the right one: keeping it is much cheaper than setting it.
       redis.call('SET', KEYS[k + i], value, 'KEEPTTL')
     else
