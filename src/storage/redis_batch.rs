@@ -101,51 +101,74 @@ impl Coalescer {
     }
 }
 
+/// The jobs of one lane waiting to be sent, and its calls outstanding.
+#[derive(Default)]
+struct Lane {
+    waiting: VecDeque<Job>,
+    outstanding: usize,
+}
+
 /// Takes the waiting jobs and sends them, as batches, while fewer than [`IN_FLIGHT`] calls of
 /// their lane are outstanding; ends when the storage is dropped.
 async fn dispatch(link: Arc<Link>, mut receiver: mpsc::UnboundedReceiver<Job>) {
     let cluster = matches!(*link.connection, Connection::Cluster(_));
-    let mut waiting: VecDeque<Job> = VecDeque::new();
-    // Calls outstanding per lane; each reports its lane here when it is over.
-    let mut outstanding: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut lanes: HashMap<Vec<u8>, Lane> = HashMap::new();
+    // Each call reports its lane here when it is over.
     let (over, mut finished) = mpsc::unbounded_channel::<Vec<u8>>();
     loop {
+        // On one Redis, while its calls are all outstanding, new jobs stay in the channel and
+        // are taken at once when one is over; in a cluster they are sorted into their lanes
+        // meanwhile (another lane may be free).
+        let busy = !cluster
+            && lanes
+                .get(&[][..])
+                .is_some_and(|lane| lane.outstanding >= IN_FLIGHT);
         tokio::select! {
-            job = receiver.recv() => match job {
-                Some(job) => waiting.push_back(job),
+            job = receiver.recv(), if !busy => match job {
+                Some(job) => queue(&mut lanes, job, cluster),
                 None => return,
             },
-            Some(lane) = finished.recv() => done(&mut outstanding, &lane),
+            Some(lane) = finished.recv() => done(&mut lanes, &lane),
         }
         while let Ok(lane) = finished.try_recv() {
-            done(&mut outstanding, &lane);
+            done(&mut lanes, &lane);
         }
         while let Ok(job) = receiver.try_recv() {
-            waiting.push_back(job);
+            queue(&mut lanes, job, cluster);
         }
-        waiting.retain(|job| !job.answer.is_closed());
-        loop {
-            let free = |lane: &[u8]| outstanding.get(lane).is_none_or(|&n| n < IN_FLIGHT);
-            let batch = take_batch(&mut waiting, cluster, free);
-            let Some(first) = batch.first() else { break };
-            let lane = first.lane(cluster).to_vec();
-            *outstanding.entry(lane.clone()).or_default() += 1;
-            let call = Outstanding {
-                lane,
-                over: over.clone(),
-            };
-            tokio::spawn(send(Arc::clone(&link), batch, call));
+        for (name, lane) in lanes.iter_mut() {
+            while lane.outstanding < IN_FLIGHT {
+                let batch = take_batch(&mut lane.waiting);
+                if batch.is_empty() {
+                    break;
+                }
+                lane.outstanding += 1;
+                let call = Outstanding {
+                    lane: name.clone(),
+                    over: over.clone(),
+                };
+                tokio::spawn(send(Arc::clone(&link), batch, call));
+            }
+        }
+        lanes.retain(|_, lane| lane.outstanding > 0 || !lane.waiting.is_empty());
+    }
+}
+
+fn queue(lanes: &mut HashMap<Vec<u8>, Lane>, job: Job, cluster: bool) {
+    let name = job.lane(cluster);
+    match lanes.get_mut(name) {
+        Some(lane) => lane.waiting.push_back(job),
+        None => {
+            let name = name.to_vec();
+            lanes.entry(name).or_default().waiting.push_back(job);
         }
     }
 }
 
-/// A call is over on `lane`.
-fn done(outstanding: &mut HashMap<Vec<u8>, usize>, lane: &[u8]) {
-    if let Some(n) = outstanding.get_mut(lane) {
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            outstanding.remove(lane);
-        }
+/// A call is over on lane `name`.
+fn done(lanes: &mut HashMap<Vec<u8>, Lane>, name: &[u8]) {
+    if let Some(lane) = lanes.get_mut(name) {
+        lane.outstanding = lane.outstanding.saturating_sub(1);
     }
 }
 
@@ -161,37 +184,22 @@ impl Drop for Outstanding {
     }
 }
 
-/// The next batch from `waiting`: the first job whose lane is `free`, and after it, in order,
-/// the jobs of the same lane, up to the bounds. The others keep their places.
-fn take_batch(
-    waiting: &mut VecDeque<Job>,
-    cluster: bool,
-    free: impl Fn(&[u8]) -> bool,
-) -> Vec<Job> {
-    let Some(lane) = waiting
-        .iter()
-        .find(|job| free(job.lane(cluster)))
-        .map(|job| job.lane(cluster).to_vec())
-    else {
-        return Vec::new();
-    };
+/// The next batch of a lane: its first waiting jobs, in order, up to the bounds; a job whose
+/// caller gave up is dropped unsent.
+fn take_batch(waiting: &mut VecDeque<Job>) -> Vec<Job> {
     let mut batch: Vec<Job> = Vec::new();
     let mut keys = 0;
-    let mut full = false;
-    let mut kept = VecDeque::with_capacity(waiting.len());
     while let Some(job) = waiting.pop_front() {
-        if !full && job.lane(cluster) == lane.as_slice() {
-            full =
-                !batch.is_empty() && (batch.len() >= MAX_DECISIONS || keys + job.keys > MAX_KEYS);
-            if !full {
-                keys += job.keys;
-                batch.push(job);
-                continue;
-            }
+        if job.answer.is_closed() {
+            continue;
         }
-        kept.push_back(job);
+        if !batch.is_empty() && (batch.len() >= MAX_DECISIONS || keys + job.keys > MAX_KEYS) {
+            waiting.push_front(job);
+            break;
+        }
+        keys += job.keys;
+        batch.push(job);
     }
-    *waiting = kept;
     batch
 }
 
