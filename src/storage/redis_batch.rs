@@ -123,12 +123,18 @@ async fn dispatch(link: Arc<Link>, mut receiver: mpsc::UnboundedReceiver<Job>) {
             && lanes
                 .get(&[][..])
                 .is_some_and(|lane| lane.outstanding >= IN_FLIGHT);
+        // Calls that are over are heard of at once only when a lane waits for one; otherwise at
+        // the next job (so a lone call's end wakes nobody).
+        let waits = busy
+            || lanes
+                .values()
+                .any(|lane| lane.outstanding >= IN_FLIGHT && !lane.waiting.is_empty());
         tokio::select! {
             job = receiver.recv(), if !busy => match job {
                 Some(job) => queue(&mut lanes, job, cluster),
                 None => return,
             },
-            Some(lane) = finished.recv() => done(&mut lanes, &lane),
+            Some(lane) = finished.recv(), if waits => done(&mut lanes, &lane),
         }
         while let Ok(lane) = finished.try_recv() {
             done(&mut lanes, &lane);
