@@ -18,8 +18,8 @@
 #
 # Everything runs on 127.0.0.1, is bounded in time, and is stopped on exit.
 # Settings (environment): DURATION WARMUP CONCURRENCY CONNECTIONS USERS ROUNDS COUNTERS
-# TARGETS CALLS OUT SKIP_BUILD QUIET_WAIT WORKERS BASE_BIN SCRIPT_REQUESTS SERVER_ARGS; see the
-# defaults below.
+# TARGETS CALLS OUT SKIP_BUILD QUIET_WAIT WORKERS BASE_BIN SCRIPT_REQUESTS SERVER_ARGS CPUS
+# REDIS_CPUS; see the defaults below.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -39,6 +39,15 @@ WORKERS=${WORKERS:-}            # ratekeeper's worker threads (TOKIO_WORKER_THRE
 RK_ENV=(env)
 if [ -n "$WORKERS" ]; then RK_ENV=(env "TOKIO_WORKER_THREADS=$WORKERS"); fi
 SERVER_ARGS=${SERVER_ARGS:-}     # extra ratekeeper options (e.g. "--tracing-endpoint http://…")
+# CPU placement (taskset lists, e.g. CPUS=0 REDIS_CPUS=1): the load generator and the server
+# (floor or ratekeeper) on CPUS, every redis-server on REDIS_CPUS, as when Redis has a host of
+# its own. Empty: anywhere.
+CPUS=${CPUS:-}
+REDIS_CPUS=${REDIS_CPUS:-}
+ON_CPUS=()
+if [ -n "$CPUS" ]; then ON_CPUS=(taskset -c "$CPUS"); fi
+ON_REDIS_CPUS=()
+if [ -n "$REDIS_CPUS" ]; then ON_REDIS_CPUS=(taskset -c "$REDIS_CPUS"); fi
 
 if [ "$SKIP_BUILD" != 1 ]; then
     cargo build --release --bin ratekeeper --bin ratekeeper-load
@@ -103,7 +112,7 @@ wait_for_quiet() {
 
 start_redis() {
     REDIS_PORT=$($LOAD free-port)
-    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+    "${ON_REDIS_CPUS[@]}" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
         --dir "$WORK" >>"$LOG" 2>&1 &
     REDIS_PID=$!
     wait_port "$REDIS_PORT"
@@ -115,7 +124,7 @@ start_cluster() {
     for i in 1 2 3; do
         port=$($LOAD free-port)
         mkdir -p "$WORK/node$i"
-        redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+        "${ON_REDIS_CPUS[@]}" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
             --cluster-enabled yes --cluster-config-file "$WORK/node$i/nodes.conf" \
             --dir "$WORK/node$i" >>"$LOG" 2>&1 &
         CLUSTER_PIDS="$CLUSTER_PIDS $!"
@@ -142,29 +151,29 @@ start_server() {
     esac
     case $target in
     floor)
-        $LOAD serve-noop --port "$PORT" >>"$LOG" 2>&1 &
+        "${ON_CPUS[@]}" $LOAD serve-noop --port "$PORT" >>"$LOG" 2>&1 &
         ;;
     memory)
         # shellcheck disable=SC2086 # SERVER_ARGS is a list of words
-        "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" $SERVER_ARGS "$LIMITS" \
+        "${ON_CPUS[@]}" "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" $SERVER_ARGS "$LIMITS" \
             memory --cache $((COUNTERS * 2 + 100000)) >>"$LOG" 2>&1 &
         ;;
     redis)
         [ -n "$REDIS_PID" ] || start_redis
         # shellcheck disable=SC2086 # SERVER_ARGS is a list of words
-        "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" $SERVER_ARGS "$LIMITS" \
+        "${ON_CPUS[@]}" "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" $SERVER_ARGS "$LIMITS" \
             redis "redis://127.0.0.1:$REDIS_PORT" >>"$LOG" 2>&1 &
         ;;
     disk)
         rm -rf "$OUT/disk-store"
         # shellcheck disable=SC2086
-        "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" $SERVER_ARGS "$LIMITS" \
+        "${ON_CPUS[@]}" "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" $SERVER_ARGS "$LIMITS" \
             disk --cache $((COUNTERS * 2 + 100000)) "$OUT/disk-store" >>"$LOG" 2>&1 &
         ;;
     redis-cluster)
         [ -n "$CLUSTER_PIDS" ] || start_cluster
         # shellcheck disable=SC2086
-        "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" $SERVER_ARGS "$LIMITS" \
+        "${ON_CPUS[@]}" "${RK_ENV[@]}" $BIN/ratekeeper -b 127.0.0.1 -p "$PORT" -B 127.0.0.1 -P "$HTTP_PORT" $SERVER_ARGS "$LIMITS" \
             redis "$CLUSTER_URL" >>"$LOG" 2>&1 &
         ;;
     *)
@@ -203,7 +212,7 @@ script_calls() {
     local before after ticks_before ticks
     before=$(evalsha_calls)
     ticks_before=$(redis_ticks)
-    $LOAD run --target "http://127.0.0.1:$PORT" --call should --concurrency "$CONCURRENCY" \
+    "${ON_CPUS[@]}" $LOAD run --target "http://127.0.0.1:$PORT" --call should --concurrency "$CONCURRENCY" \
         --connections "$CONNECTIONS" --users "$USERS" --requests "$SCRIPT_REQUESTS" \
         --warmup 0 --duration 600 >/dev/null || true
     after=$(evalsha_calls)
@@ -221,7 +230,7 @@ stop_server() {
 }
 
 load() {
-    $LOAD run --target "http://127.0.0.1:$PORT" --server-pid "$SERVER_PID" \
+    "${ON_CPUS[@]}" $LOAD run --target "http://127.0.0.1:$PORT" --server-pid "$SERVER_PID" \
         --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" --users "$USERS" \
         --duration "$DURATION" --warmup "$WARMUP" "$@"
 }
@@ -230,6 +239,9 @@ echo "== machine"
 echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(free -g | awk '/Mem:/ {print $2}') GiB"
 echo "$(uname -sr); $(rustc --version); $(redis-server --version | cut -d' ' -f1-3)"
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+if [ -n "$CPUS$REDIS_CPUS" ]; then
+    echo "placement: load generator and server on CPUs ${CPUS:-any}, redis-server on CPUs ${REDIS_CPUS:-any}"
+fi
 echo "== runs: ${DURATION} s after ${WARMUP} s warm-up, ${CONCURRENCY} in flight, ${CONNECTIONS} connection(s), ${USERS} users, ${ROUNDS} round(s)"
 
 for round in $(seq "$ROUNDS"); do
