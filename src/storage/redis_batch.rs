@@ -160,6 +160,7 @@ async fn dispatch(link: Arc<Link>, mut receiver: mpsc::UnboundedReceiver<Job>) {
     }
 }
 
+/// Puts `job` at the end of its lane's queue.
 fn queue(lanes: &mut HashMap<Vec<u8>, Lane>, job: Job, cluster: bool) {
     let name = job.lane(cluster);
     match lanes.get_mut(name) {
