@@ -166,19 +166,30 @@ fn limit_identities_and_redis_keys_are_the_golden_ones() {
     assert_eq!(limits.len(), GOLDEN.len());
     // A concurrency limit is another limit than the fixed window with the same fields.
     assert_ne!(limits[8].key, limits[0].key);
+    assert_golden_keys(
+        limits.iter().map(|l| (l.key, l.namespace.as_str())),
+        &GOLDEN,
+    );
+}
+
+/// Each limit's identity, and the Redis key of its counter for the golden values, are the
+/// golden ones (`golden`, in the limits' order).
+fn assert_golden_keys<'a>(
+    limits: impl Iterator<Item = (u64, &'a str)>,
+    golden: &[(u64, &[&str], &str)],
+) {
     let mut actual = Vec::new();
-    for limit in &limits {
-        let (_, values, _) = GOLDEN[actual.len()];
-        let key = CounterKey::new(limit.key, values);
+    for ((id, namespace), &(_, values, _)) in limits.zip(golden) {
+        let key = CounterKey::new(id, values);
         let redis_key =
-            String::from_utf8(counter_key("ratekeeper", &limit.namespace, &key)).expect("UTF-8");
-        actual.push((limit.key, values, redis_key));
+            String::from_utf8(counter_key("ratekeeper", namespace, &key)).expect("UTF-8");
+        actual.push((id, values, redis_key));
     }
     let actual_text: Vec<String> = actual
         .iter()
         .map(|(id, values, key)| format!("(0x{id:016x}, &{values:?}, {key:?}),"))
         .collect();
-    let golden: Vec<(u64, &[&str], String)> = GOLDEN
+    let golden: Vec<(u64, &[&str], String)> = golden
         .iter()
         .map(|&(id, values, key)| (id, values, key.to_string()))
         .collect();
@@ -656,25 +667,8 @@ fn ratelimit_format_identities_and_redis_keys_are_the_golden_ones() {
     let set = ratekeeper::limits::load_path(&path, Default::default()).unwrap();
     let limits = set.namespace("envoy/route");
     assert_eq!(limits.len(), RATELIMIT_GOLDEN.len());
-    let mut actual = Vec::new();
-    for (limit, (_, values, _)) in limits.iter().zip(RATELIMIT_GOLDEN) {
-        let key = CounterKey::new(limit.key, values);
-        let redis_key =
-            String::from_utf8(counter_key("ratekeeper", &limit.namespace, &key)).expect("UTF-8");
-        actual.push((limit.key, values, redis_key));
-    }
-    let actual_text: Vec<String> = actual
-        .iter()
-        .map(|(id, values, key)| format!("(0x{id:016x}, &{values:?}, {key:?}),"))
-        .collect();
-    let golden: Vec<(u64, &[&str], String)> = RATELIMIT_GOLDEN
-        .iter()
-        .map(|&(id, values, key)| (id, values, key.to_string()))
-        .collect();
-    assert_eq!(
-        actual,
-        golden,
-        "limit identities or Redis keys changed; if deliberate (see this file's doc comment):\n{}",
-        actual_text.join("\n")
+    assert_golden_keys(
+        limits.iter().map(|l| (l.key, l.namespace.as_str())),
+        &RATELIMIT_GOLDEN,
     );
 }
