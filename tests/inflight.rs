@@ -15,7 +15,7 @@ use ratekeeper::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use ratekeeper::proto::kuadrant::service::ratelimit::v1::{
     CommitRequest, CommitResponse, ReserveRequest, ReserveResponse,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 const DOMAIN: &str = "llm";
 
@@ -360,18 +360,15 @@ async fn counters_and_explain_show_slots(backend: Backend) {
         (&json!(2), &json!(2))
     );
     assert_eq!(counter["expires_in_seconds"], 29, "the oldest ends at 30 s");
-    let explained: Value = client
-        .post(format!("{}/explain", server.http_base))
-        .json(&json!({
+    let explained = post_json(
+        &client,
+        &format!("{}/explain", server.http_base),
+        &json!({
             "namespace": "llm",
             "values": {"generic_key": "inflight", "api_key": "k"},
-        }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        }),
+    )
+    .await;
     let limit = &explained["limits"][0];
     assert_eq!(limit["limit"]["name"], "inflight", "{explained}");
     let counter = &limit["counter"];

@@ -626,15 +626,12 @@ async fn dynamic_metadata_carries_the_passed_descriptors_metadata(backend: Backe
 async fn explain_tells_which_limit_the_tree_reaches() {
     let server = TestServer::start(BASIC).await;
     let ask = serde_json::json!({"namespace": "basic", "values": {"key2": "k"}});
-    let body: serde_json::Value = http_client()
-        .post(format!("{}/explain", server.http_base))
-        .json(&ask)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = post_json(
+        &http_client(),
+        &format!("{}/explain", server.http_base),
+        &ask,
+    )
+    .await;
     let limits = body["limits"].as_array().unwrap();
     let applying: Vec<u64> = (limits.iter())
         .filter(|l| l["applies"] == true)

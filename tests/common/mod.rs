@@ -421,6 +421,29 @@ pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value 
         .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
 }
 
+pub async fn post_json(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    let response = client
+        .post(url)
+        .json(body)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    assert!(
+        response.status().is_success(),
+        "POST {url}: {}",
+        response.status()
+    );
+    response
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: not JSON: {e}"))
+}
+
 /// A descriptor from (key, value) pairs, without its own hits_addend.
 pub fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
     RateLimitDescriptor {
